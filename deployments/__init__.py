@@ -1,0 +1,1 @@
+"""The three weekly deployments and the process that serves them."""

@@ -1,0 +1,122 @@
+"""The three weekly deployments, declared once: flow, cron schedule, defaults."""
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
+
+DEPLOYMENT_NAME = "weekly"
+TIMEZONE = "UTC"
+
+
+class DeploymentSettings(BaseSettings):
+    """Schedules and the local Prefect server port; each field reads `RECSYS_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", env_file=None, extra="ignore")
+
+    features_cron: str = "0 1 * * 1"
+    training_cron: str = "0 3 * * 1"
+    inference_cron: str = "0 5 * * 1"
+    prefect_port: int = Field(
+        default=4200, ge=0, le=65535, description="Local Prefect server port; 0 picks a free one."
+    )
+
+    @field_validator("features_cron", "training_cron", "inference_cron")
+    @classmethod
+    def check_cron(cls, value: str) -> str:
+        from prefect.schedules import Cron
+
+        Cron(value, timezone=TIMEZONE)  # raises ValueError naming the bad expression
+        return value
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment: which flow, when, with what defaults, and its CLI twin."""
+
+    flow_name: str  # the name in @flow(name=...)
+    flow_path: str  # "package.module:function"
+    cron_field: str  # the DeploymentSettings field holding this deployment's cron
+    cli_command: str
+    description: str
+    tags: tuple[str, ...]
+    parameters: Mapping[str, object] = field(default_factory=dict)
+    name: str = DEPLOYMENT_NAME
+    timezone: str = TIMEZONE
+
+
+SPECS: tuple[DeploymentSpec, ...] = (
+    DeploymentSpec(
+        flow_name="features",
+        flow_path="flows.feature_flow:feature_flow",
+        cron_field="features_cron",
+        cli_command="recsys features",
+        description="Build, validate and store the weekly feature snapshot and labels.",
+        tags=("recsys", "features"),
+    ),
+    DeploymentSpec(
+        flow_name="training",
+        flow_path="flows.training_flow:training_flow",
+        cron_field="training_cron",
+        cli_command="recsys train",
+        description="Train a LambdaRank model on validated snapshots; promote it if it wins.",
+        tags=("recsys", "training"),
+    ),
+    DeploymentSpec(
+        flow_name="inference",
+        flow_path="flows.inference_flow:inference_flow",
+        cron_field="inference_cron",
+        cli_command="recsys infer",
+        description="Score every user with the champion model and publish top-N to Redis.",
+        tags=("recsys", "inference"),
+    ),
+)
+
+
+def load_flow(flow_path: str) -> "Flow":
+    """Import the flow object named by `module:attribute`."""
+    module_name, _, attribute = flow_path.partition(":")
+    if not attribute:
+        raise ValueError(f"flow path {flow_path!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def cron_of(spec: DeploymentSpec, settings: DeploymentSettings) -> str:
+    """The cron expression configured for one deployment."""
+    return getattr(settings, spec.cron_field)
+
+
+def build_deployments(
+    settings: DeploymentSettings, specs: tuple[DeploymentSpec, ...] = SPECS
+) -> list["RunnerDeployment"]:
+    """One runner deployment per spec, scheduled in UTC, never two runs at once."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    return [
+        load_flow(spec.flow_path).to_deployment(
+            spec.name,
+            schedule=Cron(cron_of(spec, settings), timezone=spec.timezone),
+            parameters=dict(spec.parameters),
+            tags=list(spec.tags),
+            description=spec.description,
+            # A run that collides with a running one waits for it rather than overlapping.
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
+            # Module paths resolve wherever the project is installed (venv or image).
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        for spec in specs
+    ]
+
+
+def full_name(spec: DeploymentSpec) -> str:
+    """`<flow-name>/<deployment-name>`, as `prefect deployment run` expects it."""
+    return f"{spec.flow_name}/{spec.name}"

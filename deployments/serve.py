@@ -1,0 +1,266 @@
+"""Serve the three deployments: to the configured Prefect server, or to a local one started here.
+
+`python -m deployments.serve` (or `recsys serve`) runs until Ctrl-C or SIGTERM and then
+stops everything it started: the runner, the local Prefect server, embedded stores.
+"""
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from deployments.definitions import (
+    SPECS,
+    DeploymentSettings,
+    build_deployments,
+    cron_of,
+    full_name,
+)
+from recsys.clock import week_floor
+from recsys.settings import Settings
+from recsys.stores import open_stores
+
+log = logging.getLogger(__name__)
+
+SERVER_START_TIMEOUT_S = 120.0
+SERVER_STOP_TIMEOUT_S = 20.0
+
+
+def serve_deployments(
+    settings: Settings, deployment_settings: DeploymentSettings | None = None
+) -> None:
+    """Serve features/training/inference on their cron schedules until stopped."""
+    from prefect import serve
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_SERVER_API_AUTH_STRING,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    schedule = deployment_settings or DeploymentSettings()
+    # Importing the flows first fails fast, before any server is started.
+    deployments = build_deployments(schedule)
+    with ExitStack() as stack:
+        stack.enter_context(_sigterm_exits())
+        api_url = get_current_settings().api.url
+        updates = {}
+        if not api_url:
+            api_url = stack.enter_context(
+                run_local_server(settings.data_dir / "prefect", schedule.prefect_port)
+            )
+            updates[PREFECT_API_URL] = api_url
+            # The server we started checks this string; the runner must send the same one.
+            server_auth = PREFECT_SERVER_API_AUTH_STRING.value()
+            if server_auth and not PREFECT_API_AUTH_STRING.value():
+                updates[PREFECT_API_AUTH_STRING] = server_auth
+        stack.enter_context(_shared_stores(settings))
+        # Flow runs are subprocesses; Prefect passes them these settings as env vars.
+        stack.enter_context(temporary_settings(updates=updates))
+
+        print(
+            describe_serving(
+                api_url,
+                get_current_settings().ui_url,
+                schedule,
+                example_as_of=week_floor(datetime.now(UTC)),
+                auth=get_current_settings().api.auth_string is not None,
+            ),
+            flush=True,
+        )
+        serve(*deployments, pause_on_shutdown=False, print_starting_message=False)
+    log.info("serve stopped")
+
+
+def describe_serving(
+    api_url: str,
+    ui_url: str | None,
+    schedule: DeploymentSettings,
+    example_as_of: date,
+    auth: bool = False,
+) -> str:
+    """The banner: where the UI is, what is scheduled, how to run each flow now."""
+    api = redact_url(api_url)
+    ui = redact_url(ui_url) if ui_url else api.removesuffix("/api")
+    lines = [
+        f"Prefect UI: {ui}   (API: {api})",
+        "Serving, schedules in UTC:",
+        *(f"  {full_name(spec)}  cron '{cron_of(spec, schedule)}'" for spec in SPECS),
+        "Run one now from another shell:",
+        *(
+            f"  PREFECT_API_URL={api} prefect deployment run {full_name(spec)}"
+            f" --param as_of={example_as_of.isoformat()}"
+            for spec in SPECS
+        ),
+        "or without Prefect:",
+        *(f"  {spec.cli_command} --as-of {example_as_of.isoformat()}" for spec in SPECS),
+    ]
+    if auth:
+        lines.append("The API needs basic auth: export PREFECT_API_AUTH_STRING (see .env).")
+    lines.append("Stop with Ctrl-C.")
+    return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """`url` without any user:password part."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+@contextmanager
+def run_local_server(
+    home: Path, port: int, timeout_s: float = SERVER_START_TIMEOUT_S
+) -> Iterator[str]:
+    """Run `prefect server start` on 127.0.0.1:`port` with its data in `home`; yield its API URL.
+
+    Port 0 picks a free port.
+    """
+    port = port or free_port()
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI derives the API address its browser code calls from these two.
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "prefect", "server", "start"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log_path = home / "server.log"
+    log.info("starting Prefect server on port %d (log: %s)", port, log_path)
+    with log_path.open("ab") as server_log:
+        # Own session: Ctrl-C reaches only us, and we stop the server after the runner.
+        process = subprocess.Popen(
+            command, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_healthy(api_url, process, log_path, timeout_s)
+        yield api_url
+    finally:
+        stop_process(process)
+        log.info("Prefect server stopped")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(
+    api_url: str, process: subprocess.Popen, log_path: Path, timeout_s: float
+) -> None:
+    """Return once `api_url`/health answers; raise if the server exits or times out."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"Prefect server exited with code {process.returncode} before it was healthy;"
+                f" see {log_path}"
+            )
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    log.info("Prefect server healthy after %.1f s", time.monotonic() - started)
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(
+        f"Prefect server at {api_url} not healthy after {timeout_s:.0f} s; see {log_path}"
+    )
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = SERVER_STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process, then SIGKILL it if it is still there after `timeout_s`."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def _shared_stores(settings: Settings) -> Iterator[None]:
+    """Start embedded stores once for all flow runs when no store URL is configured."""
+    if settings.database_url is not None and settings.redis_url is not None:
+        yield
+        return
+    # Flow runs are separate processes that build Settings from RECSYS_* themselves:
+    # hand them the URLs of one running pair rather than let each start its own.
+    with (
+        open_stores(settings) as stores,
+        _environment(
+            {"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}
+        ),
+    ):
+        yield
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration, then restore the previous values."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit during start-up so cleanup still runs.
+
+    Prefect's runner installs its own graceful SIGTERM handler once it is serving.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_system_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """Entry point of `python -m deployments.serve`."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve_deployments(Settings())
+
+
+if __name__ == "__main__":
+    main()

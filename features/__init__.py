@@ -1,0 +1,1 @@
+"""Feature pipeline: raw events in, point-in-time correct feature tables out."""

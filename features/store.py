@@ -1,0 +1,442 @@
+"""The feature store in Postgres: tables from the contracts, atomic snapshot writes, reads.
+
+Every function takes a SQLAlchemy engine (psycopg 3 driver). Table names come only from
+the contract registry, so identifiers formatted into SQL are never user input.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+from psycopg import Copy
+
+from features.contracts import ALL_TABLES, TableContract
+from features.validation import ValidationFailed, ValidationReport
+
+log = logging.getLogger(__name__)
+
+CONTRACTS: dict[str, TableContract] = {c.name: c for c in ALL_TABLES}
+
+# Advisory lock keys: one for DDL, one namespace (with the as_of ordinal) for writes.
+_SCHEMA_LOCK = 72_400_001
+_WRITE_LOCK_NAMESPACE = 72_400_002
+_COPY_CHUNK_ROWS = 100_000
+
+_SNAPSHOTS_DDL = """
+create table if not exists feature_snapshots (
+    table_name text not null,
+    as_of date not null,
+    row_count bigint not null,
+    passed boolean not null,
+    report jsonb not null,
+    profile jsonb,
+    digest text,
+    created_at timestamptz not null default now(),
+    flow_run_id text,
+    primary key (table_name, as_of)
+)"""
+
+_RUNS_DDL = """
+create table if not exists feature_validation_runs (
+    id bigserial primary key,
+    table_name text not null,
+    as_of date not null,
+    passed boolean not null,
+    report jsonb not null,
+    created_at timestamptz not null default now(),
+    flow_run_id text
+)"""
+
+# A passed snapshot always replaces the row; a failed attempt only replaces a failed one,
+# so a failed re-run never hides a valid snapshot.
+_UPSERT_SNAPSHOT = sa.text("""
+insert into feature_snapshots
+    (table_name, as_of, row_count, passed, report, profile, digest, flow_run_id)
+values
+    (:table, :as_of, :row_count, :passed, cast(:report as jsonb), cast(:profile as jsonb),
+     :digest, :flow_run_id)
+on conflict (table_name, as_of) do update set
+    row_count = excluded.row_count, passed = excluded.passed, report = excluded.report,
+    profile = excluded.profile, digest = excluded.digest, flow_run_id = excluded.flow_run_id,
+    created_at = now()
+where excluded.passed or not feature_snapshots.passed
+""")
+
+_APPEND_RUN = sa.text("""
+insert into feature_validation_runs (table_name, as_of, passed, report, flow_run_id)
+values (:table, :as_of, :passed, cast(:report as jsonb), :flow_run_id)
+""")
+
+
+class SnapshotUnavailable(LookupError):
+    """No snapshot that passed validation exists for the requested (table, as_of)."""
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """Create every contract table and the snapshot bookkeeping tables if missing."""
+    with engine.begin() as conn:
+        # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalogue.
+        conn.execute(sa.text("select pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+        for contract in ALL_TABLES:
+            conn.execute(sa.text(_table_ddl(contract)))
+        conn.execute(sa.text(_SNAPSHOTS_DDL))
+        conn.execute(sa.text(_RUNS_DDL))
+        _check_columns(conn)
+
+
+def write_snapshot(
+    engine: sa.Engine,
+    as_of: date,
+    frames: dict[str, pl.DataFrame],
+    reports: dict[str, ValidationReport],
+    *,
+    flow_run_id: str | None,
+) -> dict[str, str]:
+    """Replace the as_of partition of each table in one transaction; return table -> digest.
+
+    Refuses (writes nothing) unless every frame has a passed report for this as_of. The
+    digest is the sha256 of the conformed frame, sorted by key, as CSV with its header:
+    the same rows give the same digest in any process.
+    """
+    _check_writable(as_of, frames, reports)
+    conformed = {t: _conform_sorted(CONTRACTS[t], f, as_of) for t, f in frames.items()}
+    started = time.perf_counter()
+    digests = {}
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("select pg_advisory_xact_lock(cast(:ns as integer), cast(:key as integer))"),
+            {"ns": _WRITE_LOCK_NAMESPACE, "key": as_of.toordinal()},
+        )
+        for table, frame in conformed.items():
+            digests[table] = _replace_partition(conn, CONTRACTS[table], frame, as_of)
+            _record_attempt(conn, reports[table], frame.height, digests[table], flow_run_id)
+    log.info(
+        "wrote snapshot as_of=%s: %s in %.2fs",
+        as_of,
+        ", ".join(f"{t}={f.height} rows" for t, f in conformed.items()),
+        time.perf_counter() - started,
+    )
+    return digests
+
+
+def record_failed_validation(
+    engine: sa.Engine,
+    as_of: date,
+    reports: dict[str, ValidationReport],
+    *,
+    flow_run_id: str | None,
+) -> None:
+    """Log the failed reports; mark (table, as_of) failed only where no passed snapshot exists."""
+    failed = [r for r in reports.values() if not r.success]
+    for report in failed:
+        _contract(report.table)
+        if report.as_of != as_of:
+            raise ValueError(f"report for {report.table} is as_of={report.as_of}, not {as_of}")
+    with engine.begin() as conn:
+        for report in failed:
+            _record_attempt(conn, report, report.row_count, None, flow_run_id)
+    log.info("recorded failed validation as_of=%s: %s", as_of, [r.table for r in failed])
+
+
+def read_table(
+    engine: sa.Engine,
+    table: str,
+    as_of: date,
+    *,
+    user_ids: Sequence[int] | None = None,
+    columns: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """One table's passed snapshot as_of, in contract types, ordered by key."""
+    contract = _contract(table)
+    names = contract.column_names if columns is None else list(columns)
+    unknown = [n for n in names if n not in contract.column_names]
+    if unknown or not names:
+        raise ValueError(f"table {table} has no columns {unknown}; it has {contract.column_names}")
+    where, params = "as_of = %(as_of)s", {"as_of": as_of}
+    if user_ids is not None:
+        if "user_id" not in contract.column_names:
+            raise ValueError(f"table {table} has no user_id column to filter on")
+        where += " and user_id = any(%(user_ids)s)"
+        params["user_ids"] = [int(u) for u in user_ids]
+    query = (
+        f"copy (select {_column_list(names)} from {_quote(table)} where {where} "
+        f"order by {_column_list(contract.key)}) to stdout (format csv, header)"
+    )
+    started = time.perf_counter()
+    buffer = io.BytesIO()
+    with engine.connect() as conn:
+        # One snapshot for the passed-check and the data: a concurrent rewrite is invisible.
+        conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            state = _snapshot_state(conn, table, as_of)
+            if state is not True:
+                why = "never written" if state is None else "its last validation failed"
+                raise SnapshotUnavailable(
+                    f"table {table} has no passed snapshot as_of={as_of} ({why}); "
+                    "run the feature flow for that as_of or pick a passed one"
+                )
+            with _copy(conn, query, params) as copy:
+                for data in copy:
+                    buffer.write(data)
+    frame = _parse_csv(contract, names, buffer)
+    log.info(
+        "read %s as_of=%s: %d rows in %.2fs",
+        table,
+        as_of,
+        frame.height,
+        time.perf_counter() - started,
+    )
+    return frame
+
+
+def latest_passed_as_of(
+    engine: sa.Engine, table: str = "user_features", *, at_or_before: date | None = None
+) -> date | None:
+    """The newest as_of whose snapshot of table passed (optionally not after a date)."""
+    rows = _query(
+        engine,
+        "select max(as_of) from feature_snapshots where table_name = :table and passed"
+        " and (cast(:at_or_before as date) is null or as_of <= cast(:at_or_before as date))",
+        table=_contract(table).name,
+        at_or_before=at_or_before,
+    )
+    return rows[0][0] if rows else None
+
+
+def passed_as_ofs(engine: sa.Engine, table: str) -> list[date]:
+    """Every as_of whose snapshot of table passed, oldest first."""
+    rows = _query(
+        engine,
+        "select as_of from feature_snapshots where table_name = :table and passed order by as_of",
+        table=_contract(table).name,
+    )
+    return [r[0] for r in rows]
+
+
+def previous_profile(engine: sa.Engine, table: str, before: date) -> dict[str, Any] | None:
+    """Profile of the latest passed snapshot of table strictly before a date."""
+    rows = _query(
+        engine,
+        "select profile from feature_snapshots where table_name = :table and passed"
+        " and as_of < :before order by as_of desc limit 1",
+        table=_contract(table).name,
+        before=before,
+    )
+    return rows[0][0] if rows else None
+
+
+def snapshot_passed(engine: sa.Engine, as_of: date, tables: Sequence[str]) -> bool:
+    """Whether every one of tables has a passed snapshot as_of."""
+    names = sorted({_contract(t).name for t in tables})
+    if not names:
+        raise ValueError(f"snapshot_passed as_of={as_of}: no tables given")
+    rows = _query(
+        engine,
+        "select count(*) from feature_snapshots"
+        " where as_of = :as_of and passed and table_name = any(:tables)",
+        as_of=as_of,
+        tables=names,
+    )
+    return bool(rows) and rows[0][0] == len(names)
+
+
+def snapshot_summary(engine: sa.Engine, as_of: date) -> pl.DataFrame:
+    """One row per table recorded for as_of: table_name, row_count, passed, digest."""
+    rows = _query(
+        engine,
+        "select table_name, row_count, passed, digest from feature_snapshots"
+        " where as_of = :as_of order by table_name",
+        as_of=as_of,
+    )
+    return pl.DataFrame(
+        [tuple(r) for r in rows],
+        schema={
+            "table_name": pl.Utf8,
+            "row_count": pl.Int64,
+            "passed": pl.Boolean,
+            "digest": pl.Utf8,
+        },
+        orient="row",
+    )
+
+
+def _contract(table: str) -> TableContract:
+    contract = CONTRACTS.get(table)
+    if contract is None:
+        raise ValueError(f"unknown feature table {table!r}; known tables: {sorted(CONTRACTS)}")
+    return contract
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _column_list(names: Sequence[str]) -> str:
+    return ", ".join(_quote(n) for n in names)
+
+
+def _table_ddl(contract: TableContract) -> str:
+    columns = [
+        f"{_quote(c.name)} {c.sql_type}{'' if c.nullable else ' not null'}"
+        for c in contract.columns
+    ]
+    return (
+        f"create table if not exists {_quote(contract.name)} "
+        f"({', '.join(columns)}, primary key ({_column_list(contract.key)}))"
+    )
+
+
+def _check_columns(conn: sa.Connection) -> None:
+    rows = conn.execute(
+        sa.text(
+            "select table_name, column_name from information_schema.columns"
+            " where table_schema = current_schema() and table_name = any(:tables)"
+        ),
+        {"tables": list(CONTRACTS)},
+    )
+    actual: dict[str, set[str]] = {}
+    for table, column in rows:
+        actual.setdefault(table, set()).add(column)
+    for contract in ALL_TABLES:
+        if actual.get(contract.name) != set(contract.column_names):
+            raise RuntimeError(
+                f"table {contract.name} in Postgres has columns "
+                f"{sorted(actual.get(contract.name, []))} but its contract has "
+                f"{contract.column_names}: migrate or drop the table"
+            )
+
+
+def _check_writable(
+    as_of: date, frames: dict[str, pl.DataFrame], reports: dict[str, ValidationReport]
+) -> None:
+    if not frames:
+        raise ValueError(f"write_snapshot as_of={as_of}: no frames given")
+    for table in frames:
+        _contract(table)
+    if set(frames) != set(reports):
+        raise ValueError(
+            f"write_snapshot as_of={as_of}: frames {sorted(frames)} and reports {sorted(reports)}"
+            " must name the same tables"
+        )
+    for table, report in reports.items():
+        if (report.table, report.as_of, report.row_count) != (table, as_of, frames[table].height):
+            raise ValueError(
+                f"write_snapshot as_of={as_of}: report under {table!r} is for {report.table} "
+                f"as_of={report.as_of} with {report.row_count} rows, the frame has "
+                f"{frames[table].height}: validate the frame being written"
+            )
+    failed = [r for r in reports.values() if not r.success]
+    if failed:
+        raise ValidationFailed(failed)
+
+
+def _conform_sorted(contract: TableContract, frame: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    conformed = contract.conform(frame)
+    other = conformed.filter(pl.col("as_of") != as_of).height
+    if other:
+        raise ValueError(f"table {contract.name}: {other} rows have an as_of other than {as_of}")
+    return conformed.sort(list(contract.key))
+
+
+def _csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
+    """The frame as CSV (header first) in chunks: the COPY payload and the digest input."""
+    for offset in range(0, max(frame.height, 1), _COPY_CHUNK_ROWS):
+        buffer = io.BytesIO()
+        frame.slice(offset, _COPY_CHUNK_ROWS).write_csv(buffer, include_header=offset == 0)
+        yield buffer.getvalue()
+
+
+@contextmanager
+def _copy(
+    conn: sa.Connection, statement: str, params: dict[str, Any] | None = None
+) -> Iterator[Copy]:
+    """A psycopg COPY on the connection's own DBAPI connection, inside its transaction."""
+    with (
+        conn.connection.driver_connection.cursor() as cursor,
+        cursor.copy(statement, params) as copy,
+    ):
+        yield copy
+
+
+def _replace_partition(
+    conn: sa.Connection, contract: TableContract, frame: pl.DataFrame, as_of: date
+) -> str:
+    """Load frame into a staging table, swap it in for the as_of partition; return its digest."""
+    live, stage = _quote(contract.name), _quote(f"stage_{contract.name}")
+    columns = _column_list(contract.column_names)
+    conn.execute(sa.text(f"create temp table {stage} (like {live}) on commit drop"))
+    digest = hashlib.sha256()
+    with _copy(conn, f"copy {stage} ({columns}) from stdin (format csv, header)") as copy:
+        for chunk in _csv_chunks(frame):
+            digest.update(chunk)
+            copy.write(chunk)
+    conn.execute(sa.text(f"delete from {live} where as_of = :as_of"), {"as_of": as_of})
+    conn.execute(sa.text(f"insert into {live} ({columns}) select {columns} from {stage}"))
+    return digest.hexdigest()
+
+
+def _record_attempt(
+    conn: sa.Connection,
+    report: ValidationReport,
+    row_count: int,
+    digest: str | None,
+    flow_run_id: str | None,
+) -> None:
+    document = report.to_dict()
+    params = {
+        "table": report.table,
+        "as_of": report.as_of,
+        "passed": report.success,
+        "report": json.dumps(document, allow_nan=False),
+        "flow_run_id": flow_run_id,
+    }
+    conn.execute(_APPEND_RUN, params)
+    profile = json.dumps(document["profile"], allow_nan=False)
+    conn.execute(
+        _UPSERT_SNAPSHOT, {**params, "row_count": row_count, "profile": profile, "digest": digest}
+    )
+
+
+def _snapshot_state(conn: sa.Connection, table: str, as_of: date) -> bool | None:
+    """True if passed, False if recorded as failed, None if never recorded."""
+    if not _store_exists(conn):
+        return None
+    return conn.execute(
+        sa.text(
+            "select passed from feature_snapshots where table_name = :table and as_of = :as_of"
+        ),
+        {"table": table, "as_of": as_of},
+    ).scalar_one_or_none()
+
+
+def _store_exists(conn: sa.Connection) -> bool:
+    return bool(
+        conn.execute(sa.text("select to_regclass('feature_snapshots') is not null")).scalar()
+    )
+
+
+def _query(engine: sa.Engine, sql: str, **params: Any) -> list[sa.Row]:
+    """Rows of a feature_snapshots query; none before ensure_schema ever ran."""
+    with engine.connect() as conn:
+        if not _store_exists(conn):
+            return []
+        return list(conn.execute(sa.text(sql), params))
+
+
+def _parse_csv(contract: TableContract, names: list[str], buffer: io.BytesIO) -> pl.DataFrame:
+    schema = {n: contract.schema[n] for n in names}
+    # Postgres writes booleans as t/f, which the CSV reader does not parse.
+    read_types = {n: pl.Utf8() if t == pl.Boolean else t for n, t in schema.items()}
+    buffer.seek(0)
+    frame = pl.read_csv(buffer, schema=read_types)
+    return frame.with_columns(
+        (pl.col(n) == "t").alias(n) for n, t in schema.items() if t == pl.Boolean
+    )

@@ -1,0 +1,367 @@
+"""Validate a feature table against its contract: great-expectations suite, profile, drift.
+
+great_expectations is imported inside the functions that need it: the import costs
+seconds, and modules that only read reports should not pay it.
+"""
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from features.contracts import TableContract
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+
+log = logging.getLogger(__name__)
+
+PROFILE_STATS = ("mean", "p50", "p90", "min", "max")
+DRIFT_STATS = ("mean", "p50", "p90")
+_MAX_EXAMPLES = 5
+# Keys of an expectation's kwargs that say where it applies rather than what it expects.
+_TARGET_KWARGS = ("batch_id", "column", "column_list")
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of validating one table of one snapshot."""
+
+    table: str
+    as_of: date
+    success: bool
+    row_count: int
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    def summary_line(self) -> str:
+        status = "passed" if self.success else f"FAILED {len(self.failures)} expectation(s)"
+        return (
+            f"{self.table} as_of={self.as_of}: {status}, {self.row_count} rows, "
+            f"{len(self.warnings)} warning(s)"
+        )
+
+    def to_markdown(self) -> str:
+        lines = [f"### {'✅' if self.success else '❌'} {self.summary_line()}"]
+        if self.failures:
+            lines += ["", "| expectation | columns | expected | observed |", "|---|---|---|---|"]
+            lines += [
+                f"| {f['expectation']} | {', '.join(f['columns'])} | {_compact(f['expected'])} "
+                f"| {_observed_text(f)} |"
+                for f in self.failures
+            ]
+        lines += ["", *(f"- ⚠️ {w}" for w in self.warnings)] if self.warnings else []
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe({**asdict(self), "as_of": self.as_of.isoformat()})
+
+    def describe_failures(self) -> str:
+        """One line naming the table and each failed expectation with what was observed."""
+        return f"{self.table} as_of={self.as_of}: " + "; ".join(
+            f"{f['expectation']}({', '.join(f['columns'])}) expected {_compact(f['expected'])}, "
+            f"observed {_observed_text(f)}"
+            for f in self.failures
+        )
+
+
+class ValidationFailed(Exception):
+    """Raised when at least one table of a snapshot failed validation."""
+
+    def __init__(self, reports: list[ValidationReport]) -> None:
+        self.reports = [r for r in reports if not r.success]
+        super().__init__(
+            "feature validation failed: " + " | ".join(r.describe_failures() for r in self.reports)
+        )
+
+
+def build_expectation_suite(
+    contract: TableContract, *, previous_row_count: int | None, min_rows_ratio: float
+) -> "gx.ExpectationSuite":
+    """The table's whole expectation suite, generated from its contract."""
+    gx = _import_gx()
+    import great_expectations.expectations as gxe
+
+    min_rows = 1
+    if previous_row_count is not None:
+        min_rows = max(1, math.ceil(previous_row_count * min_rows_ratio))
+    key = list(contract.key)
+    expectations: list[gxe.Expectation] = [
+        gxe.ExpectTableColumnsToMatchSet(column_set=contract.column_names, exact_match=True),
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
+        gxe.ExpectColumnValuesToBeUnique(column=key[0])
+        if len(key) == 1
+        else gxe.ExpectCompoundColumnsToBeUnique(column_list=key),
+    ]
+    for column in contract.columns:
+        if not column.nullable or column.name in contract.key:
+            expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column.name))
+        if column.min is not None or column.max is not None:
+            expectations.append(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column=column.name, min_value=column.min, max_value=column.max
+                )
+            )
+    return gx.ExpectationSuite(name=contract.name, expectations=expectations)
+
+
+def profile_table(contract: TableContract, frame: pl.DataFrame) -> dict[str, Any]:
+    """Row count and mean/p50/p90/min/max of each numeric non-key contract column."""
+    names = [
+        c.name
+        for c in contract.columns
+        if c.dtype.is_numeric()
+        and _frame_dtype(frame, c.name).is_numeric()
+        and c.name not in contract.key
+    ]
+    exprs = []
+    for name in names:
+        col = pl.col(name).cast(pl.Float64)
+        exprs += [
+            col.mean().alias(f"{name}|mean"),
+            col.quantile(0.5, interpolation="linear").alias(f"{name}|p50"),
+            col.quantile(0.9, interpolation="linear").alias(f"{name}|p90"),
+            col.min().alias(f"{name}|min"),
+            col.max().alias(f"{name}|max"),
+        ]
+    stats = frame.select(exprs).row(0, named=True) if exprs else {}
+    return {
+        "row_count": frame.height,
+        "columns": {
+            name: {s: _finite_or_none(stats[f"{name}|{s}"]) for s in PROFILE_STATS}
+            for name in names
+        },
+    }
+
+
+def detect_drift(
+    contract: TableContract,
+    profile: dict[str, Any],
+    previous_profile: dict[str, Any] | None,
+    threshold: float,
+) -> list[str]:
+    """Messages for drift columns whose mean/p50/p90 moved more than threshold (relative)."""
+    if previous_profile is None:
+        return []
+    messages = []
+    for name in contract.drift_columns:
+        now = profile["columns"].get(name, {})
+        before = previous_profile.get("columns", {}).get(name, {})
+        for stat in DRIFT_STATS:
+            new, old = now.get(stat), before.get(stat)
+            if new is None or old is None or new == old:
+                continue
+            # From zero any move is unbounded: report it rather than divide by zero.
+            change = (new - old) / abs(old) if old != 0 else math.copysign(math.inf, new - old)
+            if abs(change) > threshold:
+                messages.append(
+                    f"{contract.name}.{name} {stat} moved {old:.4g} -> {new:.4g} "
+                    f"({change:+.0%}) since the previous passed snapshot, "
+                    f"beyond the drift threshold {threshold:.0%}"
+                )
+    return messages
+
+
+def validate_table(
+    contract: TableContract,
+    frame: pl.DataFrame,
+    *,
+    as_of: date,
+    previous: dict[str, Any] | None,
+    min_rows_ratio: float,
+    drift_threshold: float,
+    drift_blocks: bool,
+) -> ValidationReport:
+    """Validate one table's frame; previous is the profile of the last passed snapshot."""
+    started = time.perf_counter()
+    suite = build_expectation_suite(
+        contract,
+        previous_row_count=None if previous is None else previous["row_count"],
+        min_rows_ratio=min_rows_ratio,
+    )
+    failures = _check_finite(contract, frame) + _check_as_of(frame, as_of)
+    failures += _run_suite(suite, frame)
+    profile = profile_table(contract, frame)
+    drift = detect_drift(contract, profile, previous, drift_threshold)
+    if drift_blocks:
+        failures += [
+            _failure("expect_no_drift", [], {"threshold": drift_threshold}, m) for m in drift
+        ]
+    report = ValidationReport(
+        table=contract.name,
+        as_of=as_of,
+        success=not failures,
+        row_count=frame.height,
+        failures=failures,
+        warnings=[] if drift_blocks else drift,
+        profile=profile,
+    )
+    log.info("validated %s in %.2fs", report.summary_line(), time.perf_counter() - started)
+    return report
+
+
+def _import_gx() -> Any:
+    # GX reads this when a context starts; analytics would otherwise try the network.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    return gx
+
+
+def _run_suite(suite: "gx.ExpectationSuite", frame: pl.DataFrame) -> list[dict[str, Any]]:
+    gx = _import_gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        context.data_sources.add_pandas(suite.name)
+        .add_dataframe_asset(suite.name)
+        .add_batch_definition_whole_dataframe(suite.name)
+    )
+    definition = gx.ValidationDefinition(
+        name=suite.name, data=batch, suite=context.suites.add(suite)
+    )
+    result = definition.run(
+        batch_parameters={"dataframe": frame.to_pandas()}, result_format="SUMMARY"
+    )
+    return [_failure_from_result(r) for r in result.results if not r.success]
+
+
+def _failure_from_result(result: Any) -> dict[str, Any]:
+    config = result.expectation_config
+    kwargs = config.kwargs
+    columns = kwargs.get("column_list") or ([kwargs["column"]] if "column" in kwargs else [])
+    expected = {k: v for k, v in kwargs.items() if k not in _TARGET_KWARGS}
+    details = result.result or {}
+    observed = details.get("details", {}).get("mismatched") or details.get("observed_value")
+    error = _exception_message(result.exception_info)
+    if error is not None:
+        observed = f"error: {error}"
+    return _failure(
+        config.type,
+        columns,
+        expected,
+        observed,
+        unexpected_count=details.get("unexpected_count"),
+        examples=details.get("partial_unexpected_list", [])[:_MAX_EXAMPLES],
+    )
+
+
+def _exception_message(info: dict[str, Any] | None) -> str | None:
+    # GX gives either one exception dict or one per failed metric.
+    entries = [info] if info and "raised_exception" in info else list((info or {}).values())
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return (entry.get("exception_message") or "unknown error").splitlines()[0]
+    return None
+
+
+def _check_finite(contract: TableContract, frame: pl.DataFrame) -> list[dict[str, Any]]:
+    # GX treats NaN as missing (a nullable column lets it through) and a one-sided
+    # range lets +inf through, so float columns get their own check.
+    names = [c.name for c in contract.columns if _frame_dtype(frame, c.name).is_float()]
+    failures = []
+    for name in names:
+        values = frame.get_column(name)
+        bad = values.filter(~values.is_finite())  # nulls drop out: not-null checks them
+        if not bad.is_empty():
+            failures.append(
+                _failure(
+                    "expect_column_values_to_be_finite",
+                    [name],
+                    {},
+                    None,
+                    unexpected_count=bad.len(),
+                    examples=bad.head(_MAX_EXAMPLES).to_list(),
+                )
+            )
+    return failures
+
+
+def _check_as_of(frame: pl.DataFrame, as_of: date) -> list[dict[str, Any]]:
+    if "as_of" not in frame.columns:
+        return []  # reported by the column-set expectation
+    others = frame.get_column("as_of").filter(frame.get_column("as_of") != as_of)
+    if others.is_empty():
+        return []
+    return [
+        _failure(
+            "expect_column_values_to_equal_snapshot_as_of",
+            ["as_of"],
+            {"value": as_of},
+            None,
+            unexpected_count=others.len(),
+            examples=others.unique().sort().head(_MAX_EXAMPLES).to_list(),
+        )
+    ]
+
+
+def _failure(
+    expectation: str,
+    columns: list[str],
+    expected: dict[str, Any],
+    observed: Any,
+    *,
+    unexpected_count: int | None = None,
+    examples: list[Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "expectation": expectation,
+        "columns": list(columns),
+        "expected": expected,
+        "observed": observed,
+        "unexpected_count": unexpected_count,
+        "examples": examples or [],
+    }
+
+
+def _observed_text(failure: dict[str, Any]) -> str:
+    parts = []
+    if failure["observed"] is not None:
+        parts.append(_compact(failure["observed"]))
+    if failure["unexpected_count"] is not None:
+        parts.append(f"{failure['unexpected_count']} unexpected")
+    if failure["examples"]:
+        parts.append(f"e.g. {_compact(failure['examples'])}")
+    return ", ".join(parts) or "-"
+
+
+def _compact(value: Any) -> str:
+    value = _json_safe(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def _frame_dtype(frame: pl.DataFrame, name: str) -> pl.DataType:
+    return frame.schema.get(name, pl.Null())
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types; non-finite floats as strings (jsonb has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, date):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy and pandas scalars
+        return _json_safe(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, int):
+        return value
+    return str(value)

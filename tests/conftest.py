@@ -1,0 +1,74 @@
+"""Shared fixtures: one set of real servers and one Prefect harness per test session.
+
+With RECSYS_DATABASE_URL / RECSYS_REDIS_URL set, tests use those servers (CI points them
+at the machine's system PostgreSQL and Redis); otherwise embedded ones are started once.
+Each test that touches a store gets it emptied first.
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from recsys.settings import Settings
+from recsys.stores import Stores, open_stores
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+MOVIELENS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def session_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("recsys")
+
+
+@pytest.fixture(scope="session")
+def stores(session_data_dir: Path) -> Iterator[Stores]:
+    """One Postgres and one Redis for the whole session (embedded unless URLs are set)."""
+    with open_stores(Settings(data_dir=session_data_dir)) as opened:
+        yield opened
+
+
+@pytest.fixture
+def clean_stores(stores: Stores) -> Stores:
+    """The session's stores, emptied: no project tables, no Redis keys."""
+    with stores.engine.begin() as conn:
+        conn.execute(sa.text("drop schema if exists public cascade"))
+        conn.execute(sa.text("create schema public"))
+    stores.redis.flushdb()
+    return stores
+
+
+@pytest.fixture
+def settings(session_data_dir: Path, stores: Stores, tmp_path: Path) -> Settings:
+    """Settings pointing at the session's stores, with small synthetic sizes."""
+    return Settings(
+        database_url=stores.database_url,
+        redis_url=stores.redis_url,
+        data_dir=tmp_path,
+        synthetic_users=300,
+        synthetic_items=200,
+        synthetic_weeks=10,
+        synthetic_events=20_000,
+        partitions=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect API for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def movielens_dir() -> Path:
+    if not (MOVIELENS_DIR / "u.data").exists():
+        pytest.skip(f"MovieLens 100K not found at {MOVIELENS_DIR}: tests that need it are skipped")
+    return MOVIELENS_DIR

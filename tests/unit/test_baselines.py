@@ -1,0 +1,142 @@
+import polars as pl
+import pytest
+
+from training.baselines import (
+    recommend_all_time_popular,
+    recommend_item_knn,
+    recommend_recent_popular,
+)
+
+ITEMS = pl.DataFrame(
+    {
+        "item_id": [1, 2, 3, 4, 5],
+        "plays_4w": [10, 50, 50, 5, 0],
+        "plays_total": [100, 1, 2, 3, 4],
+    }
+)
+# User 1 consumed items 2 and 4 (4 most recently); user 2 consumed item 1; user 3 is cold.
+HISTORY = pl.DataFrame(
+    {
+        "user_id": [1, 1, 2],
+        "item_id": [2, 4, 1],
+        "events": [1, 2, 1],
+        "days_since_last_event": [3.0, 1.0, 2.0],
+    }
+)
+NEIGHBOURS = pl.DataFrame(
+    {
+        "item_id": [2, 2, 4, 1],
+        "neighbour_id": [3, 5, 5, 2],
+        "score": [0.5, 0.2, 0.4, 1.0],
+        "rank": [1, 2, 1, 1],
+    }
+)
+
+
+def lists(recs: pl.DataFrame) -> dict[int, list[int]]:
+    ordered = recs.sort("user_id", "rank")
+    return {u: g["item_id"].to_list() for (u,), g in ordered.group_by("user_id", maintain_order=True)}
+
+
+def test_recent_popular_orders_by_plays_4w_then_item_id_and_skips_consumed():
+    recs = recommend_recent_popular(ITEMS, HISTORY, [1, 2, 3], 3)
+    assert lists(recs) == {1: [3, 1, 5], 2: [2, 3, 4], 3: [2, 3, 1]}
+    assert recs.schema == pl.Schema({"user_id": pl.Int64, "item_id": pl.Int64, "rank": pl.Int64})
+
+
+def test_all_time_popular_orders_by_plays_total():
+    recs = recommend_all_time_popular(ITEMS, HISTORY, [2, 3], 2)
+    assert lists(recs) == {2: [5, 4], 3: [1, 5]}
+
+
+def test_popular_keeps_consumed_items_when_exclusion_is_off():
+    recs = recommend_all_time_popular(ITEMS, HISTORY, [2], 2, exclude_consumed=False)
+    assert lists(recs) == {2: [1, 5]}
+
+
+def test_popular_returns_fewer_than_k_when_the_catalogue_runs_out():
+    recs = recommend_recent_popular(ITEMS, HISTORY, [1], 10)
+    assert lists(recs) == {1: [3, 1, 5]}
+    assert recs["rank"].to_list() == [1, 2, 3]
+
+
+def test_popular_recommends_each_requested_user_once():
+    recs = recommend_recent_popular(ITEMS, HISTORY, pl.Series([3, 3]), 2)
+    assert lists(recs) == {3: [2, 3]}
+
+
+def test_item_knn_sums_neighbour_scores_and_fills_from_recent_popularity():
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS)
+    # User 1: item 5 scores 0.2 + 0.4, item 3 scores 0.5; then popular item 1.
+    # User 2: neighbour 2 of item 1, then popular 3 and 4 (1 and 2 already used).
+    # User 3 (cold): recent popularity only.
+    assert lists(recs) == {1: [5, 3, 1], 2: [2, 3, 4], 3: [2, 3, 1]}
+
+
+def test_item_knn_without_item_features_returns_only_neighbours():
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3)
+    assert lists(recs) == {1: [5, 3], 2: [2]}
+
+
+def test_item_knn_uses_only_the_most_recent_items():
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1], 3, recent_items=1)
+    # Item 4 (1 day ago) is more recent than item 2 (3 days ago): only its neighbour 5.
+    assert lists(recs) == {1: [5]}
+
+
+def test_item_knn_breaks_recency_ties_by_more_events():
+    history = HISTORY.with_columns(pl.lit(1.0).alias("days_since_last_event"))
+    recs = recommend_item_knn(NEIGHBOURS, history, [1], 3, recent_items=1)
+    assert lists(recs) == {1: [5]}  # item 4 has 2 events, item 2 only 1
+
+
+def test_item_knn_excludes_consumed_neighbours_unless_told_not_to():
+    neighbours = NEIGHBOURS.vstack(
+        pl.DataFrame({"item_id": [4], "neighbour_id": [2], "score": [9.0], "rank": [2]})
+    )
+    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 3)) == {1: [5, 3]}
+    kept = recommend_item_knn(neighbours, HISTORY, [1], 3, exclude_consumed=False)
+    assert lists(kept) == {1: [2, 5, 3]}
+
+
+def test_item_knn_breaks_score_ties_by_item_id():
+    neighbours = pl.DataFrame(
+        {"item_id": [4, 4], "neighbour_id": [9, 7], "score": [0.3, 0.3], "rank": [1, 2]}
+    )
+    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 2)) == {1: [7, 9]}
+
+
+def test_baselines_do_not_depend_on_input_row_order():
+    shuffled = {
+        "items": ITEMS.reverse(),
+        "history": HISTORY.reverse(),
+        "neighbours": NEIGHBOURS.reverse(),
+    }
+    assert recommend_item_knn(
+        shuffled["neighbours"], shuffled["history"], [3, 2, 1], 3, item_features=shuffled["items"]
+    ).equals(recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS))
+    assert recommend_recent_popular(shuffled["items"], shuffled["history"], [3, 1], 4).equals(
+        recommend_recent_popular(ITEMS, HISTORY, [1, 3], 4)
+    )
+
+
+def test_baselines_refuse_frames_holding_several_snapshots():
+    two_weeks = pl.concat(
+        [
+            ITEMS.with_columns(as_of=pl.date(2024, 1, 1)),
+            ITEMS.with_columns(as_of=pl.date(2024, 1, 8)),
+        ]
+    )
+    with pytest.raises(ValueError, match="item_features: holds 2 as_of snapshots"):
+        recommend_recent_popular(two_weeks, HISTORY, [1], 3)
+
+
+def test_baselines_refuse_nonpositive_k():
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        recommend_all_time_popular(ITEMS, HISTORY, [1], 0)
+
+
+def test_baselines_leave_their_inputs_unchanged():
+    before = (ITEMS.clone(), HISTORY.clone(), NEIGHBOURS.clone())
+    recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS)
+    assert all(a.equals(b) for a, b in zip(before, (ITEMS, HISTORY, NEIGHBOURS), strict=True))

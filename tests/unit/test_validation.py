@@ -1,0 +1,277 @@
+"""Validation of feature tables against their contracts (great-expectations + polars checks)."""
+
+import json
+import math
+from datetime import date
+
+import polars as pl
+import pytest
+
+from features.contracts import (
+    ALL_TABLES,
+    USER_CATEGORY_AFFINITY,
+    USER_FEATURES,
+    USER_ITEM_HISTORY,
+    Column,
+    TableContract,
+)
+from features.validation import (
+    ValidationFailed,
+    build_expectation_suite,
+    detect_drift,
+    profile_table,
+    validate_table,
+)
+
+AS_OF = date(2024, 3, 4)
+
+
+def build_good_frame(contract: TableContract, rows: int = 3) -> pl.DataFrame:
+    """A tiny frame satisfying the contract: distinct keys, values inside every range."""
+    values = {}
+    for column in contract.columns:
+        if column.name == "as_of":
+            values[column.name] = [AS_OF] * rows
+        elif column.dtype == pl.Utf8:
+            values[column.name] = [f"c{i}" for i in range(rows)]
+        elif column.dtype == pl.Boolean:
+            values[column.name] = [i % 2 == 0 for i in range(rows)]
+        elif column.dtype == pl.Float64:
+            values[column.name] = [0.25 * (i + 1) for i in range(rows)]
+        else:
+            values[column.name] = [i + 1 for i in range(rows)]
+    return pl.DataFrame(values, schema=contract.schema)
+
+
+def validate(contract: TableContract, frame: pl.DataFrame, **overrides):
+    options = dict(
+        as_of=AS_OF, previous=None, min_rows_ratio=0.5, drift_threshold=0.25, drift_blocks=False
+    )
+    return validate_table(contract, frame, **(options | overrides))
+
+
+def failed_checks(report) -> set[tuple[str, tuple[str, ...]]]:
+    return {(f["expectation"], tuple(f["columns"])) for f in report.failures}
+
+
+@pytest.mark.parametrize("contract", ALL_TABLES, ids=lambda c: c.name)
+def test_good_frame_passes_the_suite_of_every_table(contract):
+    report = validate(contract, build_good_frame(contract))
+
+    assert report.success, report.failures
+    assert report.failures == []
+    assert report.row_count == 3
+
+
+def with_column(frame: pl.DataFrame, name: str, values: list) -> pl.DataFrame:
+    return frame.with_columns(pl.Series(name, values, dtype=frame.schema[name]))
+
+
+AFFINITY = build_good_frame(USER_CATEGORY_AFFINITY)
+VIOLATIONS = {
+    "null key": (
+        with_column(AFFINITY, "user_id", [1, None, 3]),
+        ("expect_column_values_to_not_be_null", ("user_id",)),
+    ),
+    "duplicate key": (
+        with_column(AFFINITY, "category", ["c0", "c0", "c0"]).with_columns(user_id=pl.lit(7)),
+        ("expect_compound_columns_to_be_unique", ("as_of", "user_id", "category")),
+    ),
+    "negative count": (
+        with_column(AFFINITY, "events_12w", [1, -1, 3]),
+        ("expect_column_values_to_be_between", ("events_12w",)),
+    ),
+    "share above one": (
+        with_column(AFFINITY, "share_12w", [0.5, 1.5, 0.5]),
+        ("expect_column_values_to_be_between", ("share_12w",)),
+    ),
+    "NaN share": (
+        with_column(AFFINITY, "share_12w", [0.5, math.nan, 0.5]),
+        ("expect_column_values_to_be_finite", ("share_12w",)),
+    ),
+    "missing column": (
+        AFFINITY.drop("events_12w"),
+        ("expect_table_columns_to_match_set", ()),
+    ),
+    "extra column": (
+        AFFINITY.with_columns(debug=pl.lit(1)),
+        ("expect_table_columns_to_match_set", ()),
+    ),
+    "rows of another as_of": (
+        with_column(AFFINITY, "as_of", [AS_OF, date(2024, 2, 26), AS_OF]),
+        ("expect_column_values_to_equal_snapshot_as_of", ("as_of",)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", VIOLATIONS, ids=str)
+def test_each_violation_fails_and_is_named_in_report_and_exception(case):
+    frame, (expectation, columns) = VIOLATIONS[case]
+
+    report = validate(USER_CATEGORY_AFFINITY, frame)
+
+    assert not report.success
+    assert (expectation, columns) in failed_checks(report)
+    message = str(ValidationFailed([report]))
+    assert "user_category_affinity" in message
+    assert expectation in message
+    assert expectation in report.to_markdown()
+
+
+def test_positive_infinity_fails_a_column_bounded_only_below():
+    # weight has min=0 and no max: GX's range check alone lets +inf through.
+    frame = with_column(build_good_frame(USER_ITEM_HISTORY), "weight", [1.0, math.inf, 2.0])
+
+    report = validate(USER_ITEM_HISTORY, frame)
+
+    assert ("expect_column_values_to_be_finite", ("weight",)) in failed_checks(report)
+    failure = next(f for f in report.failures if f["columns"] == ["weight"])
+    assert failure["unexpected_count"] == 1
+    assert failure["examples"] == [math.inf]
+
+
+def test_nan_fails_a_nullable_float_column_while_null_passes():
+    contract = TableContract(
+        name="scores",
+        key=("as_of", "user_id"),
+        columns=(
+            Column("as_of", pl.Date()),
+            Column("user_id", pl.Int64()),
+            Column("score", pl.Float64(), nullable=True),
+        ),
+    )
+    base = pl.DataFrame(
+        {"as_of": [AS_OF] * 2, "user_id": [1, 2], "score": [None, 0.5]}, schema=contract.schema
+    )
+
+    assert validate(contract, base).success
+    with_nan = with_column(base, "score", [math.nan, 0.5])
+    assert ("expect_column_values_to_be_finite", ("score",)) in failed_checks(
+        validate(contract, with_nan)
+    )
+
+
+def test_row_count_may_not_collapse_below_ratio_of_previous_snapshot():
+    previous = {"row_count": 10, "columns": {}}
+    frame = build_good_frame(USER_FEATURES, rows=4)
+
+    collapsed = validate(USER_FEATURES, frame, previous=previous, min_rows_ratio=0.5)
+    enough = validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=5), previous=previous)
+
+    failure = next(
+        f for f in collapsed.failures if f["expectation"] == "expect_table_row_count_to_be_between"
+    )
+    assert failure["expected"]["min_value"] == 5
+    assert failure["observed"] == 4
+    assert "observed 4" in str(ValidationFailed([collapsed]))
+    assert enough.success
+
+
+def test_empty_frame_fails_even_without_previous_snapshot():
+    report = validate(USER_FEATURES, build_good_frame(USER_FEATURES).clear())
+
+    assert ("expect_table_row_count_to_be_between", ()) in failed_checks(report)
+
+
+def test_suite_uses_single_column_uniqueness_for_a_one_column_key():
+    contract = TableContract(name="one", key=("id",), columns=(Column("id", pl.Int64()),))
+
+    suite = build_expectation_suite(contract, previous_row_count=None, min_rows_ratio=0.5)
+
+    types = {e.expectation_type for e in suite.expectations}
+    assert "expect_column_values_to_be_unique" in types
+    assert "expect_compound_columns_to_be_unique" not in types
+
+
+def test_profile_holds_row_count_and_stats_of_numeric_non_key_columns():
+    frame = pl.DataFrame(
+        {
+            "as_of": [AS_OF] * 4,
+            "user_id": [1, 2, 3, 4],
+            "category": ["a", "b", "c", "d"],
+            "events_12w": [0, 10, 20, 30],
+            "share_12w": [0.0, 0.5, 0.5, 1.0],
+        },
+        schema=USER_CATEGORY_AFFINITY.schema,
+    )
+
+    profile = profile_table(USER_CATEGORY_AFFINITY, frame)
+
+    assert profile["row_count"] == 4
+    assert set(profile["columns"]) == {"events_12w", "share_12w"}
+    assert profile["columns"]["events_12w"] == {
+        "mean": 15.0,
+        "p50": 15.0,
+        "p90": 27.0,
+        "min": 0.0,
+        "max": 30.0,
+    }
+
+
+def profile_with(column: str, mean: float, p50: float, p90: float) -> dict:
+    stats = {"mean": mean, "p50": p50, "p90": p90, "min": 0.0, "max": 100.0}
+    return {"row_count": 100, "columns": {column: stats}}
+
+
+def test_drift_reports_columns_whose_stats_moved_beyond_threshold():
+    before = profile_with("events_4w", 10.0, 8.0, 20.0)
+    after = profile_with("events_4w", 16.0, 8.5, 20.0)
+
+    messages = detect_drift(USER_FEATURES, after, before, threshold=0.25)
+
+    assert len(messages) == 1
+    assert "user_features.events_4w mean" in messages[0]
+    assert "+60%" in messages[0]
+
+
+def test_no_drift_without_previous_profile_or_within_threshold():
+    before = profile_with("events_4w", 10.0, 8.0, 20.0)
+    after = profile_with("events_4w", 11.0, 9.0, 21.0)
+
+    assert detect_drift(USER_FEATURES, after, None, threshold=0.25) == []
+    assert detect_drift(USER_FEATURES, after, before, threshold=0.25) == []
+
+
+def test_drift_away_from_zero_is_reported():
+    before = profile_with("events_4w", 0.0, 0.0, 0.0)
+    after = profile_with("events_4w", 1.0, 0.0, 0.0)
+
+    assert len(detect_drift(USER_FEATURES, after, before, threshold=0.25)) == 1
+
+
+def test_drift_warns_by_default_and_fails_when_it_blocks():
+    frame = build_good_frame(USER_FEATURES, rows=4)
+    previous = profile_table(USER_FEATURES, frame.with_columns(pl.col("events_4w") * 10))
+
+    warned = validate(USER_FEATURES, frame, previous=previous)
+    blocked = validate(USER_FEATURES, frame, previous=previous, drift_blocks=True)
+
+    assert warned.success
+    assert any("events_4w" in w for w in warned.warnings)
+    assert not blocked.success
+    assert blocked.warnings == []
+    assert {f["expectation"] for f in blocked.failures} == {"expect_no_drift"}
+    assert "events_4w" in str(ValidationFailed([blocked]))
+
+
+def test_report_dict_is_strict_json_even_with_nan_and_inf_examples():
+    frame = with_column(AFFINITY, "share_12w", [math.nan, math.inf, 0.5])
+
+    report = validate(USER_CATEGORY_AFFINITY, frame)
+
+    document = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert document["table"] == "user_category_affinity"
+    assert document["as_of"] == "2024-03-04"
+    assert document["success"] is False
+    assert report.summary_line().startswith("user_category_affinity as_of=2024-03-04: FAILED")
+
+
+def test_validation_failed_names_only_the_failing_tables():
+    good = validate(USER_FEATURES, build_good_frame(USER_FEATURES))
+    bad = validate(USER_CATEGORY_AFFINITY, AFFINITY.drop("share_12w"))
+
+    error = ValidationFailed([good, bad])
+
+    assert error.reports == [bad]
+    assert "user_category_affinity" in str(error)
+    assert "user_features" not in str(error)

@@ -1,0 +1,1 @@
+"""Training pipeline: candidates, ranker, evaluation metrics, baselines and the model registry."""

@@ -1,0 +1,55 @@
+"""The promotion gate: does a newly trained model replace the champion?"""
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to promote a candidate, and a readable sentence saying why."""
+
+    promote: bool
+    reason: str
+
+
+def decide_promotion(
+    candidate: dict,
+    champion: dict | None,
+    best_baseline: dict,
+    *,
+    metric: str = "ndcg@10",
+    margin: float,
+    baseline_name: str = "the best baseline",
+) -> Decision:
+    """Promote when the candidate beats the champion by `margin` (relative), or, with no
+    champion yet, when it beats the best baseline. All metrics come from the same holdout."""
+    if not margin >= 0:
+        raise ValueError(f"decide_promotion: margin must be >= 0, got {margin}")
+    score = _metric_of(candidate, metric, "candidate")
+    if champion is None:
+        bar = _metric_of(best_baseline, metric, baseline_name)
+        context, against = "no champion yet", f"{baseline_name} {bar:.4f}"
+    else:
+        held = _metric_of(champion, metric, "champion")
+        bar = held * (1 + margin)
+        context = "promotes the candidate" if score > bar else "keeps the champion"
+        against = f"champion {held:.4f} × (1 + margin {margin:.2%}) = {bar:.4f}"
+    verb = "beats" if score > bar else "does not beat"
+    return Decision(score > bar, f"{context}: candidate {metric} {score:.4f} {verb} {against}")
+
+
+def pick_best_baseline(baselines: dict[str, dict], *, metric: str = "ndcg@10") -> tuple[str, dict]:
+    """The (name, metrics) of the baseline with the highest `metric`; ties go to the first name."""
+    if not baselines:
+        raise ValueError("pick_best_baseline: no baselines given")
+    name = max(sorted(baselines), key=lambda n: _metric_of(baselines[n], metric, f"baseline {n}"))
+    return name, baselines[name]
+
+
+def _metric_of(metrics: dict, metric: str, who: str) -> float:
+    if metric not in metrics:
+        raise ValueError(f"{who}: metrics lack {metric!r} (have {sorted(metrics)})")
+    value = float(metrics[metric])
+    if not math.isfinite(value):
+        raise ValueError(f"{who}: {metric} is {value}, not a finite number")
+    return value

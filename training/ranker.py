@@ -1,0 +1,129 @@
+"""The LightGBM LambdaRank ranker: labelled frames in, a model text out; scores and top-N."""
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import date
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from training.candidates import CATEGORICAL_FEATURES, FEATURE_NAMES
+
+
+@dataclass(frozen=True)
+class RankerParams:
+    """LightGBM parameters; deterministic given the seed and thread count."""
+
+    n_estimators: int = 300
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_child_samples: int = 20
+    colsample_bytree: float = 0.8
+    early_stopping_rounds: int = 30
+    seed: int = 42
+    num_threads: int = 2
+
+    def lightgbm_kwargs(self) -> dict:
+        return {
+            "objective": "lambdarank",
+            "n_estimators": self.n_estimators,
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_child_samples": self.min_child_samples,
+            "colsample_bytree": self.colsample_bytree,
+            "random_state": self.seed,
+            "n_jobs": self.num_threads,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbose": -1,
+        }
+
+
+@dataclass(frozen=True)
+class TrainedRanker:
+    """A trained model as LightGBM text, with what inference needs to use it identically."""
+
+    model_text: str
+    feature_names: list[str]
+    best_iteration: int
+    params: dict
+    feature_importance: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_text.encode()).hexdigest()
+
+
+def attach_labels(ranking_frame: pl.DataFrame, labels: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """Label candidates 1 when the user consumed the (new) item in the following week.
+
+    Groups without any positive carry no ranking signal and are dropped.
+    """
+    positives = labels.filter(pl.col("is_new")).select("user_id", "item_id", pl.lit(1, pl.Int32).alias("label"))
+    return (
+        ranking_frame.join(positives, on=["user_id", "item_id"], how="left")
+        .with_columns(pl.col("label").fill_null(0), pl.lit(as_of).alias("as_of"))
+        .filter(pl.col("label").max().over("user_id") > 0)
+    )
+
+
+def _group_sizes(frame: pl.DataFrame) -> np.ndarray:
+    return frame.group_by("as_of", "user_id", maintain_order=True).len().get_column("len").to_numpy()
+
+
+def _matrix(frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray:
+    return frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy()
+
+
+def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams) -> TrainedRanker:
+    """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week."""
+    if train.is_empty() or valid.is_empty():
+        raise ValueError(
+            f"training needs labelled candidates in both the training weeks ({train.height} rows) "
+            f"and the validation week ({valid.height} rows); compute more feature snapshots first"
+        )
+    train = train.sort("as_of", "user_id", "item_id")
+    valid = valid.sort("as_of", "user_id", "item_id")
+    model = lgb.LGBMRanker(**params.lightgbm_kwargs())
+    model.fit(
+        _matrix(train, FEATURE_NAMES),
+        train.get_column("label").to_numpy(),
+        group=_group_sizes(train),
+        eval_X=(_matrix(valid, FEATURE_NAMES),),
+        eval_y=(valid.get_column("label").to_numpy(),),
+        eval_group=[_group_sizes(valid)],
+        eval_at=[10],
+        feature_name=FEATURE_NAMES,
+        categorical_feature=CATEGORICAL_FEATURES,
+        callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+    )
+    best = model.best_iteration_ or params.n_estimators
+    importance = dict(zip(FEATURE_NAMES, model.booster_.feature_importance("gain").tolist(), strict=True))
+    return TrainedRanker(
+        model_text=model.booster_.model_to_string(num_iteration=best),
+        feature_names=list(FEATURE_NAMES),
+        best_iteration=best,
+        params=params.lightgbm_kwargs() | {"early_stopping_rounds": params.early_stopping_rounds},
+        feature_importance=importance,
+    )
+
+
+def score(booster: lgb.Booster, frame: pl.DataFrame, feature_names: list[str]) -> pl.DataFrame:
+    """Add the model's score to every candidate row."""
+    missing = [c for c in feature_names if c not in frame.columns]
+    if missing:
+        raise ValueError(f"the candidate frame lacks features the model was trained with: {missing}")
+    if frame.is_empty():
+        return frame.with_columns(pl.lit(None, pl.Float64).alias("score"))
+    return frame.with_columns(pl.Series("score", booster.predict(_matrix(frame, feature_names), num_threads=1)))
+
+
+def top_n(scored: pl.DataFrame, n: int, score_column: str = "score") -> pl.DataFrame:
+    """Each user's best `n` items as rows (user_id, item_id, rank); ties broken by item id."""
+    return (
+        scored.sort(["user_id", score_column, "item_id"], descending=[False, True, False])
+        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias("rank"))
+        .filter(pl.col("rank") <= n)
+        .select("user_id", "item_id", "rank")
+    )

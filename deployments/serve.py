@@ -37,9 +37,7 @@ SERVER_START_TIMEOUT_S = 120.0
 SERVER_STOP_TIMEOUT_S = 20.0
 
 
-def serve_deployments(
-    settings: Settings, deployment_settings: DeploymentSettings | None = None
-) -> None:
+def serve_deployments(settings: Settings, deployment_settings: DeploymentSettings | None = None) -> None:
     """Serve features/training/inference on their cron schedules until stopped."""
     from prefect import serve
     from prefect.settings import (
@@ -58,9 +56,7 @@ def serve_deployments(
         api_url = get_current_settings().api.url
         updates = {}
         if not api_url:
-            api_url = stack.enter_context(
-                run_local_server(settings.data_dir / "prefect", schedule.prefect_port)
-            )
+            api_url = stack.enter_context(run_local_server(settings.data_dir / "prefect", schedule.prefect_port))
             updates[PREFECT_API_URL] = api_url
             # The server we started checks this string; the runner must send the same one.
             server_auth = PREFECT_SERVER_API_AUTH_STRING.value()
@@ -122,9 +118,7 @@ def redact_url(url: str) -> str:
 
 
 @contextmanager
-def run_local_server(
-    home: Path, port: int, timeout_s: float = SERVER_START_TIMEOUT_S
-) -> Iterator[str]:
+def run_local_server(home: Path, port: int, timeout_s: float = SERVER_START_TIMEOUT_S) -> Iterator[str]:
     """Run `prefect server start` on 127.0.0.1:`port` with its data in `home`; yield its API URL.
 
     Port 0 picks a free port.
@@ -166,16 +160,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_healthy(
-    api_url: str, process: subprocess.Popen, log_path: Path, timeout_s: float
-) -> None:
+def wait_until_healthy(api_url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     """Return once `api_url`/health answers; raise if the server exits or times out."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if process.poll() is not None:
             raise RuntimeError(
-                f"Prefect server exited with code {process.returncode} before it was healthy;"
-                f" see {log_path}"
+                f"Prefect server exited with code {process.returncode} before it was healthy; see {log_path}"
             )
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
@@ -185,9 +176,7 @@ def wait_until_healthy(
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.3)
-    raise RuntimeError(
-        f"Prefect server at {api_url} not healthy after {timeout_s:.0f} s; see {log_path}"
-    )
+    raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout_s:.0f} s; see {log_path}")
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = SERVER_STOP_TIMEOUT_S) -> None:
@@ -212,9 +201,7 @@ def _shared_stores(settings: Settings) -> Iterator[None]:
     # hand them the URLs of one running pair rather than let each start its own.
     with (
         open_stores(settings) as stores,
-        _environment(
-            {"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}
-        ),
+        _environment({"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}),
     ):
         yield
 
@@ -256,9 +243,9 @@ def _raise_system_exit(signum: int, _frame: object) -> None:
 
 def main() -> None:
     """Entry point of `python -m deployments.serve`."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The runner polls the API every few seconds; one INFO line per request drowns the rest.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     serve_deployments(Settings())
 
 

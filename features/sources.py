@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import polars as pl
+import psycopg
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
@@ -47,9 +48,9 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _TS_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%z",
     "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d",
     "%Y-%m-%dT%H:%M%z",
     "%Y-%m-%dT%H:%M",
-    "%Y-%m-%d",
 )
 
 
@@ -57,19 +58,19 @@ class RawDataError(ValueError):
     """A raw source is missing, malformed or inconsistent; the message names source and column."""
 
 
-class _Extract(NamedTuple):
-    events: pl.DataFrame
-    items: pl.DataFrame | None
-    source: str  # names the events in messages
-    items_source: str  # names the item metadata in messages
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RawData:
     """Interaction events (RAW_EVENTS_SCHEMA) and item metadata (RAW_ITEMS_SCHEMA)."""
 
     events: pl.DataFrame
     items: pl.DataFrame
+
+
+class _Extract(NamedTuple):
+    events: pl.DataFrame
+    items: pl.DataFrame | None
+    source: str  # names the events in messages
+    items_source: str  # names the item metadata in messages
 
 
 def read_source(
@@ -93,6 +94,11 @@ def read_source(
     else:
         extract = _read_sql(engine, target, options.get("items"), before)
     events, duplicates = validate_events(extract.events, source=extract.source, now=now)
+    if before is not None:
+        # Typed timestamps were filtered while reading; text ones only parse in validation.
+        events = events.filter(pl.col("ts") < before)
+        if events.is_empty():
+            raise RawDataError(f"source {extract.source}: no events before {before.isoformat()}")
     items = conform_items(extract.items, events, source=extract.items_source)
     log.info(
         "read %d events (%d duplicates dropped), %d items from %s in %.2fs",
@@ -105,9 +111,7 @@ def read_source(
     return RawData(events=events, items=items)
 
 
-def validate_events(
-    events: pl.DataFrame, *, source: str, now: datetime | None
-) -> tuple[pl.DataFrame, int]:
+def validate_events(events: pl.DataFrame, *, source: str, now: datetime | None) -> tuple[pl.DataFrame, int]:
     """Check raw events; return them conformed and sorted, and how many duplicates were dropped.
 
     Raises RawDataError for missing columns, unparseable timestamps, null or non-integer
@@ -196,12 +200,13 @@ def conform_items(items: pl.DataFrame | None, events: pl.DataFrame, *, source: s
     )
 
 
-def _parse_timestamps(
-    frame: pl.DataFrame, column: str, source: str, *, nullable: bool = False
-) -> pl.Series:
+def _parse_timestamps(frame: pl.DataFrame, column: str, source: str, *, nullable: bool = False) -> pl.Series:
     """`column` as Datetime(us, UTC); raise naming an example value that does not parse."""
     raw = frame[column]
-    parsed = frame.select(_timestamp_expr(raw.dtype, column, source)).to_series()
+    if raw.dtype == pl.Utf8:
+        parsed = _parse_text_timestamps(raw)
+    else:
+        parsed = frame.select(_timestamp_expr(raw.dtype, column, source)).to_series()
     bad = raw.filter(parsed.is_null() & raw.is_not_null())
     if bad.len():
         raise RawDataError(
@@ -213,9 +218,20 @@ def _parse_timestamps(
     return parsed.alias(column)
 
 
-def write_events_table(
-    engine: sa.Engine, table: str, raw: RawData, *, items_table: str | None = None
-) -> None:
+def _parse_text_timestamps(values: pl.Series) -> pl.Series:
+    """ISO-8601 text to Datetime(us, UTC), trying formats in turn until every value parsed."""
+    text = values.str.strip_chars().str.replace(" ", "T", literal=True).str.replace("Z$", "+00:00")
+    parsed = None
+    for fmt in _TS_FORMATS:
+        attempt = text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        parsed = attempt if parsed is None else parsed.fill_null(attempt)
+        # A uniform file takes one pass; only mixed ones pay for further formats.
+        if parsed.null_count() == values.null_count():
+            break
+    return parsed
+
+
+def write_events_table(engine: sa.Engine, table: str, raw: RawData, *, items_table: str | None = None) -> None:
     """Replace Postgres table `table` with raw.events and `items_table` with raw.items.
 
     `items_table` defaults to `<table>_items`. Tables are created, then filled with COPY,
@@ -244,9 +260,7 @@ def write_events_table(
         _copy_frame(cursor, events_name, events)
         _copy_frame(cursor, items_name, items)
         conn.execute(sa.text(f"create index on {events_name} (ts)"))
-    log.info(
-        "wrote %d events to %s and %d items to %s", events.height, table, items.height, items_table
-    )
+    log.info("wrote %d events to %s and %d items to %s", events.height, table, items.height, items_table)
 
 
 def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
@@ -257,15 +271,12 @@ def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
         raise RawDataError(f"source {spec!r}: unknown source kind {kind!r}; valid forms: {forms}")
     if (kind == "synthetic") == bool(target):
         raise RawDataError(
-            f"source {spec!r}: {kind} {'takes no' if target else 'needs a'} target; "
-            f"valid forms: {forms}"
+            f"source {spec!r}: {kind} {'takes no' if target else 'needs a'} target; valid forms: {forms}"
         )
     options = dict(part.partition("=")[::2] for part in parts)
     allowed = {"items"} if kind in ("parquet", "csv", "sql") else set()
     if unknown := set(options) - allowed:
-        raise RawDataError(
-            f"source {spec!r}: unknown options {sorted(unknown)}; valid forms: {forms}"
-        )
+        raise RawDataError(f"source {spec!r}: unknown options {sorted(unknown)}; valid forms: {forms}")
     return kind, target, options
 
 
@@ -281,10 +292,8 @@ def _read_synthetic(folder: Path | None, before: datetime | None) -> _Extract:
     return _read_files("parquet", str(events_path), str(items_path), before)
 
 
-def _read_files(
-    kind: str, pattern: str, items_path: str | None, before: datetime | None
-) -> _Extract:
-    if not glob.glob(pattern):
+def _read_files(kind: str, pattern: str, items_path: str | None, before: datetime | None) -> _Extract:
+    if not glob.glob(pattern, recursive=True):
         raise RawDataError(f"source {pattern}: no {kind} files match")
     scan = pl.scan_parquet if kind == "parquet" else pl.scan_csv
     events = _collect(lambda: _filter_before(scan(pattern), before, pattern), pattern)
@@ -331,42 +340,30 @@ def _read_movielens(folder: Path, before: datetime | None) -> _Extract:
         category=pl.coalesce([*first_genre, pl.lit(UNKNOWN)]),
         # MovieLens names no director or studio: "unknown" rather than an invented creator.
         creator=pl.lit(UNKNOWN),
-        release_ts=pl.col("release").str.to_datetime(
-            "%d-%b-%Y", strict=False, time_unit="us", time_zone="UTC"
-        ),
+        release_ts=pl.col("release").str.to_datetime("%d-%b-%Y", strict=False, time_unit="us", time_zone="UTC"),
     )
     return _Extract(events, items, str(ratings), str(titles))
 
 
-def _read_sql(
-    engine: sa.Engine | None, table: str, items_table: str | None, before: datetime | None
-) -> _Extract:
+def _read_sql(engine: sa.Engine | None, table: str, items_table: str | None, before: datetime | None) -> _Extract:
     source = f"sql:{table}"
     if engine is None:
         raise RawDataError(f"source {source}: no database engine given")
     columns = _table_columns(engine, table)
     _require_columns(list(columns), EVENT_KEY, source)
     if not isinstance(columns["ts"], sa.DateTime):
-        raise RawDataError(
-            f"source {source}: column ts: type {columns['ts']} is not timestamp or timestamptz"
-        )
+        raise RawDataError(f"source {source}: column ts: type {columns['ts']} is not timestamp or timestamptz")
     wanted = {name: columns[name] for name in RAW_EVENTS_SCHEMA if name in columns}
     if before is None:
-        events = _copy_out(engine, table, wanted, "", None)
+        events = _copy_out(engine, table, wanted)
     else:
         events = _copy_out(engine, table, wanted, "where ts < %(before)s", {"before": before})
-    items = None
-    if items_table is not None:
-        known = {
-            "item_id",
-            "release_ts",
-            *(a for aliases in ITEM_ALIASES.values() for a in aliases),
-        }
-        item_columns = _table_columns(engine, items_table)
-        items = _copy_out(
-            engine, items_table, {k: v for k, v in item_columns.items() if k in known}, "", None
-        )
-    return events, items, source
+    if items_table is None:
+        return _Extract(events, None, source, source)
+    item_columns = _table_columns(engine, items_table)
+    known = ["item_id", "release_ts", *(a for aliases in ITEM_ALIASES.values() for a in aliases)]
+    items = _copy_out(engine, items_table, {c: item_columns[c] for c in known if c in item_columns})
+    return _Extract(events, items, source, f"sql:{items_table}")
 
 
 def _table_columns(engine: sa.Engine, table: str) -> dict[str, sa.types.TypeEngine]:
@@ -382,20 +379,17 @@ def _copy_out(
     engine: sa.Engine,
     table: str,
     columns: dict[str, sa.types.TypeEngine],
-    where: str,
-    params: dict[str, object] | None,
+    where: str = "",
+    params: dict[str, object] | None = None,
 ) -> pl.DataFrame:
     """Rows of `table` through COPY TO as CSV; timestamps travel as exact epoch microseconds."""
     quote = engine.dialect.identifier_preparer.quote
     stamps = [name for name, kind in columns.items() if isinstance(kind, sa.DateTime)]
     select = ", ".join(
-        f"(extract(epoch from {quote(name)}) * 1000000)::bigint" if name in stamps else quote(name)
-        for name in columns
+        f"(extract(epoch from {quote(name)}) * 1000000)::bigint" if name in stamps else quote(name) for name in columns
     )
     # psycopg binds `params` into COPY client-side with proper quoting (COPY takes no $n).
-    statement = (
-        f"copy (select {select} from {_quote_table(engine, table)} {where}) to stdout (format csv)"
-    )
+    statement = f"copy (select {select} from {_quote_table(engine, table)} {where}) to stdout (format csv)"
     buffer = io.BytesIO()
     with engine.connect() as conn:
         cursor = conn.connection.driver_connection.cursor()
@@ -408,9 +402,7 @@ def _copy_out(
         if buffer.tell()
         else pl.DataFrame(schema=schema)
     )
-    return frame.with_columns(
-        pl.from_epoch(name, time_unit="us").dt.replace_time_zone("UTC") for name in stamps
-    )
+    return frame.with_columns(pl.from_epoch(name, time_unit="us").dt.replace_time_zone("UTC") for name in stamps)
 
 
 def _polars_type(kind: sa.types.TypeEngine) -> pl.DataType:
@@ -422,8 +414,7 @@ def _polars_type(kind: sa.types.TypeEngine) -> pl.DataType:
 def _check_identifier(table: str) -> None:
     if not _IDENTIFIER.match(table):
         raise RawDataError(
-            f"source sql:{table}: table name is not an identifier "
-            "(letters, digits and _, optionally schema.table)"
+            f"source sql:{table}: table name is not an identifier (letters, digits and _, optionally schema.table)"
         )
 
 
@@ -433,30 +424,31 @@ def _quote_table(engine: sa.Engine, table: str) -> str:
     return ".".join(preparer.quote(part) for part in table.split("."))
 
 
-def _copy_frame(cursor, table: str, frame: pl.DataFrame, chunk: int = 500_000) -> None:
+def _copy_frame(cursor: psycopg.Cursor, table: str, frame: pl.DataFrame, chunk: int = 500_000) -> None:
     columns = ", ".join(frame.columns)
     with cursor.copy(f"copy {table} ({columns}) from stdin (format csv)") as copy:
         for offset in range(0, frame.height, chunk):
             part = frame.slice(offset, chunk)
-            copy.write(
-                part.write_csv(include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z")
-            )
+            copy.write(part.write_csv(include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z"))
 
 
 def _filter_before(lazy: pl.LazyFrame, before: datetime | None, source: str) -> pl.LazyFrame:
     if before is None:
         return lazy
     schema = lazy.collect_schema()
-    if "ts" not in schema:
-        return lazy  # validate_events names the missing column
+    if "ts" not in schema or schema["ts"] == pl.Utf8:
+        return lazy  # read_source filters once validation has parsed (or named) the column
     ts = _timestamp_expr(schema["ts"], "ts", source)
     # Unparseable rows are kept so validation can name them instead of silently dropping them.
     return lazy.filter(ts.is_null() | (ts < before))
 
 
 def _timestamp_expr(dtype: pl.DataType, column: str, source: str) -> pl.Expr:
+    """Expression converting a typed (not text) timestamp column to Datetime(us, UTC)."""
     col = pl.col(column)
     target = RAW_EVENTS_SCHEMA["ts"]
+    if dtype == target:
+        return col  # untouched, so Parquet scans can skip row groups by their statistics
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
             return col.dt.replace_time_zone("UTC").cast(target)
@@ -469,14 +461,6 @@ def _timestamp_expr(dtype: pl.DataType, column: str, source: str) -> pl.Expr:
         micros = (col * 1_000_000).round()
         micros = pl.when(micros.is_finite()).then(micros).cast(pl.Int64, strict=False)
         return micros.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    if dtype == pl.Utf8:
-        text = col.str.strip_chars().str.replace(" ", "T").str.replace("Z$", "+00:00")
-        return pl.coalesce(
-            [
-                text.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC")
-                for f in _TS_FORMATS
-            ]
-        )
     raise RawDataError(
         f"source {source}: column {column}: type {dtype} is not a timestamp "
         "(expected ISO-8601 text, a datetime, or epoch seconds)"
@@ -493,9 +477,7 @@ def _cast_ids(frame: pl.DataFrame, column: str, source: str) -> pl.Series:
         invalid = invalid | (values != values.floor())
     bad = values.filter(invalid)
     if bad.len():
-        raise RawDataError(
-            f"source {source}: column {column}: {bad.len()} ids are not integers, e.g. {bad[0]!r}"
-        )
+        raise RawDataError(f"source {source}: column {column}: {bad.len()} ids are not integers, e.g. {bad[0]!r}")
     return ids
 
 
@@ -512,9 +494,7 @@ def _cast_weights(frame: pl.DataFrame, source: str) -> pl.Series:
     }
     found = [f"{count} {kind}" for kind, count in problems.items() if count]
     if found:
-        raise RawDataError(
-            f"source {source}: column weight: {', '.join(found)} weights (must be finite and >= 0)"
-        )
+        raise RawDataError(f"source {source}: column weight: {', '.join(found)} weights (must be finite and >= 0)")
     return weights
 
 
@@ -527,9 +507,7 @@ def _column_or_null(frame: pl.DataFrame, column: str) -> pl.Expr:
 def _require_columns(found: list[str], required: list[str], source: str) -> None:
     missing = [c for c in required if c not in found]
     if missing:
-        raise RawDataError(
-            f"source {source}: missing columns {missing}; found columns {list(found)}"
-        )
+        raise RawDataError(f"source {source}: missing columns {missing}; found columns {list(found)}")
 
 
 def _as_utc(moment: datetime | None) -> datetime | None:

@@ -17,37 +17,21 @@ import polars as pl
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.sources import RawData, RawDataError, drop_duplicate_events
 
+# fmt: off
 CATEGORIES = (
-    "pop",
-    "rock",
-    "hip-hop",
-    "electronic",
-    "r&b",
-    "latin",
-    "country",
-    "indie",
-    "metal",
-    "jazz",
-    "classical",
-    "folk",
-    "soul",
-    "reggae",
-    "punk",
-    "blues",
-    "k-pop",
-    "ambient",
-    "house",
-    "techno",
+    "pop", "rock", "hip-hop", "electronic", "r&b", "latin", "country", "indie", "metal", "jazz",
+    "classical", "folk", "soul", "reggae", "punk", "blues", "k-pop", "ambient", "house", "techno",
 )
+# fmt: on
 DAY_US = 86_400_000_000
 WEEK_US = 7 * DAY_US
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Shape of the world; fixed so that a seed alone reproduces a log.
 ITEMS_PER_CREATOR = 6
-POPULARITY_EXPONENT = 0.9  # Zipf exponent of item appeal by rank
-CREATOR_FAME_SIGMA = 1.0  # lognormal spread of creators' fame, which lifts all their items
-ACTIVITY_SIGMA = 1.3  # lognormal spread of users' activity
+POPULARITY_EXPONENT = 0.8  # Zipf exponent of item appeal by rank
+CREATOR_FAME_SIGMA = 0.7  # lognormal spread of creators' fame, which lifts all their items
+ACTIVITY_SIGMA = 1.1  # lognormal spread of users' activity
 CREATOR_GENRE_LOYALTY = 0.9  # share of a creator's items in the creator's own genre
 NEW_RELEASE_SHARE = 0.25  # items released during the window, at the start of a week
 CATALOGUE_MAX_AGE_DAYS = 3 * 365
@@ -55,11 +39,9 @@ HYPE_DAYS = 10.0  # e-folding time of a new release's extra popularity
 TASTE_CONCENTRATION = 1.5  # Dirichlet total mass: small means a few favourite genres
 FAVOURITE_CREATORS = 3
 RETURNING_USER_SHARE = 0.6  # users present from the first day; the others join later
-BRANCH_SHARES = (
-    0.3,
-    0.55,
-    0.15,
-)  # an event is by a favourite creator / in a taste genre / anything trending
+# An event is by a favourite creator / in a genre drawn from taste / anything trending.
+BRANCH_SHARES = (0.3, 0.55, 0.15)
+GENRE_EXPONENT = 0.8  # Zipf exponent of genres' overall popularity
 
 
 @dataclass(frozen=True)
@@ -80,9 +62,7 @@ class _Users:
     favourite_creators: np.ndarray  # (users, FAVOURITE_CREATORS)
 
 
-def generate_log(
-    *, n_users: int, n_items: int, n_events: int, n_weeks: int, end: datetime, seed: int
-) -> RawData:
+def generate_log(*, n_users: int, n_items: int, n_events: int, n_weeks: int, end: datetime, seed: int) -> RawData:
     """Draw about n_events events in [end - n_weeks weeks, end); same arguments, same log."""
     if min(n_users, n_items, n_events, n_weeks) < 1:
         raise ValueError(
@@ -110,15 +90,13 @@ def read_log(folder: Path) -> RawData:
     """Read a log written by `write_log`."""
     paths = [folder / "events.parquet", folder / "items.parquet"]
     if not all(p.exists() for p in paths):
-        raise RawDataError(
-            f"source synthetic: no generated log in {folder}; run generate_log + write_log first"
-        )
+        raise RawDataError(f"source synthetic: no generated log in {folder}; run generate_log + write_log first")
     return RawData(events=pl.read_parquet(paths[0]), items=pl.read_parquet(paths[1]))
 
 
 def _draw_catalogue(rng: np.random.Generator, n_items: int, n_weeks: int) -> _Catalogue:
     n_genres = len(CATEGORIES)
-    genre_share = _zipf(n_genres, 0.8)
+    genre_share = _zipf(n_genres, GENRE_EXPONENT)
     n_creators = max(1, n_items // ITEMS_PER_CREATOR)
     creator_category = rng.choice(n_genres, n_creators, p=genre_share)
     creator_fame = rng.lognormal(0.0, CREATOR_FAME_SIGMA, n_creators)
@@ -145,18 +123,14 @@ def _draw_catalogue(rng: np.random.Generator, n_items: int, n_weeks: int) -> _Ca
     return _Catalogue(category, creator, release_day, appeal, creator_category, creator_fame)
 
 
-def _draw_users(
-    rng: np.random.Generator, n_users: int, start_us: int, end_us: int, catalogue: _Catalogue
-) -> _Users:
-    genre_share = _zipf(len(CATEGORIES), 0.8)
+def _draw_users(rng: np.random.Generator, n_users: int, start_us: int, end_us: int, catalogue: _Catalogue) -> _Users:
+    genre_share = _zipf(len(CATEGORIES), GENRE_EXPONENT)
     taste = rng.dirichlet(TASTE_CONCENTRATION * genre_share, n_users)
     taste = np.where(np.isfinite(taste), taste, 0.0)
     taste[taste.sum(axis=1) == 0] = genre_share  # Dirichlet can underflow to all zeros
     taste /= taste.sum(axis=1, keepdims=True)
     late = rng.random(n_users) >= RETURNING_USER_SHARE
-    join_us = start_us + np.where(late, rng.random(n_users) * (end_us - start_us), 0).astype(
-        np.int64
-    )
+    join_us = start_us + np.where(late, rng.random(n_users) * (end_us - start_us), 0).astype(np.int64)
     active_share = (end_us - join_us) / (end_us - start_us)
     rate = rng.lognormal(0.0, ACTIVITY_SIGMA, n_users) * active_share
     # Favourite creators: a genre from the user's taste, then one of its creators by fame.
@@ -177,14 +151,11 @@ def _draw_events(
     catalogue: _Catalogue,
     users: _Users,
 ) -> pl.DataFrame:
-    # Grouped by user, then by week (a linear radix sort on uint16): consecutive draws hit
-    # the same few shelves, which keeps the searches in cache. The result is sorted by time.
-    user = np.repeat(
-        np.arange(len(users.rate)), rng.multinomial(n_events, users.rate / users.rate.sum())
-    )
-    ts = users.join_us[user] + (rng.random(n_events) * (end_us - users.join_us[user])).astype(
-        np.int64
-    )
+    # Events come grouped by user; a stable (radix, linear) sort on the uint16 week keeps
+    # them grouped by user within each week, so consecutive draws search the same few
+    # shelves and stay in cache. The returned frame is sorted by time.
+    user = np.repeat(np.arange(len(users.rate)), rng.multinomial(n_events, users.rate / users.rate.sum()))
+    ts = users.join_us[user] + (rng.random(n_events) * (end_us - users.join_us[user])).astype(np.int64)
     by_week = np.argsort(((ts - start_us) // WEEK_US).astype(np.uint16), kind="stable")
     user, ts = user[by_week], ts[by_week]
     week = (ts - start_us) // WEEK_US
@@ -192,9 +163,7 @@ def _draw_events(
     item = np.full(n_events, -1)
 
     favourite = np.flatnonzero(branch == 0)
-    chosen = users.favourite_creators[
-        user[favourite], rng.integers(0, FAVOURITE_CREATORS, len(favourite))
-    ]
+    chosen = users.favourite_creators[user[favourite], rng.integers(0, FAVOURITE_CREATORS, len(favourite))]
     creators = _shelve(catalogue.appeal, catalogue.creator, len(catalogue.creator_fame))
     item[favourite] = _draw_from(rng, creators, week[favourite], chosen)
     by_favourite = item >= 0
@@ -209,9 +178,7 @@ def _draw_events(
     item[rest] = _draw_from(rng, genres, week[rest], None)
 
     plays = rng.geometric(np.where(by_favourite, 0.3, 0.5))
-    events = pl.DataFrame(
-        {"user_id": user + 1, "item_id": item + 1, "ts": ts, "weight": plays.astype(np.float64)}
-    )
+    events = pl.DataFrame({"user_id": user + 1, "item_id": item + 1, "ts": ts, "weight": plays.astype(np.float64)})
     events = events.with_columns(pl.col("ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC"))
     return drop_duplicate_events(events.cast(RAW_EVENTS_SCHEMA))[0]
 
@@ -258,9 +225,7 @@ def _shelve(appeal: np.ndarray, key: np.ndarray, n_keys: int) -> _Shelves:
     return _Shelves(order, bounds, edges, appeal.shape[1])
 
 
-def _draw_from(
-    rng: np.random.Generator, shelves: _Shelves, row: np.ndarray, key: np.ndarray | None
-) -> np.ndarray:
+def _draw_from(rng: np.random.Generator, shelves: _Shelves, row: np.ndarray, key: np.ndarray | None) -> np.ndarray:
     """Per draw, an index with that key (any key if None) from `row`, by appeal; -1 if all zero.
 
     Each draw lies in (edges[lo], edges[hi]], so the chosen position has positive appeal:

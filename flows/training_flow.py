@@ -48,12 +48,12 @@ def load_labels(engine, as_of: date) -> pl.DataFrame:
     return store.read_table(engine, contracts.LABELS.name, as_of)
 
 
-@task(**PURE)
-def build_training_frame(
-    tables: SnapshotTables, labels: pl.DataFrame, as_of: date, config: CandidateConfig, categories: list[str]
-) -> pl.DataFrame:
-    """Candidates of the week's active users, with features and next-week labels."""
-    return pipeline.labelled_frame(tables, labels, as_of, config, categories)
+@task(**IO)
+def build_training_frame(engine, week: date, config: CandidateConfig, categories: list[str], seed: int) -> pl.DataFrame:
+    """One labelled week: candidates of its active users, with features and next-week labels."""
+    return pipeline.labelled_frame(
+        load_snapshot.fn(engine, week), load_labels.fn(engine, week), week, config, categories, seed=seed
+    )
 
 
 @task(**PURE)
@@ -156,20 +156,18 @@ def training_flow(as_of: date | None = None) -> dict:
     with open_stores(settings) as stores:
         registry.ensure_schema(stores.engine)
         plan = plan_training(stores.engine, as_of, settings.training_weeks)
-        weeks = [*plan.train, plan.validation, plan.holdout]
-        tables = {week: load_snapshot(stores.engine, week) for week in weeks}
-        labels = {week: load_labels(stores.engine, week) for week in weeks}
-        categories = sorted({c for t in tables.values() for c in category_encoding(t.item_features)})
-        train = pl.concat([build_training_frame(tables[w], labels[w], w, config, categories) for w in plan.train])
-        valid = build_training_frame(
-            tables[plan.validation], labels[plan.validation], plan.validation, config, categories
+        holdout = load_snapshot(stores.engine, plan.holdout)
+        holdout_labels = load_labels(stores.engine, plan.holdout)
+        # Items never leave the catalogue, so the newest week's categories cover the older weeks'.
+        categories = category_encoding(holdout.item_features)
+        train = pl.concat(
+            [build_training_frame(stores.engine, w, config, categories, settings.seed) for w in plan.train]
         )
+        valid = build_training_frame(stores.engine, plan.validation, config, categories, settings.seed)
         model = fit_ranker(train, valid, RankerParams(seed=settings.seed, num_threads=settings.num_threads))
         champion = load_champion(stores.engine, settings.model_name)
-        results = evaluate_on_holdout(
-            model, champion, tables[plan.holdout], labels[plan.holdout], config, categories, settings.eval_k
-        )
-        digests = snapshot_digests(stores.engine, weeks)
+        results = evaluate_on_holdout(model, champion, holdout, holdout_labels, config, categories, settings.eval_k)
+        digests = snapshot_digests(stores.engine, [*plan.train, plan.validation, plan.holdout])
         version, decision = register_and_gate(stores.engine, settings, model, plan, results, categories, digests)
     create_markdown_artifact(
         key="training-metrics",

@@ -58,6 +58,33 @@ def settings(session_data_dir: Path, stores: Stores, tmp_path: Path) -> Settings
     )
 
 
+SMALL_JOB = {
+    "RECSYS_SYNTHETIC_USERS": "300",
+    "RECSYS_SYNTHETIC_ITEMS": "200",
+    "RECSYS_SYNTHETIC_WEEKS": "10",
+    "RECSYS_SYNTHETIC_EVENTS": "20000",
+    "RECSYS_TRAINING_WEEKS": "2",
+    "RECSYS_PARTITIONS": "2",
+}
+
+
+@pytest.fixture
+def flow_env(clean_stores: Stores, settings: Settings, monkeypatch: pytest.MonkeyPatch, prefect_harness) -> Settings:
+    """Empty stores, a Prefect harness, and RECSYS_* env pointing flows at them with a small job.
+
+    Flows build their own Settings from the environment; the returned Settings equals theirs.
+    """
+    env = {
+        "RECSYS_DATABASE_URL": settings.database_url.get_secret_value(),
+        "RECSYS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "RECSYS_DATA_DIR": str(settings.data_dir),
+        **SMALL_JOB,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """One temporary Prefect API for every flow test of the session."""

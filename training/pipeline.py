@@ -10,11 +10,23 @@ from datetime import date, timedelta
 import lightgbm as lgb
 import polars as pl
 
+from recsys.settings import Settings
 from training import baselines, metrics
-from training.candidates import CandidateConfig, SnapshotTables, build_ranking_frame
-from training.ranker import attach_labels, score, top_n
+from training.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
+from training.ranker import RankerParams, attach_labels, sample_negatives, score, top_n
 
 BASELINES = ("recent_popular", "all_time_popular", "item_knn")
+RECALL_KEYS = ("all", *SOURCES)
+NEGATIVES_PER_USER = 50
+
+
+def candidate_config(settings: Settings) -> CandidateConfig:
+    """The candidate generation the settings ask for (training, backtest and inference alike)."""
+    return CandidateConfig(recent_items=settings.recent_items_per_user, exclude_consumed=settings.exclude_consumed)
+
+
+def ranker_params(settings: Settings) -> RankerParams:
+    return RankerParams(seed=settings.seed, num_threads=settings.num_threads)
 
 
 @dataclass(frozen=True)
@@ -47,11 +59,19 @@ def labelled_users(labels: pl.DataFrame, tables: SnapshotTables) -> pl.Series:
 
 
 def labelled_frame(
-    tables: SnapshotTables, labels: pl.DataFrame, as_of: date, config: CandidateConfig, categories: list[str]
+    tables: SnapshotTables,
+    labels: pl.DataFrame,
+    as_of: date,
+    config: CandidateConfig,
+    categories: list[str],
+    *,
+    negatives_per_user: int = NEGATIVES_PER_USER,
+    seed: int = 42,
 ) -> pl.DataFrame:
-    """The ranking frame of one week with its labels, for training or validation."""
+    """The ranking frame of one week with its labels and sampled negatives, for training or validation."""
     users = labelled_users(labels, tables)
-    return attach_labels(build_ranking_frame(tables, users, config, categories), labels, as_of)
+    labelled = attach_labels(build_ranking_frame(tables, users, config, categories), labels, as_of)
+    return sample_negatives(labelled, negatives_per_user, seed)
 
 
 def recommend_with_model(
@@ -62,10 +82,96 @@ def recommend_with_model(
     config: CandidateConfig,
     categories: list[str],
     n: int,
+    *,
+    frame: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Top-n (user_id, item_id, rank) by the model over the shared candidate frame."""
-    frame = build_ranking_frame(tables, users, config, categories)
+    """Top-n (user_id, item_id, rank) by the model over the shared candidate frame.
+
+    Pass `frame` when the ranking frame of these users was already built with the same
+    config and categories.
+    """
+    if frame is None:
+        frame = build_ranking_frame(tables, users, config, categories)
     return top_n(score(booster, frame, feature_names), n)
+
+
+def candidate_recall(frame: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]:
+    """Share of the truth (user, item) pairs found among the candidates, overall and per source.
+
+    `frame` is a ranking frame (one `<source>_rank` column per source, null when the source
+    did not propose the item); `truth_items` counts the pairs, for averaging over weeks.
+    """
+    truth = truth.select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64)).unique()
+    found = truth.join(
+        frame.select("user_id", "item_id", *[f"{s}_rank" for s in SOURCES]), on=["user_id", "item_id"], how="inner"
+    )
+    n = truth.height
+    share = {"all": found.height / n if n else 0.0}
+    share |= {s: (found.get_column(f"{s}_rank").is_not_null().sum() / n if n else 0.0) for s in SOURCES}
+    per_user = frame.height / max(frame.get_column("user_id").n_unique(), 1)
+    return share | {"truth_items": n, "candidates_per_user": per_user}
+
+
+def combine_recall(per_week: list[dict[str, float]]) -> dict[str, float]:
+    """Candidate recall over several weeks, each week weighted by its number of truth pairs."""
+    if not per_week:
+        raise ValueError("combine_recall: no weekly recall to combine")
+    total = sum(w["truth_items"] for w in per_week)
+    combined = {key: sum(w[key] * w["truth_items"] for w in per_week) / total if total else 0.0 for key in RECALL_KEYS}
+    per_user = sum(w["candidates_per_user"] for w in per_week) / len(per_week)
+    return combined | {"truth_items": total, "candidates_per_user": per_user}
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """A booster with the feature names and category encoding it was trained with."""
+
+    booster: lgb.Booster
+    feature_names: list[str]
+    categories: list[str]
+
+
+@dataclass(frozen=True)
+class WeekEvaluation:
+    """Every recommender's metrics on one evaluated week, and the candidates' recall there."""
+
+    metrics: dict[str, dict[str, float]]
+    candidate_recall: dict[str, float]
+
+
+def evaluate_week(
+    model: ScoringModel,
+    tables: SnapshotTables,
+    labels: pl.DataFrame,
+    config: CandidateConfig,
+    k: int,
+    *,
+    champion: ScoringModel | None = None,
+) -> WeekEvaluation:
+    """The model, the baselines and the champion (if any) on the same evaluated users,
+    truth and catalogue of one week, with the recall of the model's candidates."""
+    users = labelled_users(labels, tables)
+    frame = build_ranking_frame(tables, users, config, model.categories)
+    recs = {"model": _recommend(model, tables, users, config, k, frame)}
+    recs |= recommend_baselines(tables, users, k, exclude_consumed=config.exclude_consumed)
+    if champion is not None:
+        same_frame = frame if champion.categories == model.categories else None
+        recs["champion"] = _recommend(champion, tables, users, config, k, same_frame)
+    truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
+    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), candidate_recall(frame, truth))
+
+
+def _recommend(
+    model: ScoringModel,
+    tables: SnapshotTables,
+    users: pl.Series,
+    config: CandidateConfig,
+    k: int,
+    frame: pl.DataFrame | None,
+) -> pl.DataFrame:
+    return recommend_with_model(
+        model.booster, model.feature_names, tables, users, config, model.categories, k, frame=frame
+    )
 
 
 def recommend_baselines(

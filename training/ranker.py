@@ -68,6 +68,16 @@ def attach_labels(ranking_frame: pl.DataFrame, labels: pl.DataFrame, as_of: date
     )
 
 
+def sample_negatives(labelled: pl.DataFrame, per_user: int, seed: int) -> pl.DataFrame:
+    """Keep every positive and a fixed-seed random `per_user` negatives of each (week, user).
+
+    LambdaRank cost grows with group size; most candidates are easy negatives.
+    """
+    draw = pl.struct("user_id", "item_id").hash(seed=seed)
+    negative_rank = pl.when(pl.col("label") == 0).then(draw).rank("ordinal").over("as_of", "user_id")
+    return labelled.filter((pl.col("label") > 0) | (negative_rank <= per_user))
+
+
 def _group_sizes(frame: pl.DataFrame) -> np.ndarray:
     return frame.group_by("as_of", "user_id", maintain_order=True).len().get_column("len").to_numpy()
 

@@ -12,8 +12,9 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 import httpx
@@ -21,13 +22,18 @@ import pytest
 import sqlalchemy as sa
 
 from deployments.serve import free_port, stop_process
+from inference import serving
+from recsys.settings import Settings
 from recsys.stores import Stores
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVE_COMMAND = os.environ.get("SCRATCH_SERVE", "-m deployments.serve").split()
-DEPLOYMENTS = tuple(os.environ.get("SCRATCH_DEPLOYMENTS", "features/weekly training/weekly inference/weekly").split())
+DEPLOYMENTS = ("features/weekly", "training/weekly", "inference/weekly")
 REDIS_PREFIX = "servetest"
 AS_OF = date(2026, 11, 23)
 START_TIMEOUT_S = 300.0
@@ -37,6 +43,7 @@ SMALL_SIZES = {
     "RECSYS_SYNTHETIC_ITEMS": "200",
     "RECSYS_SYNTHETIC_WEEKS": "10",
     "RECSYS_SYNTHETIC_EVENTS": "20000",
+    "RECSYS_TRAINING_WEEKS": "2",
     "RECSYS_PARTITIONS": "2",
 }
 
@@ -46,7 +53,7 @@ class Served:
     """A running serve process and a client of the Prefect API it serves to."""
 
     process: subprocess.Popen
-    client: object  # prefect SyncPrefectClient
+    client: "SyncPrefectClient"
     api_url: str
     log_path: Path
 
@@ -76,7 +83,7 @@ def served(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     log_path = home / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, *SERVE_COMMAND],
+            [sys.executable, "-m", "deployments.serve"],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -131,7 +138,7 @@ def trigger(served: Served, deployment: str, **parameters: object) -> UUID:
     return run.id
 
 
-def wait_for_final_state(served: Served, run_id: UUID) -> object:
+def wait_for_final_state(served: Served, run_id: UUID) -> "FlowRun":
     """The flow run once it is completed, failed, crashed or cancelled."""
     started = time.monotonic()
     while time.monotonic() - started < RUN_TIMEOUT_S:
@@ -139,9 +146,7 @@ def wait_for_final_state(served: Served, run_id: UUID) -> object:
         if run.state is not None and run.state.is_final():
             return run
         time.sleep(0.5)
-    pytest.fail(
-        f"flow run {run_id} not finished after {RUN_TIMEOUT_S:.0f} s\n{_tail(served.log_path)}"
-    )
+    pytest.fail(f"run {run_id} not finished after {RUN_TIMEOUT_S:.0f} s\n{_tail(served.log_path)}")
 
 
 def running_interval(served: Served, run_id: UUID) -> tuple[float, float]:
@@ -167,14 +172,34 @@ def test_all_three_deployments_are_served_with_their_utc_cron_schedules(
         assert deployment.global_concurrency_limit.limit == 1, name
 
 
+def test_ad_hoc_runs_in_order_publish_the_weeks_recommendations(served: Served, stores: Stores) -> None:
+    # Enough weeks for training: train, validation and holdout snapshots before as_of.
+    backfill_from = AS_OF - timedelta(weeks=4)
+    for deployment, parameters in [
+        ("features/weekly", {"as_of": AS_OF.isoformat(), "backfill_from": backfill_from.isoformat()}),
+        ("training/weekly", {"as_of": AS_OF.isoformat()}),
+        ("inference/weekly", {"as_of": AS_OF.isoformat()}),
+    ]:
+        run = wait_for_final_state(served, trigger(served, deployment, **parameters))
+        assert run.state.is_completed(), f"{deployment}: {run.state}\n{_tail(served.log_path)}"
+        assert run.parameters == parameters
+
+    keys = serving.KeySpace(REDIS_PREFIX)
+    live = stores.redis.get(keys.live)
+    assert live is not None, "inference published nothing"
+    assert stores.redis.hget(keys.meta(live), "as_of") == AS_OF.isoformat()
+    recs = serving.get_recommendations(stores.redis, REDIS_PREFIX, [1, 2, 3])
+    assert all(0 < len(rec.items) <= Settings.model_fields["top_n"].default for rec in recs)
+    assert any(not rec.is_fallback for rec in recs)
+
+
 def test_two_runs_of_one_deployment_never_overlap(served: Served) -> None:
     runs = [trigger(served, "features/weekly", as_of=AS_OF.isoformat()) for _ in range(2)]
     finished = [wait_for_final_state(served, run) for run in runs]
 
     assert all(run.state.is_completed() for run in finished), [r.state for r in finished]
-    (first_start, first_end), (second_start, second_end) = sorted(
-        running_interval(served, run) for run in runs
-    )
-    assert second_start >= first_end, "the second run started before the first one ended"
+    first, second = sorted(running_interval(served, run) for run in runs)
+    assert second[0] >= first[1], "the second run started before the first one ended"
+    # ENQUEUE: the run that found the slot taken was put back to wait, not run alongside.
     waited = [state.name for run in runs for state in served.client.read_flow_run_states(run)]
     assert "AwaitingConcurrencySlot" in waited

@@ -68,11 +68,13 @@ def test_sql_source_filters_before_in_postgres_so_later_rows_are_never_read(clea
     # Computing the weight of any row at or after `before` divides by zero, so the read can
     # only succeed if Postgres applies ts < before before it projects rows.
     with clean_stores.engine.begin() as conn:
-        conn.execute(sa.text(
-            "create view events as select user_id, item_id, ts, case "
-            "when ts < '2024-01-08 00:00:00+00' then weight else weight / (item_id - item_id) end "
-            "as weight from events_table"
-        ))  # fmt: skip
+        conn.execute(
+            sa.text(
+                "create view events as select user_id, item_id, ts, case when ts < "
+                "'2024-01-08 00:00:00+00' then weight else weight / (item_id - item_id) end "
+                "as weight from events_table"
+            )
+        )
     with pytest.raises(psycopg.errors.DivisionByZero):
         read_source("sql:events", engine=clean_stores.engine)
 
@@ -108,6 +110,24 @@ def test_write_events_table_rejects_injected_table_name(clean_stores):
         write_events_table(clean_stores.engine, "events; drop table x", _raw())
 
 
+def test_sql_source_quotes_table_names_that_are_reserved_words(clean_stores):
+    raw = _raw()
+    write_events_table(clean_stores.engine, "order", raw, items_table="select")
+
+    read = read_source("sql:order;items=select", engine=clean_stores.engine)
+
+    assert read.events.equals(raw.events)
+    assert read.items.equals(raw.items)
+
+
+def test_sql_source_needs_a_timestamp_typed_ts_column(clean_stores):
+    with clean_stores.engine.begin() as conn:
+        conn.execute(sa.text("create table plays (user_id bigint, item_id bigint, ts bigint)"))
+
+    with pytest.raises(RawDataError, match="sql:plays: column ts: type BIGINT is not timestamp"):
+        read_source("sql:plays", engine=clean_stores.engine)
+
+
 def test_sql_source_names_a_missing_table(clean_stores):
     with pytest.raises(RawDataError, match="sql:nowhere: table not found"):
         read_source("sql:nowhere", engine=clean_stores.engine)
@@ -115,9 +135,7 @@ def test_sql_source_names_a_missing_table(clean_stores):
 
 def test_sql_source_names_a_missing_column(clean_stores):
     with clean_stores.engine.begin() as conn:
-        conn.execute(
-            sa.text("create table plays (user_id bigint, item_id bigint, played_at timestamptz)")
-        )
+        conn.execute(sa.text("create table plays (user_id bigint, item_id bigint, played_at timestamptz)"))
 
     with pytest.raises(RawDataError, match=r"missing columns \['ts'\].*played_at"):
         read_source("sql:plays", engine=clean_stores.engine)

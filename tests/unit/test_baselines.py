@@ -1,5 +1,7 @@
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from training.baselines import (
     recommend_all_time_popular,
@@ -74,36 +76,32 @@ def test_item_knn_sums_neighbour_scores_and_fills_from_recent_popularity():
 
 
 def test_item_knn_without_item_features_returns_only_neighbours():
-    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3)
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=None)
     assert lists(recs) == {1: [5, 3], 2: [2]}
 
 
 def test_item_knn_uses_only_the_most_recent_items():
-    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1], 3, recent_items=1)
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1], 3, recent_items=1, item_features=None)
     # Item 4 (1 day ago) is more recent than item 2 (3 days ago): only its neighbour 5.
     assert lists(recs) == {1: [5]}
 
 
 def test_item_knn_breaks_recency_ties_by_more_events():
     history = HISTORY.with_columns(pl.lit(1.0).alias("days_since_last_event"))
-    recs = recommend_item_knn(NEIGHBOURS, history, [1], 3, recent_items=1)
+    recs = recommend_item_knn(NEIGHBOURS, history, [1], 3, recent_items=1, item_features=None)
     assert lists(recs) == {1: [5]}  # item 4 has 2 events, item 2 only 1
 
 
 def test_item_knn_excludes_consumed_neighbours_unless_told_not_to():
-    neighbours = NEIGHBOURS.vstack(
-        pl.DataFrame({"item_id": [4], "neighbour_id": [2], "score": [9.0], "rank": [2]})
-    )
-    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 3)) == {1: [5, 3]}
-    kept = recommend_item_knn(neighbours, HISTORY, [1], 3, exclude_consumed=False)
+    neighbours = NEIGHBOURS.vstack(pl.DataFrame({"item_id": [4], "neighbour_id": [2], "score": [9.0], "rank": [2]}))
+    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 3, item_features=None)) == {1: [5, 3]}
+    kept = recommend_item_knn(neighbours, HISTORY, [1], 3, item_features=None, exclude_consumed=False)
     assert lists(kept) == {1: [2, 5, 3]}
 
 
 def test_item_knn_breaks_score_ties_by_item_id():
-    neighbours = pl.DataFrame(
-        {"item_id": [4, 4], "neighbour_id": [9, 7], "score": [0.3, 0.3], "rank": [1, 2]}
-    )
-    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 2)) == {1: [7, 9]}
+    neighbours = pl.DataFrame({"item_id": [4, 4], "neighbour_id": [9, 7], "score": [0.3, 0.3], "rank": [1, 2]})
+    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 2, item_features=None)) == {1: [7, 9]}
 
 
 def test_baselines_do_not_depend_on_input_row_order():
@@ -118,6 +116,15 @@ def test_baselines_do_not_depend_on_input_row_order():
     assert recommend_recent_popular(shuffled["items"], shuffled["history"], [3, 1], 4).equals(
         recommend_recent_popular(ITEMS, HISTORY, [1, 3], 4)
     )
+
+
+def test_baselines_return_rows_sorted_by_user_then_rank():
+    users = [3, 1, 2]
+    for recs in (
+        recommend_recent_popular(ITEMS, HISTORY, users, 3),
+        recommend_item_knn(NEIGHBOURS, HISTORY, users, 3, item_features=ITEMS),
+    ):
+        assert recs.equals(recs.sort("user_id", "rank"))
 
 
 def test_baselines_refuse_frames_holding_several_snapshots():
@@ -140,3 +147,61 @@ def test_baselines_leave_their_inputs_unchanged():
     before = (ITEMS.clone(), HISTORY.clone(), NEIGHBOURS.clone())
     recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS)
     assert all(a.equals(b) for a, b in zip(before, (ITEMS, HISTORY, NEIGHBOURS), strict=True))
+
+
+def reference_recs(items, history, neighbours, users, k, recent_items, use_knn):
+    """Per-user loops straight from the definitions."""
+    popular = sorted(items, key=lambda i: (-items[i], i))
+    result = {}
+    for user in users:
+        mine = {item: stats for (u, item), stats in history.items() if u == user}
+        picked = []
+        if use_knn:
+            recent = sorted(mine, key=lambda i: (mine[i][0], -mine[i][1], i))[:recent_items]
+            scores: dict[int, float] = {}
+            for item in recent:
+                for (source, neighbour), score in neighbours.items():
+                    if source == item:
+                        scores[neighbour] = scores.get(neighbour, 0.0) + score
+            allowed = [i for i in scores if i not in mine]
+            picked = sorted(allowed, key=lambda i: (-round(scores[i], 9), i))[:k]
+        picked += [i for i in popular if i not in mine and i not in picked]
+        if picked[:k]:
+            result[user] = picked[:k]
+    return result
+
+
+ids = st.integers(0, 7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    plays=st.dictionaries(ids, st.integers(0, 3), min_size=1),
+    history=st.dictionaries(st.tuples(st.integers(0, 3), ids), st.tuples(st.integers(0, 2), st.integers(1, 2))),
+    neighbours=st.dictionaries(st.tuples(ids, ids), st.sampled_from([0.1, 0.25, 0.5])),
+    k=st.integers(1, 4),
+    recent_items=st.integers(1, 3),
+    use_knn=st.booleans(),
+)
+def test_baselines_match_a_per_user_reference(plays, history, neighbours, k, recent_items, use_knn):
+    items = pl.DataFrame(
+        {"item_id": list(plays), "plays_4w": list(plays.values())},
+        schema={"item_id": pl.Int64, "plays_4w": pl.Int64},
+    )
+    history_frame = pl.DataFrame(
+        [(u, i, events, float(days)) for (u, i), (days, events) in history.items()],
+        schema=["user_id", "item_id", "events", "days_since_last_event"],
+        orient="row",
+    )
+    neighbour_frame = pl.DataFrame(
+        [(i, n, score) for (i, n), score in neighbours.items()],
+        schema={"item_id": pl.Int64, "neighbour_id": pl.Int64, "score": pl.Float64},
+        orient="row",
+    )
+    users = [0, 1, 2, 3]
+    if use_knn:
+        recs = recommend_item_knn(neighbour_frame, history_frame, users, k, recent_items, item_features=items)
+    else:
+        recs = recommend_recent_popular(items, history_frame, users, k)
+    expected = reference_recs(plays, history, neighbours, users, k, recent_items, use_knn)
+    assert lists(recs) == expected

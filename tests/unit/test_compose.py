@@ -50,9 +50,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = (line.strip() for line in text.splitlines())
     return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
-        for line in lines
-        if line and not line.startswith("#")
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines if line and not line.startswith("#")
     ]
 
 
@@ -73,20 +71,13 @@ def test_prefect_ui_is_published_on_4200(services: dict) -> None:
 
 def test_every_recsys_variable_set_by_compose_is_a_settings_field(services: dict) -> None:
     fields = set(Settings.model_fields) | set(DeploymentSettings.model_fields)
-    names = [
-        name
-        for service in services.values()
-        for name in environment_of(service)
-        if name.startswith("RECSYS_")
-    ]
+    names = [name for service in services.values() for name in environment_of(service) if name.startswith("RECSYS_")]
     assert "RECSYS_DATABASE_URL" in names and "RECSYS_REDIS_URL" in names
     unknown = [name for name in names if name.removeprefix("RECSYS_").lower() not in fields]
     assert not unknown, f"compose sets RECSYS_ variables no settings class reads: {unknown}"
 
 
-def test_env_example_defines_every_variable_compose_interpolates(
-    compose_text: str, env_example: str
-) -> None:
+def test_env_example_defines_every_variable_compose_interpolates(compose_text: str, env_example: str) -> None:
     used = set(VARIABLE.findall(compose_text))
     assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "PREFECT_API_AUTH_STRING"} <= used
     missing = used - set(defined_variables(env_example))
@@ -95,10 +86,7 @@ def test_env_example_defines_every_variable_compose_interpolates(
 
 def test_env_example_documents_every_passthrough_variable(services: dict, env_example: str) -> None:
     passthrough = [
-        name
-        for service in services.values()
-        for name, value in environment_of(service).items()
-        if value is None
+        name for service in services.values() for name, value in environment_of(service).items() if value is None
     ]
     undocumented = [name for name in passthrough if name not in env_example]
     assert not undocumented, f".env.example does not mention {undocumented}"

@@ -128,9 +128,7 @@ def test_before_that_excludes_everything_is_an_empty_source_error(events_csv):
 
 
 def test_unknown_spec_lists_the_valid_forms():
-    with pytest.raises(
-        RawDataError, match=r"unknown source kind 'kafka'.*movielens:DIR.*sql:TABLE"
-    ):
+    with pytest.raises(RawDataError, match=r"unknown source kind 'kafka'.*movielens:DIR.*sql:TABLE"):
         read_source("kafka:topic")
 
 
@@ -147,6 +145,14 @@ def test_synthetic_source_before_generation_says_to_generate(tmp_path):
 def test_file_source_with_no_matching_files_names_the_glob(tmp_path):
     with pytest.raises(RawDataError, match="nothing.*: no parquet files match"):
         read_source(f"parquet:{tmp_path}/nothing*.parquet")
+
+
+def test_unreadable_file_is_a_raw_data_error_naming_it(tmp_path):
+    path = tmp_path / "events.parquet"
+    path.write_text("not parquet")
+
+    with pytest.raises(RawDataError, match=f"source {path}: cannot read"):
+        read_source(f"parquet:{path}")
 
 
 def _frame(**overrides) -> pl.DataFrame:
@@ -206,9 +212,7 @@ def test_bad_events_raise_naming_the_source_and_column(frame, column, problem):
 def test_missing_column_message_lists_the_columns_found():
     frame = _frame(ts=None, timestamp=["2024-01-01", "2024-01-02"])
 
-    with pytest.raises(
-        RawDataError, match=r"missing columns \['ts'\]; found columns .*'timestamp'"
-    ):
+    with pytest.raises(RawDataError, match=r"missing columns \['ts'\]; found columns .*'timestamp'"):
         validate_events(frame, source="events.csv", now=None)
 
 
@@ -297,9 +301,7 @@ def test_movielens_reader_reads_all_ratings_users_and_items(movielens_dir):
     assert toy_story["category"] == "Animation"  # first genre flag set in u.genre order
     assert toy_story["release_ts"] == _utc(1995, 1, 1)
     assert set(raw.items["creator"]) == {"unknown"}
-    released_late = raw.events.join(raw.items, on="item_id").filter(
-        pl.col("ts") < pl.col("release_ts")
-    )
+    released_late = raw.events.join(raw.items, on="item_id").filter(pl.col("ts") < pl.col("release_ts"))
     assert released_late.height == 0
 
 

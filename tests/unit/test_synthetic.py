@@ -135,9 +135,7 @@ def test_users_concentrate_on_favourite_categories_and_creators(joined, column, 
 
 
 def test_users_mostly_discover_new_items_each_week_with_some_repeats(raw):
-    weekly = raw.events.with_columns(week=pl.col("ts").dt.truncate("1w")).unique(
-        ["user_id", "item_id", "week"]
-    )
+    weekly = raw.events.with_columns(week=pl.col("ts").dt.truncate("1w")).unique(["user_id", "item_id", "week"])
     first_week = pl.col("week").min().over("user_id", "item_id")
     repeat_share = weekly.select((pl.col("week") > first_week).mean()).item()
 

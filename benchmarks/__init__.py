@@ -1,0 +1,1 @@
+"""Benchmarks: measured numbers for the README, run by hand or `make bench`."""

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--as-of", type=_as_of, help="Monday of the run (default: this week)")
     run.add_argument("--source", help="raw events source spec")
 
+    evaluate = commands.add_parser("evaluate", help="weekly backtest: train as of each week, score the next one")
+    evaluate.add_argument("--source", help="raw events source spec (default: RECSYS_SOURCE or synthetic)")
+    evaluate.add_argument("--from", dest="first", type=_as_of, required=True, help="first as_of (Monday)")
+    evaluate.add_argument("--to", dest="last", type=_as_of, required=True, help="last as_of (Monday)")
+
     recs = commands.add_parser("recs", help="read users' live recommendations from Redis")
     recs.add_argument("user_ids", nargs="+", type=int, metavar="USER_ID")
     recs.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -188,6 +193,24 @@ def print_summary(settings: Settings, as_of: date, trained: dict, published: dic
     print("look up any user:  .venv/bin/recsys recs USER_ID [USER_ID...] [--json]")
 
 
+def cmd_evaluate(args, settings: Settings) -> int:
+    from features.sources import read_source
+    from features.transform import week_start
+    from flows.feature_flow import ensure_synthetic_log
+    from training.backtest import format_table, options_from_settings, run_backtest, weeks_between
+
+    source = args.source or settings.source
+    weeks = weeks_between(args.first, args.last)
+    if source == "synthetic":
+        ensure_synthetic_log(settings, _today_as_of())
+    # Each evaluated week [T, T+7d) needs its events; nothing later is read.
+    raw = read_source(
+        source, before=week_start(weeks[-1] + timedelta(weeks=1)), synthetic_dir=settings.data_dir / "synthetic"
+    )
+    print(format_table(run_backtest(raw, weeks, **options_from_settings(settings))))
+    return 0
+
+
 def cmd_recs(args, settings: Settings) -> int:
     from inference import serving
     from recsys.stores import open_stores
@@ -272,6 +295,7 @@ COMMANDS = {
     "train": cmd_train,
     "infer": cmd_infer,
     "run": cmd_run,
+    "evaluate": cmd_evaluate,
     "recs": cmd_recs,
     "models": cmd_models,
     "publish": cmd_publish,

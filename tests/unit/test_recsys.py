@@ -1,0 +1,66 @@
+"""Settings, the weekly clock and store URL handling: the entry point's pure parts."""
+
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from recsys.clock import parse_as_of, week_floor, weeks_back
+from recsys.settings import Settings
+from recsys.stores import libpq_url, sqlalchemy_url
+
+
+@pytest.mark.parametrize(
+    ("moment", "monday"),
+    [
+        (date(2026, 11, 23), date(2026, 11, 23)),
+        (date(2026, 11, 29), date(2026, 11, 23)),
+        (datetime(2026, 11, 30, 0, 0, tzinfo=UTC), date(2026, 11, 30)),
+        (datetime(2026, 11, 29, 23, 59, tzinfo=UTC), date(2026, 11, 23)),
+        # Monday 01:00 in UTC+2 is still Sunday in UTC: the clock is UTC.
+        (datetime(2026, 11, 30, 1, 0, tzinfo=timezone(timedelta(hours=2))), date(2026, 11, 23)),
+    ],
+)
+def test_week_floor_is_the_monday_on_or_before_in_utc(moment, monday):
+    assert week_floor(moment) == monday
+
+
+def test_parse_as_of_accepts_a_monday_and_names_the_weekday_otherwise():
+    assert parse_as_of("1998-03-02") == date(1998, 3, 2)
+    with pytest.raises(ValueError, match=r"1998-03-04 is a Wednesday.*1998-03-02"):
+        parse_as_of("1998-03-04")
+    with pytest.raises(ValueError, match="not an ISO date"):
+        parse_as_of("last monday")
+
+
+def test_weeks_back_lists_oldest_first_and_ends_at_as_of():
+    assert weeks_back(date(2026, 11, 23), 3) == [date(2026, 11, 9), date(2026, 11, 16), date(2026, 11, 23)]
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:p@h:5432/d", "postgres://u:p@h:5432/d", "postgresql+psycopg2://u:p@h:5432/d"]
+)
+def test_postgres_urls_normalise_to_psycopg3(url):
+    assert sqlalchemy_url(url) == "postgresql+psycopg://u:p@h:5432/d"
+    assert libpq_url(url) == "postgresql://u:p@h:5432/d"
+
+
+def test_a_non_postgres_url_is_refused_without_echoing_it():
+    with pytest.raises(ValueError, match="'mysql'") as raised:
+        sqlalchemy_url("mysql://user:secret@h/d")
+    assert "secret" not in str(raised.value)
+
+
+def test_settings_read_the_environment_and_keep_urls_secret(monkeypatch):
+    monkeypatch.setenv("RECSYS_DATABASE_URL", "postgresql://u:hunter2@h/d")
+    monkeypatch.setenv("RECSYS_TOP_N", "7")
+    settings = Settings()
+    assert settings.top_n == 7
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(("name", "value"), [("RECSYS_REDIS_PREFIX", "recs:*"), ("RECSYS_MODEL_NAME", "x'; drop")])
+def test_names_used_in_keys_and_sql_are_validated(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()

@@ -25,6 +25,7 @@ from deployments.serve import free_port, stop_process
 from inference import serving
 from recsys.settings import Settings
 from recsys.stores import Stores
+from tests.conftest import SMALL_JOB
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -38,14 +39,6 @@ REDIS_PREFIX = "servetest"
 AS_OF = date(2026, 11, 23)
 START_TIMEOUT_S = 300.0
 RUN_TIMEOUT_S = 300.0
-SMALL_SIZES = {
-    "RECSYS_SYNTHETIC_USERS": "300",
-    "RECSYS_SYNTHETIC_ITEMS": "200",
-    "RECSYS_SYNTHETIC_WEEKS": "10",
-    "RECSYS_SYNTHETIC_EVENTS": "20000",
-    "RECSYS_TRAINING_WEEKS": "2",
-    "RECSYS_PARTITIONS": "2",
-}
 
 
 @dataclass(frozen=True)
@@ -67,7 +60,7 @@ def served(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECSYS_"))},
-        **SMALL_SIZES,
+        **SMALL_JOB,
         "RECSYS_DATABASE_URL": stores.database_url,
         "RECSYS_REDIS_URL": stores.redis_url,
         "RECSYS_REDIS_PREFIX": REDIS_PREFIX,

@@ -1,0 +1,293 @@
+"""The weekly backtest behind `recsys evaluate`: train as of each week, score the following week.
+
+For each evaluated `as_of` T (a Monday):
+
+- feature snapshots and labels are computed in memory from the raw events with
+  `features.transform`, the code the feature flow runs: snapshot d sees only events
+  with ts < d, and the labels of d are the week [d, d+7d);
+- the model trains on the labelled weeks T-14d, T-21d, ... (`training_weeks` of them,
+  fewer when the data starts later) and early-stops on the validation week T-7d, so
+  every label it learns from is complete before T;
+- the model and the three baselines are scored on the week [T, T+7d) (snapshot T,
+  labels of T) over the same evaluated users, by the protocol of design.md.
+
+This is exactly the plan of the training flow run at T+7d, whose holdout is T: a
+backtest row and that run's holdout numbers agree. Overall rows micro-average over
+(user, week) with `metrics.combine_weeks`.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
+
+import lightgbm as lgb
+import polars as pl
+
+from features import transform
+from features.sources import RawData
+from recsys.clock import parse_as_of
+from recsys.settings import Settings
+from training import metrics, pipeline
+from training.candidates import CandidateConfig, SnapshotTables, category_encoding
+from training.ranker import RankerParams, train_ranker
+
+log = logging.getLogger(__name__)
+
+WEEK = timedelta(weeks=1)
+OVERALL = "overall"
+METRIC_NAMES = ("recall", "ndcg", "hitrate", "map", "coverage")
+
+
+@dataclass(frozen=True)
+class BacktestResult:
+    """Per-week and overall numbers of one backtest run.
+
+    - `metrics`: one row per (week, recommender); week is the ISO date or "overall".
+    - `candidate_recall`: one row per week and overall: share of the truth pairs among
+      the candidates, for all sources together and for each one.
+    - `timings`: one row per week: training rows, best iteration and seconds spent.
+    """
+
+    metrics: pl.DataFrame
+    candidate_recall: pl.DataFrame
+    timings: pl.DataFrame
+    k: int
+    training_weeks: int
+
+
+def weeks_between(start: date | str, end: date | str) -> list[date]:
+    """Every Monday from `start` to `end`, both included."""
+    first, last = parse_as_of(start), parse_as_of(end)
+    if first > last:
+        raise ValueError(f"backtest: --from {first} is after --to {last}")
+    return [first + n * WEEK for n in range((last - first).days // 7 + 1)]
+
+
+def options_from_settings(settings: Settings) -> dict:
+    """The keyword arguments of `run_backtest` that the training flow takes from Settings."""
+    return {
+        "config": pipeline.candidate_config(settings),
+        "params": pipeline.ranker_params(settings),
+        "training_weeks": settings.training_weeks,
+        "recent_items": settings.recent_items_per_user,
+        "neighbours": settings.neighbours_per_item,
+        "seed": settings.seed,
+        "k": settings.eval_k,
+    }
+
+
+class _Snapshots:
+    """Feature tables and labels computed once per week, on first use."""
+
+    def __init__(self, raw: RawData, recent_items: int, neighbours: int) -> None:
+        self._raw = raw
+        self._options = {"recent_items": recent_items, "neighbours": neighbours}
+        self._tables: dict[date, SnapshotTables] = {}
+        self._labels: dict[date, pl.DataFrame] = {}
+        self.seconds = 0.0
+
+    def tables(self, week: date) -> SnapshotTables:
+        if week not in self._tables:
+            started = time.perf_counter()
+            frames = transform.build_feature_tables(self._raw.events, self._raw.items, week, **self._options)
+            self._tables[week] = SnapshotTables.from_frames(frames)
+            self.seconds += time.perf_counter() - started
+        return self._tables[week]
+
+    def labels(self, week: date) -> pl.DataFrame:
+        if week not in self._labels:
+            self._labels[week] = transform.build_labels(self._raw.events, week)
+        return self._labels[week]
+
+    def has_labelled_users(self, week: date) -> bool:
+        return not pipeline.labelled_users(self.labels(week), self.tables(week)).is_empty()
+
+
+def plan_backtest_week(snapshots: _Snapshots, as_of: date, training_weeks: int) -> pipeline.WeekPlan:
+    """Holdout = as_of, validation = the week before, training = up to `training_weeks` before that."""
+    if not snapshots.has_labelled_users(as_of):
+        raise ValueError(
+            f"backtest week {as_of}: no user with history consumed a new item in [{as_of}, {as_of + WEEK}); "
+            "the source has no events there: pick weeks inside the data"
+        )
+    earlier = [as_of - n * WEEK for n in range(training_weeks + 1, 0, -1)]
+    labelled = [w for w in earlier if snapshots.has_labelled_users(w)]
+    if len(labelled) < 2 or labelled[-1] != as_of - WEEK:
+        raise ValueError(
+            f"backtest week {as_of}: needs labelled users in the validation week {as_of - WEEK} and at "
+            f"least one training week before it; found labelled weeks {[str(w) for w in labelled]}. "
+            "Start the backtest later in the data"
+        )
+    return pipeline.WeekPlan(as_of=as_of, train=labelled[:-1], validation=labelled[-1], holdout=as_of)
+
+
+def run_backtest(
+    raw: RawData,
+    weeks: list[date],
+    *,
+    config: CandidateConfig | None = None,
+    params: RankerParams | None = None,
+    training_weeks: int = 4,
+    recent_items: int = 20,
+    neighbours: int = 50,
+    negatives_per_user: int = pipeline.NEGATIVES_PER_USER,
+    seed: int = 42,
+    k: int = 10,
+) -> BacktestResult:
+    """Train as of each week in `weeks` and score the week that follows, model against baselines.
+
+    `seed` seeds both the negative sampling and LightGBM (it replaces `params.seed`).
+    """
+    if not weeks:
+        raise ValueError("run_backtest: no weeks given")
+    if training_weeks < 1:
+        raise ValueError(f"run_backtest: training_weeks must be >= 1, got {training_weeks}")
+    weeks = sorted({parse_as_of(w) for w in weeks})
+    config = config or CandidateConfig(recent_items=recent_items)
+    params = replace(params or RankerParams(), seed=seed)
+    snapshots = _Snapshots(raw, recent_items, neighbours)
+    frames: dict[tuple[date, tuple[str, ...]], pl.DataFrame] = {}
+
+    def labelled_frame(week: date, categories: list[str]) -> pl.DataFrame:
+        key = (week, tuple(categories))
+        if key not in frames:
+            frames[key] = pipeline.labelled_frame(
+                snapshots.tables(week), snapshots.labels(week), week, config, categories,
+                negatives_per_user=negatives_per_user, seed=seed,
+            )  # fmt: skip
+        return frames[key]
+
+    metric_rows, recall_rows, timing_rows = [], [], []
+    for as_of in weeks:
+        features_before = snapshots.seconds
+        started = time.perf_counter()
+        plan = plan_backtest_week(snapshots, as_of, training_weeks)
+        holdout = snapshots.tables(as_of)
+        # Known at as_of: the encoding is fixed from the snapshot the model will score.
+        categories = category_encoding(holdout.item_features)
+        train = pl.concat([labelled_frame(w, categories) for w in plan.train])
+        valid = labelled_frame(plan.validation, categories)
+        framed = time.perf_counter()
+        model = train_ranker(train, valid, params)
+        trained = time.perf_counter()
+        scoring = pipeline.ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
+        evaluation = pipeline.evaluate_week(scoring, holdout, snapshots.labels(as_of), config, k)
+        done = time.perf_counter()
+        features_s = snapshots.seconds - features_before
+        metric_rows += [{"week": str(as_of), "recommender": n, **m} for n, m in evaluation.metrics.items()]
+        recall_rows.append({"week": str(as_of), **evaluation.candidate_recall})
+        timing_rows.append(
+            {
+                "week": str(as_of),
+                "train_rows": train.height,
+                "valid_rows": valid.height,
+                "best_iteration": model.best_iteration,
+                "features_s": features_s,
+                "frames_s": framed - started - features_s,
+                "train_s": trained - framed,
+                "evaluate_s": done - trained,
+            }
+        )
+        log.info(
+            "backtest %s: model ndcg@%d %.4f, %d training rows, fit %.1fs",
+            as_of, k, evaluation.metrics["model"][f"ndcg@{k}"], train.height, trained - framed,
+        )  # fmt: skip
+
+    return BacktestResult(
+        metrics=pl.DataFrame(metric_rows + _overall_metrics(metric_rows)),
+        candidate_recall=pl.DataFrame(recall_rows + [{"week": OVERALL, **pipeline.combine_recall(recall_rows)}]),
+        timings=pl.DataFrame(timing_rows),
+        k=k,
+        training_weeks=training_weeks,
+    )
+
+
+def _overall_metrics(rows: list[dict]) -> list[dict]:
+    recommenders = list(dict.fromkeys(r["recommender"] for r in rows))
+    overall = []
+    for name in recommenders:
+        per_week = [
+            {c: v for c, v in r.items() if c not in ("week", "recommender")} for r in rows if r["recommender"] == name
+        ]
+        overall.append({"week": OVERALL, "recommender": name, **metrics.combine_weeks(per_week)})
+    return overall
+
+
+def ndcg_ratios(result: BacktestResult) -> pl.DataFrame:
+    """Per week and overall: the model's NDCG@k, the best baseline's, and their ratio."""
+    ndcg = f"ndcg@{result.k}"
+    wide = result.metrics.pivot(on="recommender", index="week", values=ndcg, maintain_order=True)
+    baseline_names = [n for n in pipeline.BASELINES if n in wide.columns]
+    best_value = pl.max_horizontal(baseline_names)
+    best_name = pl.coalesce([pl.when(pl.col(n) == best_value).then(pl.lit(n)) for n in baseline_names])
+    return wide.select(
+        "week",
+        pl.col("model"),
+        best_name.alias("best_baseline"),
+        best_value.alias("best_baseline_ndcg"),
+        (pl.col("model") / best_value).alias("ratio"),
+    )
+
+
+def format_table(result: BacktestResult) -> str:
+    """The backtest as markdown: NDCG per week and overall against every baseline, all
+    overall metrics, candidate recall and timings."""
+    k = result.k
+    ndcg = f"ndcg@{k}"
+    wide = result.metrics.pivot(on="recommender", index="week", values=ndcg, maintain_order=True)
+    users = result.metrics.filter(pl.col("recommender") == "model").select("week", "users")
+    table = wide.join(users, on="week", maintain_order="left").join(ndcg_ratios(result), on="week", suffix="_r")
+    names = ["model", *[n for n in pipeline.BASELINES if n in wide.columns]]
+    weeks = [w for w in table["week"] if w != OVERALL]
+
+    lines = [
+        f"Weekly backtest, {weeks[0]} … {weeks[-1]} ({len(weeks)} weeks): trained as of each week on up to "
+        f"{result.training_weeks} labelled weeks (early stopping on the week before it), scored on the week that "
+        "follows; overall = micro-average over (user, week).",
+        "",
+        f"NDCG@{k}:",
+        "",
+        _markdown_row(["week", "users", *names, "best baseline", "model / best"]),
+        _markdown_row(["---"] * (len(names) + 4)),
+    ]
+    for row in table.iter_rows(named=True):
+        week = f"**{OVERALL}**" if row["week"] == OVERALL else row["week"]
+        cells = [
+            week,
+            str(row["users"]),
+            *[f"{row[n]:.4f}" for n in names],
+            row["best_baseline"],
+            f"{row['ratio']:.2f}×",
+        ]
+        lines.append(_markdown_row(cells))
+
+    metric_columns = [f"{m}@{k}" for m in METRIC_NAMES]
+    lines += ["", f"All metrics, {OVERALL}:", "", _markdown_row(["recommender", *metric_columns])]
+    lines.append(_markdown_row(["---"] * (len(metric_columns) + 1)))
+    for row in result.metrics.filter(pl.col("week") == OVERALL).iter_rows(named=True):
+        lines.append(_markdown_row([row["recommender"], *[f"{row[c]:.4f}" for c in metric_columns]]))
+
+    recall_columns = list(pipeline.RECALL_KEYS)
+    lines += [
+        "",
+        "Candidate recall (share of next-week new items among the candidates), per source and together:",
+        "",
+        _markdown_row(["week", *recall_columns, "candidates / user", "truth items"]),
+        _markdown_row(["---"] * (len(recall_columns) + 3)),
+    ]
+    for row in result.candidate_recall.iter_rows(named=True):
+        cells = [row["week"], *[f"{row[c]:.3f}" for c in recall_columns]]
+        lines.append(_markdown_row([*cells, f"{row['candidates_per_user']:.0f}", str(row["truth_items"])]))
+
+    timing_columns = ["train_rows", "best_iteration", "features_s", "frames_s", "train_s", "evaluate_s"]
+    lines += ["", "Timings (seconds; features are computed once per snapshot and reused):", ""]
+    lines += [_markdown_row(["week", *timing_columns]), _markdown_row(["---"] * (len(timing_columns) + 1))]
+    for row in result.timings.iter_rows(named=True):
+        cells = [row["week"], str(row["train_rows"]), str(row["best_iteration"])]
+        lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[2:]]))
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"

@@ -64,6 +64,7 @@ class RawData:
 
     events: pl.DataFrame
     items: pl.DataFrame
+    duplicates: int = 0  # repeated (user_id, item_id, ts) events dropped while reading
 
 
 class _Extract(NamedTuple):
@@ -84,15 +85,17 @@ def read_source(
     """Read the source named by `spec`, keep events with ts < before, validate and conform."""
     started = time.perf_counter()
     kind, target, options = _parse_spec(spec)
-    before = _as_utc(before)
+    before, now = _as_utc(before), _as_utc(now)
+    # Readers skip events at or after `before` but keep those after `now`: they are
+    # errors in the source, which validation must name rather than silently drop.
     if kind == "synthetic":
-        extract = _read_synthetic(synthetic_dir, before)
+        extract = _read_synthetic(synthetic_dir, before, now)
     elif kind in ("parquet", "csv"):
-        extract = _read_files(kind, target, options.get("items"), before)
+        extract = _read_files(kind, target, options.get("items"), before, now)
     elif kind == "movielens":
-        extract = _read_movielens(Path(target), before)
+        extract = _read_movielens(Path(target), before, now)
     else:
-        extract = _read_sql(engine, target, options.get("items"), before)
+        extract = _read_sql(engine, target, options.get("items"), before, now)
     events, duplicates = validate_events(extract.events, source=extract.source, now=now)
     if before is not None:
         # Typed timestamps were filtered while reading; text ones only parse in validation.
@@ -108,7 +111,7 @@ def read_source(
         extract.source,
         time.perf_counter() - started,
     )
-    return RawData(events=events, items=items)
+    return RawData(events=events, items=items, duplicates=duplicates)
 
 
 def validate_events(events: pl.DataFrame, *, source: str, now: datetime | None) -> tuple[pl.DataFrame, int]:
@@ -280,7 +283,7 @@ def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, target, options
 
 
-def _read_synthetic(folder: Path | None, before: datetime | None) -> _Extract:
+def _read_synthetic(folder: Path | None, before: datetime | None, now: datetime | None) -> _Extract:
     if folder is None:
         raise RawDataError("source synthetic: no synthetic_dir given")
     events_path, items_path = folder / "events.parquet", folder / "items.parquet"
@@ -289,14 +292,16 @@ def _read_synthetic(folder: Path | None, before: datetime | None) -> _Extract:
             f"source synthetic: no generated log in {folder}; generate it first "
             "(features.synthetic.generate_log + write_log)"
         )
-    return _read_files("parquet", str(events_path), str(items_path), before)
+    return _read_files("parquet", str(events_path), str(items_path), before, now)
 
 
-def _read_files(kind: str, pattern: str, items_path: str | None, before: datetime | None) -> _Extract:
+def _read_files(
+    kind: str, pattern: str, items_path: str | None, before: datetime | None, now: datetime | None
+) -> _Extract:
     if not glob.glob(pattern, recursive=True):
         raise RawDataError(f"source {pattern}: no {kind} files match")
     scan = pl.scan_parquet if kind == "parquet" else pl.scan_csv
-    events = _collect(lambda: _filter_before(scan(pattern), before, pattern), pattern)
+    events = _collect(lambda: _filter_before(scan(pattern), before, now, pattern), pattern)
     if items_path is None:
         return _Extract(events, None, pattern, pattern)
     if not Path(items_path).exists():
@@ -312,7 +317,7 @@ def _collect(build: Callable[[], pl.LazyFrame], source: str) -> pl.DataFrame:
         raise RawDataError(f"source {source}: cannot read: {error}") from error
 
 
-def _read_movielens(folder: Path, before: datetime | None) -> _Extract:
+def _read_movielens(folder: Path, before: datetime | None, now: datetime | None) -> _Extract:
     ratings, titles, genre_list = folder / "u.data", folder / "u.item", folder / "u.genre"
     for path in (ratings, titles, genre_list):
         if not path.exists():
@@ -323,7 +328,7 @@ def _read_movielens(folder: Path, before: datetime | None) -> _Extract:
         has_header=False,
         new_columns=["user_id", "item_id", "weight", "ts"],
     )
-    events = _filter_before(lazy, before, str(ratings)).collect()
+    events = _filter_before(lazy, before, now, str(ratings)).collect()
     genres = [line.split("|")[0] for line in genre_list.read_text("latin-1").splitlines() if line]
     # u.item is latin-1 and titles contain quotes: decode first, never treat quotes specially.
     rows = pl.read_csv(
@@ -345,7 +350,9 @@ def _read_movielens(folder: Path, before: datetime | None) -> _Extract:
     return _Extract(events, items, str(ratings), str(titles))
 
 
-def _read_sql(engine: sa.Engine | None, table: str, items_table: str | None, before: datetime | None) -> _Extract:
+def _read_sql(
+    engine: sa.Engine | None, table: str, items_table: str | None, before: datetime | None, now: datetime | None
+) -> _Extract:
     source = f"sql:{table}"
     if engine is None:
         raise RawDataError(f"source {source}: no database engine given")
@@ -357,7 +364,12 @@ def _read_sql(engine: sa.Engine | None, table: str, items_table: str | None, bef
     if before is None:
         events = _copy_out(engine, table, wanted)
     else:
-        events = _copy_out(engine, table, wanted, "where ts < %(before)s", {"before": before})
+        # Both ranges can use an index on ts; the time window is applied by the database.
+        if now is None:
+            events = _copy_out(engine, table, wanted, "where ts < %(before)s", {"before": before})
+        else:
+            where = "where ts < %(before)s or ts > %(now)s"
+            events = _copy_out(engine, table, wanted, where, {"before": before, "now": now})
     if items_table is None:
         return _Extract(events, None, source, source)
     item_columns = _table_columns(engine, items_table)
@@ -432,7 +444,7 @@ def _copy_frame(cursor: psycopg.Cursor, table: str, frame: pl.DataFrame, chunk: 
             copy.write(part.write_csv(include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z"))
 
 
-def _filter_before(lazy: pl.LazyFrame, before: datetime | None, source: str) -> pl.LazyFrame:
+def _filter_before(lazy: pl.LazyFrame, before: datetime | None, now: datetime | None, source: str) -> pl.LazyFrame:
     if before is None:
         return lazy
     schema = lazy.collect_schema()
@@ -440,7 +452,8 @@ def _filter_before(lazy: pl.LazyFrame, before: datetime | None, source: str) -> 
         return lazy  # read_source filters once validation has parsed (or named) the column
     ts = _timestamp_expr(schema["ts"], "ts", source)
     # Unparseable rows are kept so validation can name them instead of silently dropping them.
-    return lazy.filter(ts.is_null() | (ts < before))
+    keep = ts.is_null() | (ts < before)
+    return lazy.filter(keep if now is None else keep | (ts > now))
 
 
 def _timestamp_expr(dtype: pl.DataType, column: str, source: str) -> pl.Expr:
@@ -469,6 +482,8 @@ def _timestamp_expr(dtype: pl.DataType, column: str, source: str) -> pl.Expr:
 
 def _cast_ids(frame: pl.DataFrame, column: str, source: str) -> pl.Series:
     values = frame[column]
+    if not (values.dtype.is_numeric() or values.dtype in (pl.Utf8, pl.Null)) or values.dtype == pl.Boolean:
+        raise RawDataError(f"source {source}: column {column}: type {values.dtype} is not an integer id")
     if values.null_count():
         raise RawDataError(f"source {source}: column {column}: {values.null_count()} null ids")
     ids = values.cast(pl.Int64, strict=False)

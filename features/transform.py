@@ -2,6 +2,9 @@
 
 Every function takes `as_of` and uses only events with `ts < as_of` (labels: the week
 `[as_of, as_of + 7d)`), so the same code computes training weeks and this week alike.
+
+Most tables derive from one aggregate of the past events per (user, item) pair, computed
+once per snapshot: the 10M-event log is grouped once, later steps work on its pairs.
 """
 
 from datetime import UTC, date, datetime, timedelta
@@ -12,6 +15,12 @@ from features import contracts
 
 DAY_US = 86_400 * 1_000_000
 WEEK = timedelta(days=7)
+WINDOWS = (1, 4, 12)  # weeks
+FAVOURITE_CREATORS = 20
+UNKNOWN = "unknown"
+# The streaming engine adds floats up in an order that varies from run to run, so a
+# re-run would change weight sums in their last bits, and with them the digests.
+ENGINE = "in-memory"
 
 
 def week_start(as_of: date) -> datetime:
@@ -24,54 +33,153 @@ def events_before(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
     return events.filter(pl.col("ts") < week_start(as_of))
 
 
-def _days_before(as_of: date, ts: pl.Expr) -> pl.Expr:
-    return (pl.lit(week_start(as_of)) - ts).dt.total_microseconds() / DAY_US
+def build_feature_tables(
+    events: pl.DataFrame, items: pl.DataFrame, as_of: date, *, recent_items: int, neighbours: int
+) -> dict[str, pl.DataFrame]:
+    """Every feature table of the snapshot `as_of`, keyed by table name."""
+    pairs = _collect(summarise_pairs(events_before(events, as_of), as_of))
+    return {
+        contracts.USER_FEATURES.name: _user_features(pairs, items, as_of),
+        contracts.ITEM_FEATURES.name: _item_features(pairs, items, as_of),
+        contracts.ITEM_NEIGHBOURS.name: _item_neighbours(pairs, as_of, recent_items=recent_items, top_k=neighbours),
+        contracts.USER_CATEGORY_AFFINITY.name: _affinity(pairs, items, as_of, "category", None),
+        contracts.USER_CREATOR_AFFINITY.name: _affinity(pairs, items, as_of, "creator", FAVOURITE_CREATORS),
+        contracts.USER_ITEM_HISTORY.name: _user_item_history(pairs, as_of),
+    }
 
 
-def _within_weeks(as_of: date, weeks: int) -> pl.Expr:
-    return pl.col("ts") >= week_start(as_of) - weeks * WEEK
+def summarise_pairs(past: pl.DataFrame, as_of: date) -> pl.LazyFrame:
+    """One row per (user, item) consumed before `as_of`: events and weight per window and overall, first and last ts."""
+    windows = []
+    for weeks in WINDOWS:
+        recent = _within_weeks(as_of, weeks)
+        windows += [
+            recent.sum().cast(pl.Int64).alias(f"events_{weeks}w"),
+            pl.when(recent).then(pl.col("weight")).otherwise(0.0).sum().alias(f"weight_{weeks}w"),
+        ]
+    # In first-seen order, so per-user sums over pairs add up in the same order every run.
+    return (
+        past.lazy()
+        .group_by("user_id", "item_id", maintain_order=True)
+        .agg(
+            *windows,
+            pl.len().cast(pl.Int64).alias("events"),
+            pl.col("weight").sum(),
+            pl.col("ts").min().alias("first_ts"),
+            pl.col("ts").max().alias("last_ts"),
+        )
+    )
 
 
 def build_user_features(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
     """Activity per user over the last 1/4/12 weeks and overall, recency and breadth."""
-    windows = []
-    for weeks in (1, 4, 12):
-        recent = _within_weeks(as_of, weeks)
-        windows += [
-            recent.sum().alias(f"events_{weeks}w"),
-            pl.col("item_id").filter(recent).n_unique().alias(f"distinct_items_{weeks}w"),
-            pl.col("weight").filter(recent).sum().alias(f"weight_{weeks}w"),
-        ]
-    with_category = past.join(items.select("item_id", "category"), on="item_id", how="left")
-    frame = with_category.group_by("user_id").agg(
-        *windows,
-        pl.len().alias("events_total"),
-        pl.col("item_id").n_unique().alias("distinct_items_total"),
-        _days_before(as_of, pl.col("ts").min()).alias("days_since_first_event"),
-        _days_before(as_of, pl.col("ts").max()).alias("days_since_last_event"),
-        pl.col("category").filter(_within_weeks(as_of, 12)).n_unique().alias("distinct_categories_12w"),
-    )
-    return _finish(contracts.USER_FEATURES, frame, as_of)
+    return _user_features(_collect(summarise_pairs(past, as_of)), items, as_of)
 
 
 def build_item_features(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
     """Popularity, trend and age of every item released or played before `as_of`."""
-    plays = past.group_by("item_id").agg(
-        *[_within_weeks(as_of, w).sum().alias(f"plays_{w}w") for w in (1, 4, 12)],
-        pl.len().alias("plays_total"),
-        pl.col("user_id").filter(_within_weeks(as_of, 4)).n_unique().alias("users_4w"),
-        pl.col("user_id").n_unique().alias("users_total"),
-        pl.col("ts").min().alias("first_ts"),
+    return _item_features(_collect(summarise_pairs(past, as_of)), items, as_of)
+
+
+def build_item_neighbours(past: pl.DataFrame, as_of: date, *, recent_items: int, top_k: int) -> pl.DataFrame:
+    """Top-K co-occurrence neighbours per item, cosine-normalised over users' recent items."""
+    return _item_neighbours(_collect(summarise_pairs(past, as_of)), as_of, recent_items=recent_items, top_k=top_k)
+
+
+def build_user_category_affinity(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """Share of each user's last-12-week events per category."""
+    return _affinity(_collect(summarise_pairs(past, as_of)), items, as_of, "category", None)
+
+
+def build_user_creator_affinity(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """Share of each user's last-12-week events per creator (their 20 favourite creators)."""
+    return _affinity(_collect(summarise_pairs(past, as_of)), items, as_of, "creator", FAVOURITE_CREATORS)
+
+
+def build_user_item_history(past: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """Every (user, item) pair consumed before `as_of`, with counts and recency."""
+    return _user_item_history(_collect(summarise_pairs(past, as_of)), as_of)
+
+
+def recent_items_per_user(past: pl.DataFrame, as_of: date, limit: int) -> pl.DataFrame:
+    """Each user's `limit` most recently consumed distinct items of the last 12 weeks."""
+    return _collect(_recent_items(summarise_pairs(past, as_of), limit))
+
+
+def build_labels(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """(user, item) pairs of the week `[as_of, as_of+7d)`; `is_new` if never consumed before."""
+    start = week_start(as_of)
+    in_week = (pl.col("ts") >= start) & (pl.col("ts") < start + WEEK)
+    week = (
+        events.lazy()
+        .filter(in_week)
+        .group_by("user_id", "item_id")
+        .agg(pl.len().alias("events"), pl.col("weight").sum())
     )
-    released = items.filter(pl.col("release_ts") < week_start(as_of))
-    known = pl.concat([released.select("item_id"), plays.select("item_id")]).unique()
+    # Only the week's pairs are looked up in the past: far cheaper than every past pair.
+    seen = (
+        events.lazy()
+        .filter(pl.col("ts") < start)
+        .select("user_id", "item_id")
+        .join(week.select("user_id", "item_id"), on=["user_id", "item_id"], how="semi")
+        .unique()
+        .with_columns(pl.lit(False).alias("is_new"))
+    )
+    frame = week.join(seen, on=["user_id", "item_id"], how="left").with_columns(pl.col("is_new").fill_null(True))
+    return _finish(contracts.LABELS, frame, as_of)
+
+
+def _user_features(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    windows = []
+    for weeks in WINDOWS:
+        events = pl.col(f"events_{weeks}w")
+        windows += [
+            events.sum(),
+            (events > 0).sum().cast(pl.Int64).alias(f"distinct_items_{weeks}w"),
+            pl.col(f"weight_{weeks}w").sum(),
+        ]
     frame = (
-        known.join(items, on="item_id", how="left")
+        pairs.lazy()
+        .join(_code_items(items, "category")[0], on="item_id", how="left")
+        .group_by("user_id")
+        .agg(
+            *windows,
+            pl.col("events").sum().alias("events_total"),
+            pl.len().alias("distinct_items_total"),
+            pl.col("first_ts").min(),
+            pl.col("last_ts").max(),
+            pl.col("code").filter(pl.col("events_12w") > 0).n_unique().alias("distinct_categories_12w"),
+        )
+        .with_columns(
+            _days_before(as_of, pl.col("first_ts")).alias("days_since_first_event"),
+            _days_before(as_of, pl.col("last_ts")).alias("days_since_last_event"),
+        )
+    )
+    return _finish(contracts.USER_FEATURES, frame, as_of)
+
+
+def _item_features(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    plays = (
+        pairs.lazy()
+        .group_by("item_id")
+        .agg(
+            *[pl.col(f"events_{w}w").sum().alias(f"plays_{w}w") for w in WINDOWS],
+            pl.col("events").sum().alias("plays_total"),
+            (pl.col("events_4w") > 0).sum().cast(pl.Int64).alias("users_4w"),
+            pl.len().cast(pl.Int64).alias("users_total"),
+            pl.col("first_ts").min(),
+        )
+    )
+    released = items.lazy().filter(pl.col("release_ts") < week_start(as_of))
+    known = pl.concat([released.select("item_id"), plays.select("item_id")]).unique()
+    counts = ["plays_1w", "plays_4w", "plays_12w", "plays_total", "users_4w", "users_total"]
+    frame = (
+        known.join(items.lazy(), on="item_id", how="left")
         .join(plays, on="item_id", how="left")
         .with_columns(
-            pl.col("category").fill_null("unknown"),
-            pl.col("creator").fill_null("unknown"),
-            *[pl.col(c).fill_null(0) for c in plays.columns if c not in ("item_id", "first_ts")],
+            pl.col("category").fill_null(UNKNOWN),
+            pl.col("creator").fill_null(UNKNOWN),
+            *[pl.col(c).fill_null(0) for c in counts],
         )
         .with_columns(
             # Items with no known release date are as old as their first play.
@@ -89,105 +197,109 @@ def build_item_features(past: pl.DataFrame, items: pl.DataFrame, as_of: date) ->
     return _finish(contracts.ITEM_FEATURES, frame, as_of)
 
 
-def recent_items_per_user(past: pl.DataFrame, as_of: date, limit: int) -> pl.DataFrame:
-    """Each user's `limit` most recently consumed distinct items of the last 12 weeks."""
+def _recent_items(pairs: pl.LazyFrame, limit: int) -> pl.LazyFrame:
+    """Each user's `limit` most recent distinct items of the last 12 weeks (ties: lower id)."""
     return (
-        past.filter(_within_weeks(as_of, 12))
-        .group_by("user_id", "item_id")
-        .agg(pl.col("ts").max().alias("last_ts"))
-        .sort(["user_id", "last_ts", "item_id"], descending=[False, True, False])
-        .group_by("user_id", maintain_order=True)
-        .head(limit)
-        .select("user_id", "item_id")
+        pairs.filter(pl.col("events_12w") > 0)
+        .group_by("user_id")
+        .agg(pl.col("item_id").top_k_by(["last_ts", "item_id"], limit, reverse=[False, True]))
+        .explode("item_id")
     )
 
 
-def build_item_neighbours(past: pl.DataFrame, as_of: date, *, recent_items: int, top_k: int) -> pl.DataFrame:
-    """Top-K co-occurrence neighbours per item, cosine-normalised over users' recent items."""
-    baskets = recent_items_per_user(past, as_of, recent_items)
-    item_users = baskets.group_by("item_id").agg(pl.len().alias("n"))
-    pairs = (
-        baskets.join(baskets, on="user_id", suffix="_b")
-        .filter(pl.col("item_id") != pl.col("item_id_b"))
-        .group_by("item_id", "item_id_b")
+def _item_neighbours(pairs: pl.DataFrame, as_of: date, *, recent_items: int, top_k: int) -> pl.DataFrame:
+    baskets = _collect(_recent_items(pairs.lazy(), recent_items))
+    # Dense item codes let one int64 key stand for an item pair: a one-column group-by.
+    codes = baskets.select(pl.col("item_id").unique().sort())
+    n_codes = max(codes.height, 1)
+    coded = baskets.join(codes.with_row_index("code"), on="item_id").select("user_id", pl.col("code").cast(pl.Int64))
+    users = coded.group_by("code").agg(pl.len().cast(pl.Float64).alias("n")).sort("code")["n"]
+    # Each unordered pair once (a < b); its score is the same both ways.
+    together = (
+        coded.lazy()
+        .join(coded.lazy(), on="user_id", suffix="_b")
+        .filter(pl.col("code") < pl.col("code_b"))
+        .group_by(pl.col("code") * n_codes + pl.col("code_b"))
         .agg(pl.len().alias("together"))
-        .join(item_users, on="item_id")
-        .join(item_users.rename({"item_id": "item_id_b", "n": "n_b"}), on="item_id_b")
-        .with_columns((pl.col("together") / (pl.col("n") * pl.col("n_b")).sqrt()).alias("score"))
-        .sort(["item_id", "score", "item_id_b"], descending=[False, True, False])
-        .group_by("item_id", maintain_order=True)
-        .head(top_k)
-        .with_columns(pl.int_range(1, pl.len() + 1).over("item_id").alias("rank"))
-        .rename({"item_id_b": "neighbour_id"})
+        .select(a=pl.col("code") // n_codes, b=pl.col("code") % n_codes, together="together")
     )
-    return _finish(contracts.ITEM_NEIGHBOURS, pairs, as_of)
+    both = pl.concat([together, together.select(a="b", b="a", together="together")])
+    n_a, n_b = (pl.col(c).map_batches(users.gather, return_dtype=pl.Float64) for c in ("a", "b"))
+    # Counting pairs adds only integers, so the faster streaming engine is exact here.
+    scored = both.with_columns(score=pl.col("together") / (n_a * n_b).sqrt()).collect(engine="streaming")
+    top = (
+        scored.lazy()
+        .group_by("a")
+        .agg(pl.col("b", "score").sort_by(["score", "b"], descending=[True, False]).head(top_k))
+        .explode("b", "score")
+        .with_columns(rank=pl.int_range(1, pl.len() + 1).over("a"))
+    )
+    found, item_ids = _collect(top), codes["item_id"]
+    frame = found.select(
+        item_ids.gather(found["a"]).alias("item_id"),
+        item_ids.gather(found["b"]).alias("neighbour_id"),
+        "score",
+        "rank",
+    )
+    return _finish(contracts.ITEM_NEIGHBOURS, frame, as_of)
 
 
-def _build_affinity(
-    past: pl.DataFrame, items: pl.DataFrame, as_of: date, column: str, contract: contracts.TableContract, top: int
-) -> pl.DataFrame:
-    recent = past.filter(_within_weeks(as_of, 12)).join(items.select("item_id", column), on="item_id", how="left")
+def _affinity(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date, column: str, top: int | None) -> pl.DataFrame:
+    contract = contracts.USER_CATEGORY_AFFINITY if column == "category" else contracts.USER_CREATOR_AFFINITY
+    codes, names = _code_items(items, column)
     frame = (
-        recent.with_columns(pl.col(column).fill_null("unknown"))
-        .group_by("user_id", column)
-        .agg(pl.len().alias("events_12w"))
+        pairs.lazy()
+        .filter(pl.col("events_12w") > 0)
+        .join(codes, on="item_id", how="left")
+        .with_columns(pl.col("code").fill_null(names.index_of(UNKNOWN)))
+        .group_by("user_id", "code")
+        .agg(pl.col("events_12w").sum())
         .with_columns((pl.col("events_12w") / pl.col("events_12w").sum().over("user_id")).alias("share_12w"))
-        .sort(["user_id", "events_12w", column], descending=[False, True, False])
-        .group_by("user_id", maintain_order=True)
-        .head(top)
     )
-    return _finish(contract, frame, as_of)
+    if top is not None:
+        # A user's favourites: most events first, ties by name (codes sort like names).
+        values = ["code", "events_12w", "share_12w"]
+        favourites = pl.col(values).top_k_by(["events_12w", "code"], top, reverse=[False, True])
+        frame = frame.group_by("user_id").agg(favourites).explode(values)
+    # Sorting by code is sorting by name, on integers.
+    found = _collect(frame.sort("user_id", "code"))
+    return _finish(contract, found.with_columns(names.gather(found["code"]).alias(column)), as_of, sort=False)
 
 
-def build_user_category_affinity(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Share of each user's last-12-week events per category."""
-    return _build_affinity(past, items, as_of, "category", contracts.USER_CATEGORY_AFFINITY, top=1_000)
+def _code_items(items: pl.DataFrame, column: str) -> tuple[pl.LazyFrame, pl.Series]:
+    """Each item's `column` as an integer code, and the names by code ("unknown" included).
+
+    Grouping and joining on integers is several times faster than on text; codes sort
+    like the names they stand for. Missing names are "unknown".
+    """
+    names = pl.concat([items[column].fill_null(UNKNOWN), pl.Series([UNKNOWN])]).unique().sort()
+    lookup = names.to_frame(column).with_row_index("code")
+    coded = items.lazy().select("item_id", pl.col(column).fill_null(UNKNOWN)).join(lookup.lazy(), on=column)
+    return coded.select("item_id", "code"), names
 
 
-def build_user_creator_affinity(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Share of each user's last-12-week events per creator (their 20 favourite creators)."""
-    return _build_affinity(past, items, as_of, "creator", contracts.USER_CREATOR_AFFINITY, top=20)
-
-
-def build_user_item_history(past: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Every (user, item) pair consumed before `as_of`, with counts and recency."""
-    frame = past.group_by("user_id", "item_id").agg(
-        pl.len().alias("events"),
-        pl.col("weight").sum(),
-        _days_before(as_of, pl.col("ts").max()).alias("days_since_last_event"),
-    )
+def _user_item_history(pairs: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    frame = pairs.lazy().with_columns(_days_before(as_of, pl.col("last_ts")).alias("days_since_last_event"))
     return _finish(contracts.USER_ITEM_HISTORY, frame, as_of)
 
 
-def build_labels(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """(user, item) pairs of the week `[as_of, as_of+7d)`; `is_new` if never consumed before."""
-    start = week_start(as_of)
-    week = events.filter((pl.col("ts") >= start) & (pl.col("ts") < start + WEEK))
-    seen = events_before(events, as_of).select("user_id", "item_id").unique()
-    frame = (
-        week.group_by("user_id", "item_id")
-        .agg(pl.len().alias("events"), pl.col("weight").sum())
-        .join(seen.with_columns(pl.lit(False).alias("is_new")), on=["user_id", "item_id"], how="left")
-        .with_columns(pl.col("is_new").fill_null(True))
-    )
-    return _finish(contracts.LABELS, frame, as_of)
+def _days_before(as_of: date, ts: pl.Expr) -> pl.Expr:
+    return (pl.lit(week_start(as_of)) - ts).dt.total_microseconds() / DAY_US
 
 
-def build_feature_tables(
-    events: pl.DataFrame, items: pl.DataFrame, as_of: date, *, recent_items: int, neighbours: int
-) -> dict[str, pl.DataFrame]:
-    """Every feature table of the snapshot `as_of`, keyed by table name."""
-    past = events_before(events, as_of)
-    return {
-        contracts.USER_FEATURES.name: build_user_features(past, items, as_of),
-        contracts.ITEM_FEATURES.name: build_item_features(past, items, as_of),
-        contracts.ITEM_NEIGHBOURS.name: build_item_neighbours(past, as_of, recent_items=recent_items, top_k=neighbours),
-        contracts.USER_CATEGORY_AFFINITY.name: build_user_category_affinity(past, items, as_of),
-        contracts.USER_CREATOR_AFFINITY.name: build_user_creator_affinity(past, items, as_of),
-        contracts.USER_ITEM_HISTORY.name: build_user_item_history(past, as_of),
-    }
+def _within_weeks(as_of: date, weeks: int) -> pl.Expr:
+    return pl.col("ts") >= week_start(as_of) - weeks * WEEK
 
 
-def _finish(contract: contracts.TableContract, frame: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Stamp `as_of`, conform to the contract, sort by key for reproducible output."""
-    return contract.conform(frame.with_columns(pl.lit(as_of).alias("as_of"))).sort(list(contract.key))
+def _collect(frame: pl.LazyFrame) -> pl.DataFrame:
+    return frame.collect(engine=ENGINE)
+
+
+def _finish(
+    contract: contracts.TableContract, frame: pl.LazyFrame | pl.DataFrame, as_of: date, *, sort: bool = True
+) -> pl.DataFrame:
+    """Stamp `as_of`, conform to the contract, sort by key (unless already) for reproducible output."""
+    # as_of is one value: sorting by the rest of the key gives the same order, much faster.
+    entity = [k for k in contract.key if k != "as_of"]
+    ordered = frame.lazy().sort(entity) if sort else frame.lazy()
+    return contract.conform(_collect(ordered.with_columns(pl.lit(as_of).alias("as_of"))))

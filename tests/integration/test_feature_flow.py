@@ -1,0 +1,260 @@
+"""The feature flow end to end: backfill, idempotent re-runs, bad raw input, validation failures, drift.
+
+Every run goes through Prefect (test harness), a real Postgres and the real GX suites,
+on a tiny synthetic log written as Parquet/CSV files.
+"""
+
+import re
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from features import contracts, store, transform
+from features.sources import RawData, RawDataError
+from features.synthetic import generate_log
+from features.validation import ValidationFailed, ValidationReport, profile_table
+from flows.feature_flow import ARTIFACT_KEY, feature_flow
+
+pytestmark = pytest.mark.integration
+
+AS_OF = date(2024, 3, 4)
+LAST_WEEK = AS_OF - timedelta(weeks=1)
+FEATURE_TABLES = [t.name for t in contracts.FEATURE_TABLES]
+
+
+@pytest.fixture(scope="module")
+def log() -> RawData:
+    return generate_log(n_users=80, n_items=40, n_events=3_000, n_weeks=6, end=transform.week_start(AS_OF), seed=5)
+
+
+def write_source(folder: Path, events: pl.DataFrame, items: pl.DataFrame, kind: str = "parquet") -> str:
+    """Write events and items files under `folder`; return the source spec naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    events_path, items_path = folder / f"events.{kind}", folder / "items.parquet"
+    if kind == "parquet":
+        events.write_parquet(events_path)
+    else:
+        events.write_csv(events_path)
+    items.write_parquet(items_path)
+    return f"{kind}:{events_path};items={items_path}"
+
+
+def dump_store(engine) -> dict[str, list[tuple]]:
+    """Every row of every feature-store table, bookkeeping included."""
+    tables = [*store.CONTRACTS, "feature_snapshots", "feature_validation_runs"]
+    with engine.connect() as conn:
+        return {t: sorted(map(tuple, conn.execute(sa.text(f'select * from "{t}"'))), key=repr) for t in tables}
+
+
+def feature_rows(dump: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
+    """The feature tables' rows of a `dump_store`, without the bookkeeping."""
+    return {t: dump[t] for t in store.CONTRACTS}
+
+
+def validation_runs(engine) -> list[tuple]:
+    with engine.connect() as conn:
+        query = "select table_name, as_of, passed from feature_validation_runs order by id"
+        return [tuple(r) for r in conn.execute(sa.text(query))]
+
+
+def run_flow(**parameters):
+    """Run the flow; return its final state (failed runs do not raise here)."""
+    return feature_flow(**parameters, return_state=True)
+
+
+def artifact_text(state) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
+            )
+        )
+    assert artifacts, f"flow run {flow_run_id} left no {ARTIFACT_KEY} artifact"
+    return "\n".join(str(a.data) for a in artifacts)
+
+
+def seed_snapshot(engine, raw: RawData, week: date) -> None:
+    """A passed snapshot written straight through the store, so a test starts from a non-empty store."""
+    store.ensure_schema(engine)
+    frames = transform.build_feature_tables(raw.events, raw.items, week, recent_items=20, neighbours=50)
+    reports = {
+        name: ValidationReport(name, week, True, frame.height, profile=profile_table(contracts.CONTRACTS[name], frame))
+        for name, frame in frames.items()
+    }
+    store.write_snapshot(engine, week, frames, reports, flow_run_id="seed")
+
+
+def test_backfill_writes_each_week_then_skips_and_force_rewrites_identically(flow_env, clean_stores, log, tmp_path):
+    engine = clean_stores.engine
+    spec = write_source(tmp_path / "src", log.events, log.items)
+
+    written = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec).result()
+
+    assert sorted(written) == [str(LAST_WEEK), str(AS_OF)]
+    for week in (LAST_WEEK, AS_OF):
+        assert set(written[str(week)]) == {*FEATURE_TABLES, "labels"}
+        assert store.snapshot_passed(engine, week, FEATURE_TABLES)
+        summary = {r["table_name"]: r for r in store.snapshot_summary(engine, week).to_dicts()}
+        assert {t: summary[t]["digest"] for t in FEATURE_TABLES} == {t: written[str(week)][t] for t in FEATURE_TABLES}
+        assert store.read_table(engine, "user_features", week).height == summary["user_features"]["row_count"] > 0
+    # Labels of the week before each snapshot, written with it.
+    assert store.passed_as_ofs(engine, "labels") == [LAST_WEEK - timedelta(weeks=1), LAST_WEEK]
+    assert (
+        written[str(AS_OF)]["labels"]
+        == store.snapshot_summary(engine, LAST_WEEK).filter(table_name="labels")["digest"].item()
+    )
+
+    before = dump_store(engine)
+    assert run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec).result() == {}
+    assert dump_store(engine) == before  # skipped: not even a validation run recorded
+
+    forced = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec, force=True).result()
+
+    assert forced == written
+    assert feature_rows(dump_store(engine)) == feature_rows(before)
+    assert len(validation_runs(engine)) == 2 * len(before["feature_validation_runs"])
+
+
+def test_duplicate_events_are_dropped_counted_and_change_no_digest(flow_env, clean_stores, log, tmp_path):
+    clean = write_source(tmp_path / "clean", log.events, log.items)
+    repeated = pl.concat([log.events, log.events.head(25)]).sort("user_id")  # repeats apart from their originals
+    with_duplicates = write_source(tmp_path / "dupes", repeated, log.items)
+
+    expected = run_flow(as_of=AS_OF, source=clean).result()
+    state = run_flow(as_of=AS_OF, source=with_duplicates, force=True)
+
+    assert state.result() == expected
+    assert f"Read {log.events.height} events (25 duplicates dropped)" in artifact_text(state)
+
+
+def with_row(events: pl.DataFrame, **values) -> pl.DataFrame:
+    """The events with their first row's columns replaced by `values` (types relaxed as needed)."""
+    first = events.head(1).with_columns(**{k: pl.lit(v) for k, v in values.items()})
+    return pl.concat([first, events.slice(1)], how="vertical_relaxed")
+
+
+# Each bad source: how to build it, its file kind, and what the error must say.
+BAD_INPUTS = {
+    "misnamed column": (lambda e: e.rename({"user_id": "userid"}), "csv", r"missing columns \['user_id'\]"),
+    "missing column": (lambda e: e.drop("ts"), "parquet", r"missing columns \['ts'\]"),
+    "unparseable timestamp": (
+        lambda e: with_row(e.with_columns(pl.col("ts").dt.to_string("%Y-%m-%dT%H:%M:%S")), ts="last tuesday"),
+        "csv",
+        r"column ts: 1 unparseable timestamps, e.g. 'last tuesday'",
+    ),
+    "null user id": (lambda e: with_row(e, user_id=None), "parquet", r"column user_id: 1 null ids"),
+    "null item id": (lambda e: with_row(e, item_id=None), "csv", r"column item_id: 1 null ids"),
+    "negative weight": (lambda e: with_row(e, weight=-1.0), "parquet", r"column weight: 1 negative weights"),
+    "NaN weight": (lambda e: with_row(e, weight=float("nan")), "parquet", r"column weight: 1 NaN weights"),
+    "event in the future": (
+        lambda e: with_row(e, ts=datetime(2099, 1, 1, tzinfo=UTC)),
+        "parquet",
+        r"column ts: 1 events after the run time",
+    ),
+    "empty source": (lambda e: e.clear(), "parquet", r"no events"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=str)
+def test_bad_raw_input_fails_naming_file_and_column_and_changes_nothing(case, flow_env, clean_stores, log, tmp_path):
+    engine = clean_stores.engine
+    seed_snapshot(engine, log, LAST_WEEK)
+    before = dump_store(engine)
+    corrupt, kind, message = BAD_INPUTS[case]
+    spec = write_source(tmp_path / "bad", corrupt(log.events), log.items, kind)
+    events_file = str(tmp_path / "bad" / f"events.{kind}")
+
+    state = run_flow(as_of=AS_OF, source=spec)
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RawDataError)
+    assert events_file in str(error)
+    assert re.search(message, str(error)), str(error)
+    assert dump_store(engine) == before
+
+
+def test_validation_failure_writes_nothing_records_the_report_and_names_table_and_expectation(
+    flow_env, clean_stores, log, tmp_path, monkeypatch
+):
+    engine = clean_stores.engine
+    run_flow(as_of=LAST_WEEK, source=write_source(tmp_path / "full", log.events, log.items)).result()
+    before = dump_store(engine)
+    shrunk = write_source(tmp_path / "shrunk", log.events.filter(pl.col("user_id") <= 10), log.items)
+    monkeypatch.setenv("RECSYS_MIN_ROWS_RATIO", "1.0")
+
+    state = run_flow(as_of=AS_OF, source=shrunk)
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ValidationFailed)
+    previous_users = store.snapshot_summary(engine, LAST_WEEK).filter(table_name="user_features")["row_count"].item()
+    assert "user_features as_of=2024-03-04" in str(error)
+    assert f"expect_table_row_count_to_be_between() expected min_value={previous_users}" in str(error)
+    assert feature_rows(dump_store(engine)) == feature_rows(before)
+    failed = {r.table: r.as_of for r in error.reports}
+    assert failed["user_features"] == AS_OF
+    after = dump_store(engine)
+    assert all(row in after["feature_snapshots"] for row in before["feature_snapshots"])
+    new_rows = [row for row in after["feature_snapshots"] if row not in before["feature_snapshots"]]
+    assert {(table, as_of, passed) for table, as_of, _, passed, *_ in new_rows} == {
+        (table, as_of, False) for table, as_of in failed.items()
+    }
+    new_runs = validation_runs(engine)[len(before["feature_validation_runs"]) :]
+    assert sorted(new_runs) == sorted((table, as_of, False) for table, as_of in failed.items())
+    report = artifact_text(state)
+    assert "Feature validation FAILED" in report
+    assert "expect_table_row_count_to_be_between" in report
+
+
+def test_drift_warns_in_the_artifact_and_blocks_when_configured(flow_env, clean_stores, log, tmp_path, monkeypatch):
+    engine = clean_stores.engine
+    spec = write_source(tmp_path / "src", log.events, log.items)
+    monkeypatch.setenv("RECSYS_DRIFT_THRESHOLD", "0")  # any move of a drift column is drift
+
+    warned = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec)
+
+    assert warned.is_completed()
+    report = artifact_text(warned)
+    assert "Drift (warnings, not blocking)" in report
+    assert "user_features.events_4w mean moved" in report
+    before = dump_store(engine)
+
+    monkeypatch.setenv("RECSYS_DRIFT_BLOCKS", "true")
+    blocked = run_flow(as_of=AS_OF, source=spec, force=True)
+
+    assert blocked.is_failed()
+    error = blocked.result(raise_on_failure=False)
+    assert isinstance(error, ValidationFailed)
+    assert "user_features as_of=2024-03-04: expect_no_drift" in str(error)
+    assert feature_rows(dump_store(engine)) == feature_rows(before)
+    assert store.snapshot_passed(engine, AS_OF, FEATURE_TABLES)  # the earlier passed snapshot stays readable
+
+
+def test_tables_created_before_partitioning_are_moved_under_partitions_with_their_rows(clean_stores, log):
+    engine = clean_stores.engine
+    seed_snapshot(engine, log, LAST_WEEK)
+    before = dump_store(engine)
+    # user_features as an earlier version created it: one plain table, rows of every as_of inside.
+    with engine.begin() as conn:
+        conn.execute(sa.text('create table old_users as select * from "user_features"'))
+        conn.execute(sa.text('drop table "user_features"'))
+        conn.execute(sa.text('alter table old_users rename to "user_features"'))
+        conn.execute(sa.text('alter table "user_features" add primary key (as_of, user_id)'))
+
+    store.ensure_schema(engine)
+
+    assert dump_store(engine) == before
+    with engine.connect() as conn:
+        query = "select relname, relkind from pg_class where relname like 'user_features%'"
+        kinds = {name: kind for name, kind in conn.execute(sa.text(query))}
+    assert kinds["user_features"] == "p"
+    assert kinds[f"user_features__{LAST_WEEK:%Y%m%d}"] == "r"
+    assert store.read_table(engine, "user_features", LAST_WEEK).height == len(before["user_features"])

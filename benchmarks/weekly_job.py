@@ -414,8 +414,7 @@ def run_job(as_of: date, out: Path) -> None:
 
         ff.feature_flow = timed_flow("features", feature_flow)
         tf.training_flow = timed_flow("training", training_flow)
-        original_for = inf.inference_flow_for
-        inf.inference_flow_for = lambda s: timed_flow("inference", original_for(s))
+        inf.inference_flow = timed_flow("inference", inf.inference_flow)
         started = time.perf_counter()
         trained, published = run_weekly_job(settings, as_of, "synthetic")
         job_wall = time.perf_counter() - started

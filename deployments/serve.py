@@ -33,7 +33,7 @@ from recsys.stores import open_stores
 
 log = logging.getLogger(__name__)
 
-SERVER_START_TIMEOUT_S = 120.0
+SERVER_START_TIMEOUT_S = 180.0  # first start migrates the database; slow on a busy machine
 SERVER_STOP_TIMEOUT_S = 20.0
 
 

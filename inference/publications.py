@@ -3,7 +3,7 @@
 Table `publications` (created by `ensure_schema`), one row per published version:
 version (the Redis version id), as_of, model_name, model_version, feature_as_of,
 user_count, fallback_user_count, n, started_at, finished_at, timings (seconds per step),
-status (e.g. live, stale, failed) and the flow run id.
+status (writing, live, stale, failed or abandoned), error (why a run failed) and the flow run id.
 """
 
 import json
@@ -35,6 +35,7 @@ publications = sa.Table(
     sa.Column("timings", postgresql.JSONB),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("flow_run_id", sa.Text),
+    sa.Column("error", sa.Text),
 )
 
 _SCHEMA = {
@@ -51,16 +52,17 @@ _SCHEMA = {
     "timings": pl.String,
     "status": pl.String,
     "flow_run_id": pl.String,
+    "error": pl.String,
 }
 
 
 def ensure_schema(engine: sa.Engine) -> None:
     """Create the publications table if missing; safe when several runs start at once."""
     with engine.begin() as conn:
-        conn.execute(
-            sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE}
-        )
+        conn.execute(sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE})
         _metadata.create_all(conn)
+        # Tables created before `error` existed get it here.
+        conn.execute(sa.text("alter table publications add column if not exists error text"))
 
 
 def record_publication(engine: sa.Engine, **fields: Any) -> None:
@@ -82,6 +84,22 @@ def record_publication(engine: sa.Engine, **fields: Any) -> None:
                 raise ValueError(f"new publication {fields['version']} needs {missing}")
             conn.execute(sa.insert(publications).values(**fields))
     log.info("recorded publication %s (%s)", fields["version"], fields.get("status", "-"))
+
+
+def mark_abandoned(engine: sa.Engine, versions: list[str]) -> int:
+    """Mark publications still `writing` whose keys were removed (their run was killed) `abandoned`."""
+    if not versions:
+        return 0
+    still_writing = publications.c.version.in_(versions) & (publications.c.status == "writing")
+    with engine.begin() as conn:
+        marked = conn.execute(
+            sa.update(publications)
+            .where(still_writing)
+            .values(status="abandoned", error="the run stopped before finishing; a later run removed its keys")
+        ).rowcount
+    if marked:
+        log.info("marked %d unfinished publications abandoned", marked)
+    return marked
 
 
 def list_publications(engine: sa.Engine) -> pl.DataFrame:

@@ -1,11 +1,19 @@
 """Batch scoring: the champion ranks the shared candidate frame of each user partition."""
 
+from collections.abc import Sequence
+
 import lightgbm as lgb
 import numpy as np
 import polars as pl
 
 from training.candidates import FEATURE_NAMES, CandidateConfig, SnapshotTables, build_ranking_frame
 from training.ranker import score, top_n
+
+# Users scored together: bounds a task's memory (about 250 candidate rows of ~30 features each).
+
+
+class IncompatibleModelError(ValueError):
+    """The champion needs features or encodings that this code and snapshot cannot provide."""
 
 
 def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
@@ -18,13 +26,24 @@ def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
     return [ids[bucket == p].tolist() for p in range(partitions)]
 
 
-def check_model_features(feature_names: list[str], model: str) -> None:
-    """Refuse a model that needs features the current candidate frame cannot build."""
+def split_batches(user_ids: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive batches of at most `size` users, in order."""
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    return [list(user_ids[start : start + size]) for start in range(0, len(user_ids), size)]
+
+
+def check_model(feature_names: list[str], encodings: dict, model: str) -> None:
+    """Refuse a model that needs features or encodings the candidate frame cannot build."""
     missing = [f for f in feature_names if f not in FEATURE_NAMES]
     if missing:
-        raise ValueError(
-            f"model {model} was trained with features this code does not build: {missing}; "
-            "retrain it (recsys train) or roll back to a compatible model"
+        raise IncompatibleModelError(
+            f"model {model} was trained with features this code does not build from a feature "
+            f"snapshot: {missing}; retrain it (recsys train) or roll back to a compatible model"
+        )
+    if not isinstance(encodings.get("category"), list):
+        raise IncompatibleModelError(
+            f"model {model} has no category encoding (encodings['category']); retrain it (recsys train)"
         )
 
 
@@ -37,11 +56,14 @@ def recommend_users(
     config: CandidateConfig,
     n: int,
 ) -> pl.DataFrame:
-    """Each user's top-n item ids as one list per user (user_id, items), best first."""
+    """Each user's top-n item ids as one list per user (user_id, items), best first.
+
+    Users without any candidate (e.g. every item already consumed) get no row.
+    """
     ranked = top_n(score(booster, build_ranking_frame(tables, users, config, categories), feature_names), n)
-    return ranked.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
+    return ranked.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
 
 
 def fallback_items(item_features: pl.DataFrame, n: int) -> list[int]:
-    """The list for users without personal recommendations: recent popularity."""
-    return item_features.sort("popularity_rank_4w").head(n).get_column("item_id").to_list()
+    """The list for users without personal recommendations: recent popularity, ties by item id."""
+    return item_features.sort("popularity_rank_4w", "item_id").head(n).get_column("item_id").to_list()

@@ -34,19 +34,25 @@ equal as_of the later publish wins. Publishes of one prefix are meant to run one
 time (the flow serialises them); if two overlap, the one that starts or finishes later
 removes the other's unfinished namespace and the other fails with `StalePublication`.
 
-Clients must be created with `decode_responses=True` (as `recsys.stores` does).
+Clients must be created with `decode_responses=True` (as `connect` and `recsys.stores` do).
+
+Connection URLs (`RECSYS_REDIS_URL`) are redis-py's: `redis://[user:password@]host:port/db`,
+`rediss://...` for TLS (`?ssl_ca_certs=/path/ca.pem&ssl_cert_reqs=required`, client
+certificates with `ssl_certfile`/`ssl_keyfile`), `unix://[user:password@]/path.sock?db=0`;
+percent-encode special characters of the password. Log them only through `redact_url`.
 """
 
 import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from numbers import Integral
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import polars as pl
 import redis
@@ -58,6 +64,7 @@ VERSION_PATTERN = re.compile(r"^\d{8}-\d{6,}$")
 REQUIRED_METADATA = ("model_version", "generated_at", "n", "fallback_user_count")
 _RESERVED_METADATA = ("version", "as_of", "status", "user_count", "written_users")
 _SCAN_BATCH = 1_000
+_SECRET_QUERY_NAMES = ("password", "ssl_password", "ssl_keyfile_password")
 _CAS_ATTEMPTS = 5
 
 # KEYS: live, previous, new meta, live meta, previous meta.
@@ -100,6 +107,20 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'writing' then return false end
 return redis.call('HINCRBY', KEYS[1], 'written_users', ARGV[1])
 """
 
+# KEYS: meta of the version, then the user keys of one chunk. ARGV: their values.
+# Writes the chunk and counts its new keys in one atomic step, so no crash can leave keys
+# written but uncounted; false (nothing written) unless the version is being written.
+_WRITE_CHUNK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'writing' then return false end
+local new = 0
+for i = 2, #KEYS do
+  new = new + 1 - redis.call('EXISTS', KEYS[i])
+  redis.call('SET', KEYS[i], ARGV[i - 1])
+end
+redis.call('HINCRBY', KEYS[1], 'written_users', new)
+return new
+"""
+
 # KEYS: live, previous, meta of the version. ARGV: the version. 1 = claimed for removal.
 _CLAIM_FOR_REMOVAL = """
 if ARGV[1] == redis.call('GET', KEYS[1]) or ARGV[1] == redis.call('GET', KEYS[2]) then return 0 end
@@ -128,9 +149,7 @@ class KeySpace:
 
     def __post_init__(self) -> None:
         if not PREFIX_PATTERN.match(self.prefix):
-            raise ValueError(
-                f"Redis prefix {self.prefix!r} is invalid: use letters, digits, '_', '.' or '-'"
-            )
+            raise ValueError(f"Redis prefix {self.prefix!r} is invalid: use letters, digits, '_', '.' or '-'")
 
     @property
     def live(self) -> str:
@@ -185,6 +204,27 @@ class PublishResult:
     removed: tuple[str, ...]
 
 
+def connect(url: str) -> redis.Redis:
+    """A client for a Redis URL (password, ACL user, TLS and unix sockets as in the module doc).
+
+    Nothing is sent until the first command.
+    """
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (in the user part or the query) replaced by `***`."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        credentials, _, host = netloc.rpartition("@")
+        netloc = f"{credentials.partition(':')[0]}:***@{host}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, "***" if k in _SECRET_QUERY_NAMES else v) for k, v in pairs], safe="/*")
+    # Built by hand: urlunsplit turns `unix:///path` into `unix:/path`.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
 def format_version(as_of: date, seq: int) -> str:
     """The version id for a publication: `yyyymmdd-000007`."""
     return f"{as_of:%Y%m%d}-{seq:06d}"
@@ -214,9 +254,7 @@ def encode_recommendations(prefix: str, version: str, recs: pl.DataFrame) -> pl.
     _check_recs(recs)
     return recs.select(
         key=pl.format(keys.user(version, "{}"), "user_id"),
-        value=pl.concat_str(
-            pl.lit("["), pl.col("items").cast(pl.List(pl.String)).list.join(","), pl.lit("]")
-        ),
+        value=pl.concat_str(pl.lit("["), pl.col("items").cast(pl.List(pl.String)).list.join(","), pl.lit("]")),
     )
 
 
@@ -236,9 +274,7 @@ def _check_recs(recs: pl.DataFrame) -> None:
         raise ValueError(f"recommendations repeat users {duplicated.head(5).to_list()}")
     empty = recs.filter(pl.col("items").list.len().fill_null(0) == 0)["user_id"]
     if len(empty):
-        raise ValueError(
-            f"recommendations have empty item lists for users {empty.head(5).to_list()}"
-        )
+        raise ValueError(f"recommendations have empty item lists for users {empty.head(5).to_list()}")
     if recs["items"].explode().null_count():
         raise ValueError("recommendations have null item ids")
 
@@ -256,6 +292,21 @@ def _failing_as_publish_error(what: str, step: str) -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         raise PublishError(f"publishing {what}: {step} failed: {exc}") from exc
+
+
+def refuse_stale(r: redis.Redis, prefix: str, as_of: date) -> None:
+    """Raise StalePublication if the live version is for a newer as_of than `as_of`.
+
+    A cheap early check, so a stale run fails before scoring; the pointer swap checks again.
+    """
+    keys = _client_keys(r, prefix)
+    live = r.get(keys.live)
+    live_as_of = r.hget(keys.meta(live), "as_of") if live else None
+    if live_as_of and date.fromisoformat(live_as_of) > as_of:
+        raise StalePublication(
+            f"as_of {as_of} is older than the live version {live} (as_of {live_as_of}) under prefix "
+            f"{prefix!r}: refusing to publish older recommendations; nothing was written"
+        )
 
 
 def begin_publication(r: redis.Redis, prefix: str, as_of: date) -> str:
@@ -281,15 +332,13 @@ def begin_publication(r: redis.Redis, prefix: str, as_of: date) -> str:
     return version
 
 
-def write_recommendations(
-    r: redis.Redis, prefix: str, version: str, recs: pl.DataFrame, *, chunk: int = 2_000
-) -> int:
+def write_recommendations(r: redis.Redis, prefix: str, version: str, recs: pl.DataFrame, *, chunk: int = 2_000) -> int:
     """Write one user key per row of `recs` (user_id, items); return how many rows were written.
 
     May be called many times per version (one per partition), also from several threads.
-    Each chunk is one MSET (2-3x the rate of pipelined SETs here); an EXISTS in the same
-    round trip tells how many keys are new, so the `written_users` count that
-    `finish_publication` checks stays exact when a partition is written twice.
+    Each chunk is one script call that writes its keys and adds the new ones to the
+    `written_users` count in one atomic step, so the count `finish_publication` checks
+    stays exact when a partition is written twice, even after a crash mid-write.
     """
     keys = _client_keys(r, prefix)
     encoded = encode_recommendations(prefix, version, recs)
@@ -297,12 +346,11 @@ def write_recommendations(
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     started = time.perf_counter()
     names, values = encoded["key"].to_list(), encoded["value"].to_list()
-    count = r.register_script(_COUNT_WRITTEN)
+    write = _chunk_writer(r, keys.meta(version))
     written = 0
     try:
         for start in range(0, len(names), chunk):
-            new = _write_chunk(r, names[start : start + chunk], values[start : start + chunk])
-            if count(keys=[keys.meta(version)], args=[new]) is None:
+            if write(names[start : start + chunk], values[start : start + chunk]) is None:
                 _remove_namespace(r, keys, version)
                 raise StalePublication(
                     f"version {version} under prefix {prefix!r} is not being written: a "
@@ -311,43 +359,43 @@ def write_recommendations(
             written += len(names[start : start + chunk])
     except redis.RedisError as exc:
         raise PublishError(
-            f"publishing version {version}: writing user keys failed after {written} of "
-            f"{len(names)}: {exc}"
+            f"publishing version {version}: writing user keys failed after {written} of {len(names)}: {exc}"
         ) from exc
-    log.info(
-        "wrote %d user keys of version %s in %.2fs", written, version, time.perf_counter() - started
-    )
+    log.info("wrote %d user keys of version %s in %.2fs", written, version, time.perf_counter() - started)
     return written
 
 
-def _write_chunk(r: redis.Redis, names: list[str], values: list[str]) -> int:
-    """MSET one chunk and return how many of its keys are new."""
-    if isinstance(r, redis.RedisCluster):
-        # A cluster refuses multi-key commands across slots; redis-py splits these per slot.
+def _chunk_writer(r: redis.Redis, meta: str) -> Callable[[list[str], list[str]], int | None]:
+    """A function writing one chunk of user keys; returns how many were new, None if not writing.
+
+    On one server a Lua script writes and counts the chunk atomically. A cluster refuses
+    scripts across slots: there the keys are written per slot, then counted, so a crash
+    between the two can leave the count short and the publication refused, never wrong.
+    """
+    if not isinstance(r, redis.RedisCluster):
+        script = r.register_script(_WRITE_CHUNK)
+
+        def write(names: list[str], values: list[str]) -> int | None:
+            return script(keys=[meta, *names], args=values)
+
+        return write
+    count = r.register_script(_COUNT_WRITTEN)
+
+    def write_on_cluster(names: list[str], values: list[str]) -> int | None:
         existing = r.exists(*names)
         replies = r.mset_nonatomic(dict(zip(names, values, strict=True)))
-    else:
-        pipe = r.pipeline(transaction=False)
-        pipe.exists(*names)
-        pipe.mset(dict(zip(names, values, strict=True)))
-        existing, *replies = pipe.execute(raise_on_error=False)
-    for reply in (existing, *replies):
-        if isinstance(reply, Exception):
-            raise reply
-    if not all(reply is True for reply in replies):
-        raise redis.ResponseError(
-            f"MSET of {len(names)} keys from {names[0]!r} replied {replies!r}"
-        )
-    return len(names) - existing
+        if not all(reply is True for reply in replies):
+            raise redis.ResponseError(f"MSET of {len(names)} keys from {names[0]!r} replied {replies!r}")
+        return count(keys=[meta], args=[len(names) - existing])
+
+    return write_on_cluster
 
 
 def write_fallback(r: redis.Redis, prefix: str, version: str, items: Sequence[int]) -> None:
     """Write the fallback list that users without a key get."""
     keys = _client_keys(r, prefix)
     value = encode_items(items)
-    with _failing_as_publish_error(
-        f"version {check_version(version)}", "writing the fallback list"
-    ):
+    with _failing_as_publish_error(f"version {check_version(version)}", "writing the fallback list"):
         r.set(keys.fallback(version), value)
     log.info("wrote fallback of %d items for version %s", len(items), version)
 
@@ -376,9 +424,7 @@ def finish_publication(
     if status in (None, "removing"):
         with _failing_as_publish_error(f"version {version}", "removing its namespace"):
             _remove_namespace(r, keys, version)
-        raise StalePublication(
-            f"version {version} under prefix {prefix!r} was removed by a concurrent publish"
-        )
+        raise StalePublication(f"version {version} under prefix {prefix!r} was removed by a concurrent publish")
     if status != "writing":
         raise PublishError(f"version {version} under prefix {prefix!r} is already {status}")
     written = int(meta.get("written_users", 0))
@@ -423,10 +469,7 @@ def _metadata_fields(metadata: dict[str, Any], expected_users: int) -> dict[str,
         raise ValueError(f"publication metadata may not set {reserved}: they are managed here")
     if expected_users < 0:
         raise ValueError(f"expected_users must be >= 0, got {expected_users}")
-    fields = {
-        name: value.isoformat() if isinstance(value, date) else str(value)
-        for name, value in metadata.items()
-    }
+    fields = {name: value.isoformat() if isinstance(value, date) else str(value) for name, value in metadata.items()}
     return {**fields, "user_count": str(expected_users)}
 
 
@@ -447,9 +490,7 @@ def _swap_pointer(r: redis.Redis, keys: KeySpace, version: str) -> tuple[str, st
         )
         if outcome != "changed":
             return outcome, live
-    raise PublishError(
-        f"version {version}: the live pointer kept changing; gave up after {_CAS_ATTEMPTS} tries"
-    )
+    raise PublishError(f"version {version}: the live pointer kept changing; gave up after {_CAS_ATTEMPTS} tries")
 
 
 def _read_pointers(r: redis.Redis, keys: KeySpace) -> tuple[str | None, str | None]:
@@ -510,9 +551,7 @@ def _remove_namespace(r: redis.Redis, keys: KeySpace, version: str) -> None:
     pipe.unlink(keys.meta(version))
     pipe.srem(keys.versions, version)
     pipe.execute()
-    log.info(
-        "unlinked %d keys of version %s in %.2fs", unlinked, version, time.perf_counter() - started
-    )
+    log.info("unlinked %d keys of version %s in %.2fs", unlinked, version, time.perf_counter() - started)
 
 
 def rollback(r: redis.Redis, prefix: str) -> str:
@@ -556,14 +595,10 @@ def publish_recommendations(
     version = begin_publication(r, prefix, as_of)
     write_recommendations(r, prefix, version, recs, chunk=chunk)
     write_fallback(r, prefix, version, fallback)
-    return finish_publication(
-        r, prefix, version, expected_users=recs.height, metadata=metadata, keep=keep
-    )
+    return finish_publication(r, prefix, version, expected_users=recs.height, metadata=metadata, keep=keep)
 
 
-def get_recommendations(
-    r: redis.Redis, prefix: str, user_ids: Sequence[int]
-) -> list[Recommendation]:
+def get_recommendations(r: redis.Redis, prefix: str, user_ids: Sequence[int]) -> list[Recommendation]:
     """The live recommendations of `user_ids`, in order; users without a key get the fallback.
 
     Two round trips for the whole batch: the pointer, then one pipeline of reads.
@@ -596,6 +631,4 @@ def get_recommendations(
                 for user_id, value in zip(user_ids, values, strict=True)
             ]
         # The version was retired and removed between the two round trips: resolve again.
-    raise NoPublicationError(
-        f"the live version under prefix {prefix!r} kept disappearing while reading"
-    )
+    raise NoPublicationError(f"the live version under prefix {prefix!r} kept disappearing while reading")

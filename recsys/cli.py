@@ -116,9 +116,9 @@ def cmd_train(args, settings: Settings) -> int:
 
 
 def cmd_infer(args, settings: Settings) -> int:
-    from flows.inference_flow import inference_flow_for
+    from flows.inference_flow import inference_flow
 
-    result = inference_flow_for(settings)(as_of=args.as_of or _today_as_of())
+    result = inference_flow(as_of=args.as_of or _today_as_of())
     print_publication(result)
     return 0
 
@@ -126,13 +126,13 @@ def cmd_infer(args, settings: Settings) -> int:
 def run_weekly_job(settings: Settings, as_of: date, source: str | None) -> tuple[dict, dict]:
     """Features for every week training needs, then training, then inference."""
     from flows.feature_flow import feature_flow
-    from flows.inference_flow import inference_flow_for
+    from flows.inference_flow import inference_flow
     from flows.training_flow import training_flow
 
     first = as_of - timedelta(weeks=settings.training_weeks + 2)
     feature_flow(as_of=as_of, source=source, backfill_from=first)
     trained = training_flow(as_of=as_of)
-    published = inference_flow_for(settings)(as_of=as_of)
+    published = inference_flow(as_of=as_of)
     return trained, published
 
 

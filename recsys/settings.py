@@ -51,5 +51,7 @@ class Settings(BaseSettings):
     dask_address: str | None = None
     redis_prefix: str = Field(default="recs", pattern=r"^[A-Za-z0-9_.-]+$")
     publish_chunk: int = Field(default=2_000, ge=1)
-    publish_connections: int = Field(default=2, ge=1)
+    score_batch_users: int = Field(
+        default=5_000, ge=1, description="Users whose features one partition reads and scores at a time."
+    )
     keep_versions: int = Field(default=2, ge=2)

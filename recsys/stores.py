@@ -106,5 +106,11 @@ def advisory_lock(engine: sa.Engine, name: str) -> Iterator[None]:
         try:
             yield
         finally:
-            conn.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": key})
-            conn.commit()
+            try:
+                conn.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+            except sa.exc.DBAPIError as error:
+                if not error.connection_invalidated:
+                    raise
+                # The session that held the lock is gone, and the server released the lock with it.
+                log.warning("lost the connection holding lock %s (released by the server): %s", name, error.orig)

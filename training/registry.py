@@ -176,8 +176,16 @@ def register_model(
     code_version: str | None = None,
     status: str = "registered",
     decision: Decision | dict[str, Any] | None = None,
+    promote_reason: str | None = None,
+    actor: str = "training-flow",
 ) -> int:
-    """Store a new version of model `name` and return its number (1 for the first)."""
+    """Store a new version of model `name` and return its number (1 for the first).
+
+    With `promote_reason`, the new version also becomes champion in the same transaction:
+    a crash can leave no registered model that was meant to be champion and is not.
+    """
+    if promote_reason is not None:
+        _require_words(reason=promote_reason, actor=actor)
     if status not in _REGISTRABLE:
         raise ValueError(
             f"register_model {name}: status must be one of {_REGISTRABLE}, got {status!r}"
@@ -232,6 +240,8 @@ def register_model(
             ),
             values | {"version": version},
         )
+        if promote_reason is not None:
+            _move_alias(conn, name, CHAMPION, version, reason=promote_reason, actor=actor, force=False)
     log.info("registered model %s v%d (%s, %d bytes)", name, version, status, len(model_text))
     return version
 

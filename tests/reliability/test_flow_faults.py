@@ -1,0 +1,198 @@
+"""Faults injected into real Redis and Postgres servers while the inference flow publishes.
+
+Each test copies the trained template into its own database and publishes into its own
+redis-server (AOF on, so a SIGKILLed server comes back with what it had confirmed).
+Task retry delays are shortened (count and conditions unchanged) so a test takes seconds.
+"""
+
+import hashlib
+import pickle
+import re
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from flows import inference_flow as inference_module
+from inference import publications, serving
+from tests.reliability.conftest import AS_OF, shorten_retries
+from tests.reliability.observe import (
+    live_version,
+    namespace_dump,
+    new_writing_version,
+    task_attempts,
+    versions,
+    when,
+)
+from tests.reliability.services import dump_redis
+from training import registry
+
+pytestmark = pytest.mark.reliability
+
+PREFIX = "recs"
+
+
+def run_failing(as_of=AS_OF) -> tuple[BaseException, object]:
+    """Run the inference flow expecting failure; return its exception and flow run id."""
+    state = inference_module.inference_flow(as_of=as_of, return_state=True)
+    assert state.is_failed(), f"the flow should have failed, it is {state.type}"
+    return state.result(raise_on_failure=False), state.state_details.flow_run_id
+
+
+def publication_rows(engine: sa.Engine) -> dict[str, dict]:
+    return {row["version"]: row for row in publications.list_publications(engine).iter_rows(named=True)}
+
+
+def test_redis_out_of_memory_mid_publish_fails_the_flow_and_keeps_the_live_set(publishing):
+    _, server, live, engine = publishing
+    r = server.client()
+    before = namespace_dump(server.url(), live)
+    # Once the new version has user keys, Redis is full: every later write is refused (noeviction).
+    filler = when(new_writing_version(server.url(), {live}), lambda _: r.config_set("maxmemory", 1), timeout=120)
+
+    error, _ = run_failing()
+
+    filler.join(timeout=10)
+    assert isinstance(error, serving.PublishError)
+    assert "used memory > 'maxmemory'" in str(error)
+    assert live_version(r) == live
+    assert namespace_dump(server.url(), live) == before
+    (rec,) = serving.get_recommendations(r, PREFIX, [1])
+    assert rec.version == live
+    (failed,) = [row for row in publication_rows(engine).values() if row["version"] != live]
+    assert failed["status"] == "failed" and "maxmemory" in failed["error"]
+    assert failed["version"] in versions(r), "a full Redis cannot even be cleaned: the next run must do it"
+
+    r.config_set("maxmemory", 0)
+    retried = inference_module.inference_flow(as_of=AS_OF)
+
+    assert live_version(r) == retried["version"]
+    assert versions(r) == {live, retried["version"]}, "the failed run's partial namespace was left behind"
+
+
+def test_redis_killed_mid_publish_fails_naming_the_connection_and_the_next_run_cleans_up(publishing):
+    _, server, live, _ = publishing
+    before = namespace_dump(server.url(), live)
+    killer = when(new_writing_version(server.url(), {live}), lambda _: server.kill(), timeout=120)
+
+    error, _ = run_failing()
+
+    killer.join(timeout=10)
+    assert "value" in killer.outcome, "the publication never started writing"
+    assert f"127.0.0.1:{server.port}" in str(error) and "onnect" in str(error)
+    server.start()  # same port and AOF: what Redis confirmed before the kill is back
+    r = server.client()
+    assert live_version(r) == live
+    assert namespace_dump(server.url(), live) == before
+    partial = killer.outcome["value"]
+    assert r.hget(serving.KeySpace(PREFIX).meta(partial), "status") == "writing"
+
+    retried = inference_module.inference_flow(as_of=AS_OF)
+
+    assert versions(r) == {live, retried["version"]}
+    assert live_version(r) == retried["version"]
+
+
+def test_redis_back_within_the_task_retries_lets_the_publication_complete(publishing, monkeypatch):
+    _, server, live, _ = publishing
+    shorten_retries(monkeypatch, inference_module, [1.0, 2.0, 4.0])
+    restarted = threading.Event()
+
+    def bounce(_) -> None:
+        server.kill()
+        server.start()
+        restarted.set()
+
+    # At begin, while partitions score: no write is in flight (a write cut between its MSET and its count
+    # is test_redis_faults' case).
+    bouncer = when(new_writing_version(server.url(), {live}, min_written=0), bounce, timeout=120)
+
+    result = inference_module.inference_flow(as_of=AS_OF)
+
+    bouncer.join(timeout=30)
+    assert restarted.is_set(), "Redis was never restarted mid-publication"
+    r = server.client()
+    assert live_version(r) == result["version"] == bouncer.outcome["value"]
+    meta = r.hgetall(serving.KeySpace(PREFIX).meta(result["version"]))
+    assert meta["status"] == "live" and int(meta["written_users"]) == result["personal"]
+
+
+def test_postgres_restart_mid_publish_is_retried_and_the_flow_completes(publishing, private_postgres, monkeypatch):
+    _, server, live, engine = publishing
+    shorten_retries(monkeypatch, inference_module, [1.0, 2.0, 4.0])
+
+    def bounce(_) -> None:
+        private_postgres.stop("immediate")
+        private_postgres.start()
+
+    bouncer = when(new_writing_version(server.url(), {live}, min_written=0), bounce, timeout=120)
+    try:
+        result = inference_module.inference_flow(as_of=AS_OF)
+    finally:
+        bouncer.join(timeout=60)
+    assert "value" in bouncer.outcome
+    assert live_version(server.client()) == result["version"]
+    assert publication_rows(engine)[result["version"]]["status"] == "live"
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that a payload was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("tampering", ["changed-text", "pickle-payload"])
+def test_tampered_champion_is_refused_before_anything_is_published(publishing, tampering, tmp_path):
+    settings, server, live, engine = publishing
+    champion = registry.get_champion(engine, settings.model_name)
+    with engine.connect() as conn:
+        text = conn.execute(
+            sa.text("select model_text from model_versions where name = :n and version = :v"),
+            {"n": champion.name, "v": champion.version},
+        ).scalar_one()
+    marker = tmp_path / "unpickled"
+    if tampering == "changed-text":
+        # Same sha256 on record, one digit of a leaf's score changed (same length, so LightGBM
+        # would load it happily): a silent edit of the model.
+        digit = re.search(r"leaf_value=-?\d", text).end() - 1
+        forged, sha = text[:digit] + ("2" if text[digit] == "1" else "1") + text[digit + 1 :], None
+    else:
+        forged = pickle.dumps(_Planted(marker), protocol=0).decode("ascii")
+        sha = hashlib.sha256(forged.encode()).hexdigest()
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "update model_versions set model_text = :t, model_sha256 = coalesce(:s, model_sha256)"
+                " where name = :n and version = :v"
+            ),
+            {"t": forged, "s": sha, "n": champion.name, "v": champion.version},
+        )
+    redis_before = dump_redis(server.url())
+    rows_before = publication_rows(engine)
+
+    error, flow_run_id = run_failing()
+
+    assert isinstance(error, registry.ModelIntegrityError)
+    assert f"model {champion.name} v{champion.version}" in str(error) and "refusing to load" in str(error)
+    assert dump_redis(server.url()) == redis_before, "something was written to Redis"
+    assert publication_rows(engine) == rows_before
+    assert not marker.exists()
+    assert task_attempts(flow_run_id, "find_champion") == [1], "a tampered model is not a transient fault"
+
+
+def test_older_week_published_after_a_newer_one_is_refused_and_the_newer_stays_live(publishing):
+    _, server, live, engine = publishing
+    redis_before = dump_redis(server.url())
+
+    error, _ = run_failing(as_of=AS_OF - timedelta(weeks=1))
+
+    assert isinstance(error, serving.StalePublication)
+    assert f"older than the live version {live}" in str(error)
+    assert dump_redis(server.url()) == redis_before
+    assert set(publication_rows(engine)) == {live}

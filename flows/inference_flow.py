@@ -106,7 +106,7 @@ def score_partition(
     """
     stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
     engine = sa.create_engine(sqlalchemy_url(database_url.get_secret_value()), poolclass=sa.NullPool)
-    client = serving.connect(redis_url.get_secret_value())
+    client = serving.connect(redis_url.get_secret_value(), cluster=settings.redis_cluster)
     try:
         with timing(stats, "read_s"):
             booster, _ = registry.load_model(engine, record.name, record.version)

@@ -16,6 +16,9 @@ Key contract (prefix `P`, default `recs`, matching `^[A-Za-z0-9_.-]+$`):
 
 Pointer and metadata keys share the hash tag `{P}`, so the Lua scripts that swap them are
 valid on Redis Cluster; user keys carry no tag and spread over the cluster's slots.
+On a cluster (`connect(url, cluster=True)`, setting `RECSYS_REDIS_CLUSTER`) every step
+that touches keys of several slots sends one command per slot (redis-py's cluster
+pipeline), and transactions only ever span `{P}` keys.
 
 A version's status goes `writing` -> `live` -> `previous` -> `retired` (rollback swaps
 `live` and `previous`); `removing` marks a version claimed for deletion, which can never
@@ -25,6 +28,8 @@ Reading (any language): `GET P:{P}:live` -> v (none: nothing published yet); the
 pipeline `GET P:v:u:<user_id>`..., `GET P:v:fallback`, `HGETALL P:{P}:meta:v` (last); a
 missing user key means "use the fallback". If the metadata is gone or its status is
 `removing`, v was retired between the two round trips: start again from the pointer.
+On a cluster that pipeline's reads reach several nodes in no fixed order, so a reader that
+got a missing user key reads the metadata once more before serving the fallback.
 
 Publishing writes a new namespace, verifies it is complete (every user key confirmed and
 the fallback present) and only then compare-and-sets the pointer in one Lua script, so a
@@ -204,12 +209,22 @@ class PublishResult:
     removed: tuple[str, ...]
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, *, cluster: bool = False) -> redis.Redis | redis.RedisCluster:
     """A client for a Redis URL (password, ACL user, TLS and unix sockets as in the module doc).
 
-    Nothing is sent until the first command.
+    A single-node client sends nothing until the first command. A cluster client (`cluster`)
+    asks the node in the URL for the slot map at once; it needs a redis:// or rediss:// URL
+    of any node, with database 0.
     """
-    return redis.Redis.from_url(url, decode_responses=True)
+    if not cluster:
+        return redis.Redis.from_url(url, decode_responses=True)
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"a Redis Cluster is reached over redis:// or rediss://, got a {scheme}:// URL: "
+            "set RECSYS_REDIS_URL to one of its nodes, or RECSYS_REDIS_CLUSTER=false"
+        )
+    return redis.RedisCluster.from_url(url, decode_responses=True)
 
 
 def redact_url(url: str) -> str:
@@ -316,6 +331,7 @@ def begin_publication(r: redis.Redis, prefix: str, as_of: date) -> str:
         raise ValueError(f"as_of must be a date, got {as_of!r}")
     with _failing_as_publish_error(f"as_of {as_of}", "allocating a version"):
         version = format_version(as_of, r.incr(keys.seq))
+        # Both keys carry the tag {P}: one slot, so a transaction on a cluster too.
         pipe = r.pipeline(transaction=True)
         pipe.sadd(keys.versions, version)
         pipe.hset(
@@ -370,7 +386,8 @@ def _chunk_writer(r: redis.Redis, meta: str) -> Callable[[list[str], list[str]],
 
     On one server a Lua script writes and counts the chunk atomically. A cluster refuses
     scripts across slots: there the keys are written per slot, then counted, so a crash
-    between the two can leave the count short and the publication refused, never wrong.
+    between the two, or two writers of one chunk, leave the count wrong; `finish_publication`
+    then counts the keys themselves.
     """
     if not isinstance(r, redis.RedisCluster):
         script = r.register_script(_WRITE_CHUNK)
@@ -428,6 +445,9 @@ def finish_publication(
     if status != "writing":
         raise PublishError(f"version {version} under prefix {prefix!r} is already {status}")
     written = int(meta.get("written_users", 0))
+    if written != expected_users and isinstance(r, redis.RedisCluster):
+        with _failing_as_publish_error(f"version {version}", "counting its user keys"):
+            written = _count_user_keys(r, keys, version)
     if written != expected_users:
         raise PublishError(
             f"version {version} is incomplete: {written} of {expected_users} user keys "
@@ -458,6 +478,14 @@ def finish_publication(
         user_count=expected_users,
         removed=tuple(removed),
     )
+
+
+def _count_user_keys(r: redis.RedisCluster, keys: KeySpace, version: str) -> int:
+    """How many user keys a version has, by SCAN of every primary: exact, but reads the whole keyspace."""
+    started = time.perf_counter()
+    found = sum(1 for _ in r.scan_iter(match=keys.user(version, "*"), count=_SCAN_BATCH))
+    log.info("counted %d user keys of version %s in %.2fs", found, version, time.perf_counter() - started)
+    return found
 
 
 def _metadata_fields(metadata: dict[str, Any], expected_users: int) -> dict[str, str]:
@@ -535,7 +563,11 @@ def cleanup_stale_versions(r: redis.Redis, prefix: str, *, keep: int = 2) -> lis
 
 
 def _remove_namespace(r: redis.Redis, keys: KeySpace, version: str) -> None:
-    """UNLINK a version's keys in SCAN batches, then its metadata and set membership."""
+    """UNLINK a version's keys in SCAN batches, then its metadata and set membership.
+
+    On a cluster, SCAN visits every primary and redis-py splits each UNLINK into one
+    command per slot, sent as one pipeline.
+    """
     started = time.perf_counter()
     unlinked = 0
     batch: list[str] = []
@@ -547,6 +579,7 @@ def _remove_namespace(r: redis.Redis, keys: KeySpace, version: str) -> None:
     if batch:
         unlinked += r.unlink(*batch)
     # Metadata and set membership go last, so an interrupted removal is found again.
+    # Both carry the tag {P}: one slot, so a transaction on a cluster too.
     pipe = r.pipeline(transaction=True)
     pipe.unlink(keys.meta(version))
     pipe.srem(keys.versions, version)
@@ -618,6 +651,10 @@ def get_recommendations(r: redis.Redis, prefix: str, user_ids: Sequence[int]) ->
         # Metadata is read last: if it is not yet marked for removal, nothing before it was removed.
         pipe.hgetall(keys.meta(version))
         *values, fallback, meta = pipe.execute()
+        if None in values and isinstance(r, redis.RedisCluster):
+            # The pipeline reached the nodes in no fixed order: the metadata may have been read
+            # before a missing key. Read it again, so a removal that caused the miss is seen.
+            meta = r.hgetall(keys.meta(version))
         if fallback is not None and meta.get("status") not in (None, "removing"):
             return [
                 Recommendation(

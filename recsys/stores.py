@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import redis
 import sqlalchemy as sa
 
+from inference import serving
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ class Stores:
     """An open Postgres engine and Redis client, with the URLs that reach them."""
 
     engine: sa.Engine
-    redis: redis.Redis
+    redis: redis.Redis | redis.RedisCluster
     database_url: str
     redis_url: str
 
@@ -39,9 +40,14 @@ def libpq_url(url: str) -> str:
 @contextmanager
 def open_stores(settings: Settings) -> Iterator[Stores]:
     """Yield connected stores; start embedded servers when no URL is configured."""
+    if settings.redis_cluster and settings.redis_url is None:
+        raise ValueError(
+            "RECSYS_REDIS_CLUSTER is true but RECSYS_REDIS_URL is empty: the embedded Redis is a "
+            "single server; set RECSYS_REDIS_URL to a node of the cluster, e.g. redis://host:6379/0"
+        )
     with _postgres_url(settings) as db_url, _redis_url(settings) as r_url:
         engine = sa.create_engine(sqlalchemy_url(db_url), pool_pre_ping=True, pool_size=8)
-        client = redis.Redis.from_url(r_url, decode_responses=True)
+        client = serving.connect(r_url, cluster=settings.redis_cluster)
         try:
             with engine.connect() as conn:
                 conn.execute(sa.text("select 1"))

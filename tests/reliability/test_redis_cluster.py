@@ -32,43 +32,50 @@ class Cluster:
     """Three redis-server masters on free ports, joined into one cluster covering all 16384 slots."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.ports = [free_port() for _ in range(3)]
         self.processes: list[subprocess.Popen] = []
+        # Plain (non-cluster) clients, one per master, to look at what each node holds.
+        self.nodes = [
+            redis.Redis(host="127.0.0.1", port=p, password=PASSWORD, decode_responses=True) for p in self.ports
+        ]
+
+    def start(self) -> None:
         for port in self.ports:
-            node_dir = folder / str(port)
+            node_dir = self.folder / str(port)
             node_dir.mkdir(parents=True)
             self.processes.append(
                 subprocess.Popen(
+                    # The bus port is given too: the default, port + 10000, may exceed 65535.
                     [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
-                     "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                     "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                     "--cluster-config-file", str(node_dir / "nodes.conf"),
                      "--save", "", "--appendonly", "no", "--requirepass", PASSWORD, "--masterauth", PASSWORD,
                      "--loglevel", "warning"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
             )  # fmt: skip
-        for node in self.nodes():
-            wait_for(lambda node=node: _answers(node), f"cluster node {node}", timeout=20)
+        for port, node in zip(self.ports, self.nodes, strict=True):
+            wait_for(lambda node=node: _answers(node), f"cluster node on port {port}", timeout=20)
         subprocess.run(
             ["redis-cli", "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
              *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        for node in self.nodes():
-            wait_for(lambda node=node: _cluster_ok(node), f"cluster_state:ok on {node}", timeout=30, every=0.1)
+        for port, node in zip(self.ports, self.nodes, strict=True):
+            wait_for(lambda node=node: _cluster_ok(node), f"cluster_state:ok on port {port}", timeout=30, every=0.1)
 
     @property
     def url(self) -> str:
         return f"redis://:{PASSWORD}@127.0.0.1:{self.ports[0]}/0"
 
-    def nodes(self) -> list[redis.Redis]:
-        """One plain (non-cluster) client per master, to look at what each node holds."""
-        return [redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, decode_responses=True) for port in self.ports]
-
     def keys_per_node(self, pattern: str) -> list[int]:
-        return [sum(1 for _ in node.scan_iter(match=pattern, count=1_000)) for node in self.nodes()]
+        return [sum(1 for _ in node.scan_iter(match=pattern, count=1_000)) for node in self.nodes]
 
     def close(self) -> None:
+        for node in self.nodes:
+            node.close()
         for process in self.processes:
             process.kill()
         for process in self.processes:
@@ -88,10 +95,11 @@ def _cluster_ok(node: redis.Redis) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if shutil.which("redis-cli") is None or not Path(redis_server_binary()).exists():
-        pytest.skip("redis-server and redis-cli are needed to start a Redis Cluster; install redis-server")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not on PATH: a Redis Cluster cannot be created (install redis-server/redis-tools)")
     started = Cluster(tmp_path_factory.mktemp("redis-cluster"))
     try:
+        started.start()
         yield started
     finally:
         started.close()
@@ -110,10 +118,15 @@ def prefix(request: pytest.FixtureRequest) -> str:
 
 
 def recs_for(users: range, first_item: int) -> pl.DataFrame:
-    """User u gets items [first_item + u % 50, first_item + 1, u]: a list that differs per user and per week."""
+    """User u gets [first_item + 100 + u % 50, first_item, u]: a list that differs per user and per week."""
     return pl.DataFrame({"user_id": list(users)}).with_columns(
-        items=pl.concat_list(pl.col("user_id") % 50 + first_item, pl.lit(first_item + 1), pl.col("user_id"))
+        items=pl.concat_list(pl.col("user_id") % 50 + first_item + 100, pl.lit(first_item), pl.col("user_id"))
     )
+
+
+def expected_items(user: int, week: int) -> list[int]:
+    first_item = 1_000 * (week + 1)
+    return [user % 50 + first_item + 100, first_item, user]
 
 
 def publish_week(r: redis.RedisCluster, prefix: str, week: int, **options) -> serving.PublishResult:
@@ -121,3 +134,130 @@ def publish_week(r: redis.RedisCluster, prefix: str, week: int, **options) -> se
     return serving.publish_recommendations(
         r, prefix, as_of, recs_for(range(USERS), 1_000 * (week + 1)), [week, 999], METADATA, chunk=500, **options
     )
+
+
+def version_keys(cluster: Cluster, prefix: str, version: str) -> list[int]:
+    """Per node, how many user and fallback keys of `version` it holds."""
+    return cluster.keys_per_node(f"{prefix}:{version}:*")
+
+
+def test_two_weekly_publications_spread_user_keys_over_every_node_and_read_back(cluster, client, prefix):
+    first = publish_week(client, prefix, 0)
+    second = publish_week(client, prefix, 1)
+
+    assert (second.previous, second.user_count, second.removed) == (first.version, USERS, ())
+    for result in (first, second):
+        per_node = version_keys(cluster, prefix, result.version)
+        assert sum(per_node) == USERS + 1 and min(per_node) > USERS // 5, per_node
+    pointer_nodes = cluster.keys_per_node(f"{prefix}:{{{prefix}}}:*")
+    assert sorted(pointer_nodes) == [0, 0, 6], "live, previous, seq, versions and two metas share one slot"
+    unknown = 10**6
+    recs = serving.get_recommendations(client, prefix, [0, 1_234, USERS - 1, unknown])
+    assert [r.items for r in recs] == [expected_items(0, 1), expected_items(1_234, 1), expected_items(USERS - 1, 1),
+                                       [1, 999]]  # fmt: skip
+    assert [r.is_fallback for r in recs] == [False, False, False, True]
+    assert {(r.version, r.as_of, r.model_version) for r in recs} == {(second.version, second.as_of, "ranker:7")}
+
+
+def test_an_older_publication_is_refused_and_leaves_no_key_on_any_node(cluster, client, prefix):
+    newer = publish_week(client, prefix, 1)
+
+    with pytest.raises(serving.StalePublication, match="older than the live version"):
+        serving.refuse_stale(client, prefix, AS_OF)
+    with pytest.raises(serving.StalePublication, match="lost"):
+        publish_week(client, prefix, 0)
+
+    assert serving.get_recommendations(client, prefix, [7])[0].items == expected_items(7, 1)
+    assert client.smembers(serving.KeySpace(prefix).versions) == {newer.version}
+    assert cluster.keys_per_node(f"{prefix}:{AS_OF:%Y%m%d}-*") == [0, 0, 0]
+    assert cluster.keys_per_node(f"{prefix}:{{{prefix}}}:meta:{AS_OF:%Y%m%d}-*") == [0, 0, 0]
+
+
+def test_rollback_serves_the_previous_week_and_back(client, prefix):
+    first = publish_week(client, prefix, 0)
+    second = publish_week(client, prefix, 1)
+
+    assert serving.rollback(client, prefix) == first.version
+    assert serving.get_recommendations(client, prefix, [42])[0].items == expected_items(42, 0)
+    assert serving.rollback(client, prefix) == second.version
+    assert serving.get_recommendations(client, prefix, [42])[0].items == expected_items(42, 1)
+
+
+def test_versions_beyond_keep_are_removed_from_every_node(cluster, client, prefix):
+    results = [publish_week(client, prefix, week) for week in range(4)]
+
+    removed = [r.version for r in results[:2]]
+    assert [r.removed for r in results] == [(), (), (removed[0],), (removed[1],)]
+    for version in removed:
+        assert version_keys(cluster, prefix, version) == [0, 0, 0]
+        assert not client.exists(serving.KeySpace(prefix).meta(version))
+    assert client.smembers(serving.KeySpace(prefix).versions) == {r.version for r in results[2:]}
+    assert sum(version_keys(cluster, prefix, results[2].version)) == USERS + 1
+
+
+def test_a_publication_whose_namespace_was_removed_is_refused(cluster, client, prefix):
+    publish_week(client, prefix, 0)
+    version = serving.begin_publication(client, prefix, AS_OF + timedelta(weeks=1))
+    recs = recs_for(range(USERS), 2_000)
+    serving.write_recommendations(client, prefix, version, recs.head(1_000), chunk=500)
+
+    # A concurrent publisher's cleanup claims the unfinished version and removes its keys.
+    assert serving.cleanup_stale_versions(client, prefix) == [version]
+    with pytest.raises(serving.StalePublication, match="not being written"):
+        serving.write_recommendations(client, prefix, version, recs.tail(2_000), chunk=500)
+    with pytest.raises(serving.StalePublication, match="removed by a concurrent publish"):
+        serving.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
+
+    assert version_keys(cluster, prefix, version) == [0, 0, 0]
+    assert serving.get_recommendations(client, prefix, [3])[0].items == expected_items(3, 0)
+
+
+def test_a_chunk_written_but_not_counted_before_a_crash_is_counted_from_the_keys(cluster, client, prefix):
+    version = serving.begin_publication(client, prefix, AS_OF)
+    recs = recs_for(range(USERS), 1_000)
+    # What a writer killed between its MSET and its count leaves: keys on the nodes, not in written_users.
+    crashed = serving.encode_recommendations(prefix, version, recs.head(500))
+    client.mset_nonatomic(dict(zip(crashed["key"], crashed["value"], strict=True)))
+
+    serving.write_recommendations(client, prefix, version, recs, chunk=500)  # the retried partition
+    serving.write_fallback(client, prefix, version, [1, 999])
+
+    assert client.hget(serving.KeySpace(prefix).meta(version), "written_users") == str(USERS - 500)
+    result = serving.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
+    assert result.version == version
+    assert serving.get_recommendations(client, prefix, [10])[0].items == expected_items(10, 0)
+
+
+def test_a_publication_missing_a_user_key_is_refused_after_counting_the_keys(client, prefix):
+    version = serving.begin_publication(client, prefix, AS_OF)
+    recs = recs_for(range(USERS), 1_000).filter(pl.col("user_id") != 17)
+    serving.write_recommendations(client, prefix, version, recs, chunk=500)
+    serving.write_fallback(client, prefix, version, [1, 999])
+
+    with pytest.raises(serving.PublishError, match=f"incomplete: {USERS - 1} of {USERS}"):
+        serving.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
+    assert client.get(serving.KeySpace(prefix).live) is None
+
+
+def test_open_stores_builds_a_cluster_client_from_the_settings(cluster, private_postgres, monkeypatch, tmp_path):
+    monkeypatch.setenv("RECSYS_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("RECSYS_REDIS_URL", cluster.url)
+    monkeypatch.setenv("RECSYS_DATABASE_URL", private_postgres.url())
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path))
+
+    with open_stores(Settings()) as stores:
+        assert isinstance(stores.redis, redis.RedisCluster)
+        assert len(stores.redis.get_primaries()) == 3
+        serving.publish_recommendations(stores.redis, "stores", AS_OF, recs_for(range(10), 1_000), [1], METADATA)
+        assert serving.get_recommendations(stores.redis, "stores", [4])[0].items == expected_items(4, 0)
+
+
+def test_cluster_setting_without_a_url_is_refused_before_anything_starts(tmp_path):
+    settings = Settings(redis_cluster=True, redis_url=None, database_url=None, data_dir=tmp_path / "data")
+
+    with (
+        pytest.raises(ValueError, match="RECSYS_REDIS_CLUSTER is true but RECSYS_REDIS_URL is empty"),
+        open_stores(settings),
+    ):
+        pass
+    assert not (tmp_path / "data").exists()

@@ -237,6 +237,23 @@ def test_unix_socket_url_with_user_and_password():
     )
 
 
+def test_cluster_client_is_refused_a_unix_socket_url_before_connecting():
+    with pytest.raises(ValueError, match="Redis Cluster is reached over redis:// or rediss://, got a unix://"):
+        serving.connect("unix:///run/redis/redis.sock", cluster=True)
+
+
+def test_cluster_client_is_refused_a_database_other_than_zero():
+    with pytest.raises(redis.RedisClusterException, match="only be 0 in cluster mode"):
+        serving.connect("redis://127.0.0.1:1/2", cluster=True)
+
+
+def test_cluster_client_names_the_node_it_could_not_reach():
+    with pytest.raises(redis.RedisClusterException, match="127.0.0.1:1") as raised:
+        serving.connect("redis://:pw@127.0.0.1:1/0", cluster=True)
+
+    assert isinstance(raised.value.__cause__, redis.ConnectionError)  # so the flow's tasks retry it
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

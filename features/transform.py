@@ -37,14 +37,16 @@ def build_feature_tables(
     events: pl.DataFrame, items: pl.DataFrame, as_of: date, *, recent_items: int, neighbours: int
 ) -> dict[str, pl.DataFrame]:
     """Every feature table of the snapshot `as_of`, keyed by table name."""
-    pairs = _collect(summarise_pairs(events_before(events, as_of), as_of))
+    # Sorted once by (user, item): the history table needs no sort of its own, and the
+    # per-user group-bys and windows below find their groups in one pass.
+    pairs = _collect(summarise_pairs(events_before(events, as_of), as_of).sort("user_id", "item_id"))
     return {
         contracts.USER_FEATURES.name: _user_features(pairs, items, as_of),
         contracts.ITEM_FEATURES.name: _item_features(pairs, items, as_of),
         contracts.ITEM_NEIGHBOURS.name: _item_neighbours(pairs, as_of, recent_items=recent_items, top_k=neighbours),
         contracts.USER_CATEGORY_AFFINITY.name: _affinity(pairs, items, as_of, "category", None),
         contracts.USER_CREATOR_AFFINITY.name: _affinity(pairs, items, as_of, "creator", FAVOURITE_CREATORS),
-        contracts.USER_ITEM_HISTORY.name: _user_item_history(pairs, as_of),
+        contracts.USER_ITEM_HISTORY.name: _user_item_history(pairs, as_of, sorted_pairs=True),
     }
 
 
@@ -247,22 +249,29 @@ def _item_neighbours(pairs: pl.DataFrame, as_of: date, *, recent_items: int, top
 def _affinity(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date, column: str, top: int | None) -> pl.DataFrame:
     contract = contracts.USER_CATEGORY_AFFINITY if column == "category" else contracts.USER_CREATOR_AFFINITY
     codes, names = _code_items(items, column)
+    n_codes = len(names)
+    # One int64 key stands for (user, code): a one-column group-by, and sorting by it is
+    # sorting by (user, name), as codes sort like names.
     frame = (
         pairs.lazy()
         .filter(pl.col("events_12w") > 0)
         .join(codes, on="item_id", how="left")
-        .with_columns(pl.col("code").fill_null(names.index_of(UNKNOWN)))
-        .group_by("user_id", "code")
+        .group_by(pl.col("user_id") * n_codes + pl.col("code").fill_null(names.index_of(UNKNOWN)))
         .agg(pl.col("events_12w").sum())
+        .sort("user_id")
+        .select(
+            (pl.col("user_id") // n_codes).alias("user_id"),
+            (pl.col("user_id") % n_codes).alias("code"),
+            "events_12w",
+        )
         .with_columns((pl.col("events_12w") / pl.col("events_12w").sum().over("user_id")).alias("share_12w"))
     )
     if top is not None:
-        # A user's favourites: most events first, ties by name (codes sort like names).
+        # A user's favourites: most events first, ties by name; then back in name order.
         values = ["code", "events_12w", "share_12w"]
         favourites = pl.col(values).top_k_by(["events_12w", "code"], top, reverse=[False, True])
-        frame = frame.group_by("user_id").agg(favourites).explode(values)
-    # Sorting by code is sorting by name, on integers.
-    found = _collect(frame.sort("user_id", "code"))
+        frame = frame.group_by("user_id").agg(favourites).explode(values).sort("user_id", "code")
+    found = _collect(frame)
     return _finish(contract, found.with_columns(names.gather(found["code"]).alias(column)), as_of, sort=False)
 
 
@@ -278,9 +287,9 @@ def _code_items(items: pl.DataFrame, column: str) -> tuple[pl.LazyFrame, pl.Seri
     return coded.select("item_id", "code"), names
 
 
-def _user_item_history(pairs: pl.DataFrame, as_of: date) -> pl.DataFrame:
+def _user_item_history(pairs: pl.DataFrame, as_of: date, *, sorted_pairs: bool = False) -> pl.DataFrame:
     frame = pairs.lazy().with_columns(_days_before(as_of, pl.col("last_ts")).alias("days_since_last_event"))
-    return _finish(contracts.USER_ITEM_HISTORY, frame, as_of)
+    return _finish(contracts.USER_ITEM_HISTORY, frame, as_of, sort=not sorted_pairs)
 
 
 def _days_before(as_of: date, ts: pl.Expr) -> pl.Expr:

@@ -74,6 +74,7 @@ def options_from_settings(settings: Settings) -> dict:
         "neighbours": settings.neighbours_per_item,
         "seed": settings.seed,
         "k": settings.eval_k,
+        "max_users": settings.training_users_per_week,
     }
 
 
@@ -134,6 +135,7 @@ def run_backtest(
     negatives_per_user: int = pipeline.NEGATIVES_PER_USER,
     seed: int = 42,
     k: int = 10,
+    max_users: int | None = None,
 ) -> BacktestResult:
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
@@ -154,7 +156,7 @@ def run_backtest(
         if key not in frames:
             frames[key] = pipeline.labelled_frame(
                 snapshots.tables(week), snapshots.labels(week), week, config, categories,
-                negatives_per_user=negatives_per_user, seed=seed,
+                negatives_per_user=negatives_per_user, seed=seed, max_users=max_users,
             )  # fmt: skip
         return frames[key]
 

@@ -6,7 +6,9 @@ rows the ranker scores; inference calls it exactly as training did.
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
+from scipy import sparse
 
 from features import contracts
 
@@ -45,30 +47,93 @@ class CandidateConfig:
 
 def _ranked(frame: pl.DataFrame, score: str, source: str, limit: int, keep: tuple[str, ...] = ()) -> pl.DataFrame:
     """Keep each user's top `limit` items by `score` (ties by item id), with the rank as a column."""
+    rank = f"{source}_rank"
     return (
-        frame.sort(["user_id", score, "item_id"], descending=[False, True, False])
-        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias(f"{source}_rank"))
-        .filter(pl.col(f"{source}_rank") <= limit)
-        .select("user_id", "item_id", f"{source}_rank", *keep)
+        # Cut to the top scores (ties kept) first: sorting every scored pair dominated the run time.
+        frame.filter(pl.col(score).rank("min", descending=True).over("user_id") <= limit)
+        .sort(["user_id", score, "item_id"], descending=[False, True, False])
+        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias(rank))
+        .filter(pl.col(rank) <= limit)
+        .select("user_id", "item_id", rank, *keep)
     )
 
 
 def _exclude(frame: pl.DataFrame, consumed: pl.DataFrame | None) -> pl.DataFrame:
-    return frame if consumed is None else frame.join(consumed, on=["user_id", "item_id"], how="anti")
+    if consumed is None:
+        return frame
+    return frame.join(consumed, on=["user_id", "item_id"], how="anti", maintain_order="left")
 
 
 def _global_top(
-    items: pl.DataFrame,
-    users: pl.DataFrame,
-    score: str,
-    source: str,
-    limit: int,
-    consumed: pl.DataFrame | None,
-    pool: int,
+    ordered_items: pl.DataFrame, users: pl.DataFrame, source: str, limit: int, consumed: pl.DataFrame | None
 ) -> pl.DataFrame:
-    """Top items of a global ordering, per user, after removing what each user consumed."""
-    top = items.sort([score, "item_id"], descending=[True, False]).head(pool).select("item_id", score)
-    return _ranked(_exclude(users.join(top, how="cross"), consumed), score, source, limit)
+    """Each user's first `limit` items of one global ordering that the user has not consumed."""
+    rank = f"{source}_rank"
+    positions = ordered_items.select("item_id").with_row_index("position")
+    # A user who consumed e of the ordered items finds `limit` others within the first limit + e:
+    # rows grow with users × limit + consumed pairs, never users × catalogue.
+    skipped = (
+        consumed.join(positions, on="item_id").group_by("user_id").agg(pl.len().alias("skipped"))
+        if consumed is not None
+        else pl.DataFrame(schema={"user_id": pl.Int64, "skipped": pl.UInt32})
+    )
+    depth = pl.min_horizontal(pl.lit(limit) + pl.col("skipped").fill_null(0), pl.lit(positions.height))
+    return (
+        users.join(skipped, on="user_id", how="left", maintain_order="left")
+        .select("user_id", pl.int_ranges(0, depth, dtype=pl.UInt32).alias("position"))
+        .explode("position")
+        .join(positions, on="position", maintain_order="left")
+        .pipe(_exclude, consumed)
+        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias(rank))
+        .filter(pl.col(rank) <= limit)
+        .select("user_id", "item_id", rank)
+    )
+
+
+def _cooccurrence_candidates(
+    recent: pl.DataFrame, neighbours: pl.DataFrame, consumed: pl.DataFrame | None, limit: int
+) -> pl.DataFrame:
+    """Each user's top `limit` unconsumed neighbours of their recent items, by summed score.
+
+    Computed as a sparse product (users × recent items) · (items × neighbours): a polars
+    group-by over every (user, recent item, neighbour) triple was over 20× slower.
+    """
+    empty = {"user_id": pl.Int64, "item_id": pl.Int64, "cooc_rank": pl.Int64, "cooc_score": pl.Float64}
+    items = pl.concat([neighbours.get_column("item_id"), neighbours.get_column("neighbour_id")]).unique().sort()
+    # Recent items without neighbours contribute nothing.
+    recent = recent.filter(pl.col("item_id").is_in(items.implode()))
+    users = recent.get_column("user_id").unique().sort()
+    if users.is_empty():
+        return pl.DataFrame(schema=empty | {"cooc_count": pl.Int64})
+
+    def positions(values: pl.Series, keys: pl.Series) -> np.ndarray:
+        return values.replace_strict(keys, pl.int_range(keys.len(), eager=True)).to_numpy()
+
+    def matrix(values: np.ndarray, rows: np.ndarray, columns: np.ndarray, n_rows: int) -> sparse.csr_matrix:
+        product = sparse.csr_matrix((values, (rows, columns)), shape=(n_rows, items.len()))
+        product.sort_indices()
+        return product
+
+    history = matrix(
+        np.ones(recent.height), positions(recent["user_id"], users), positions(recent["item_id"], items), users.len()
+    )
+    pair_rows, pair_columns = positions(neighbours["item_id"], items), positions(neighbours["neighbour_id"], items)
+    similar = matrix(neighbours["score"].to_numpy(), pair_rows, pair_columns, items.len())
+    linked = matrix(np.ones(neighbours.height), pair_rows, pair_columns, items.len())
+    scores, counts = (history @ similar).tocsr(), (history @ linked).tocsr()
+    scores.sort_indices()
+    counts.sort_indices()
+    pairs = pl.DataFrame(
+        {
+            "user_id": users.gather(np.repeat(np.arange(users.len()), np.diff(scores.indptr))),
+            "item_id": items.gather(scores.indices),
+            # Rounded so that float summation order cannot reorder near-equal scores.
+            "cooc_score": np.round(scores.data, 9),
+            # Same sparsity as the scores: every neighbour score is positive.
+            "cooc_count": counts.data.astype(np.int64),
+        }
+    )
+    return _ranked(_exclude(pairs, consumed), "cooc_score", "cooc", limit, ("cooc_score", "cooc_count"))
 
 
 def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
@@ -84,26 +149,12 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
         .head(config.recent_items)
         .select("user_id", "item_id")
     )
-    cooc = (
-        recent.join(tables.item_neighbours.select("item_id", "neighbour_id", "score"), on="item_id")
-        .group_by("user_id", pl.col("neighbour_id").alias("item_id_n"))
-        .agg(pl.col("score").sum().alias("cooc_score"), pl.col("score").max().alias("cooc_max"))
-        .rename({"item_id_n": "item_id"})
-    )
-    cooc_ranked = _ranked(_exclude(cooc, consumed), "cooc_score", "cooc", config.cooc, ("cooc_score", "cooc_max"))
+    cooc = _cooccurrence_candidates(recent, tables.item_neighbours, consumed, config.cooc)
 
-    pool = max(config.pop, config.new) * 4
-    pop = _global_top(
-        items.with_columns(-pl.col("popularity_rank_4w").alias("pop_score")),
-        user_frame,
-        "pop_score",
-        "pop",
-        config.pop,
-        consumed,
-        pool + config.pop,
-    )
+    pop = _global_top(items.sort("popularity_rank_4w"), user_frame, "pop", config.pop, consumed)
     new_items = items.filter(pl.col("days_since_release") < config.new_release_days)
-    new = _global_top(new_items, user_frame, "plays_1w", "new", config.new, consumed, pool)
+    by_plays = new_items.sort(["plays_1w", "item_id"], descending=[True, False])
+    new = _global_top(by_plays, user_frame, "new", config.new, consumed)
 
     def by_affinity(affinity: pl.DataFrame, column: str, source: str, limit: int) -> pl.DataFrame:
         favourite = (
@@ -115,6 +166,7 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
         per_key = (
             items.sort(["plays_4w", "item_id"], descending=[True, False])
             .group_by(column, maintain_order=True)
+            # A user who consumed some of a category's top items gets fewer than `limit` from it.
             .head(limit)
             .select(column, "item_id", "plays_4w")
         )
@@ -128,15 +180,15 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     category = by_affinity(tables.user_category_affinity, "category", "category", config.category)
     creator = by_affinity(tables.user_creator_affinity, "creator", "creator", config.creator)
 
-    tagged = pl.concat([cooc_ranked, pop, new, category, creator], how="diagonal")
+    tagged = pl.concat([cooc, pop, new, category, creator], how="diagonal")
     # One group-by merges the sources: each column is non-null in exactly one source's rows.
-    merged = tagged.group_by("user_id", "item_id").agg(pl.all().drop_nulls().first())
+    merged = tagged.group_by("user_id", "item_id").agg(pl.all().max())
     return merged.select(
         "user_id",
         "item_id",
         *[f"{s}_rank" for s in SOURCES],
         "cooc_score",
-        "cooc_max",
+        "cooc_count",
         pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES).alias("n_sources"),
     ).sort("user_id", "item_id")
 
@@ -148,10 +200,53 @@ _ITEM_COLUMNS = [
 # Prefixed, because user and item tables share column names (days_since_first_event).
 USER_FEATURE_COLUMNS = [f"user_{c}" for c in _USER_COLUMNS]
 ITEM_FEATURE_COLUMNS = [f"item_{c}" for c in _ITEM_COLUMNS]
-CANDIDATE_COLUMNS = [f"{s}_rank" for s in SOURCES] + ["cooc_score", "cooc_max", "n_sources"]
-USER_ITEM_COLUMNS = ["category_share_12w", "creator_share_12w", "creator_events_12w", "category_code"]
-FEATURE_NAMES = CANDIDATE_COLUMNS + USER_FEATURE_COLUMNS + ITEM_FEATURE_COLUMNS + USER_ITEM_COLUMNS
+CANDIDATE_COLUMNS = [f"{s}_rank" for s in SOURCES] + ["cooc_score", "cooc_count", "n_sources"]
+# Scale-free popularity: raw counts swing with each week's traffic, shares and ranks do not.
+ITEM_DERIVED_COLUMNS = ["item_share_1w", "item_share_4w", "item_share_total", "item_popularity_rank_total"]
+USER_ITEM_COLUMNS = [
+    "category_share_12w",
+    "creator_share_12w",
+    "creator_events_12w",
+    "category_code",
+    "cooc_score_vs_best",
+    "popularity_vs_user",
+    "release_age_vs_user",
+]
+# The ranker's starting score (training.ranker adds its trees to it): recent popularity,
+# the best plain baseline. The weight sets how much evidence the trees need to reorder
+# items: under LambdaRank's logistic pair loss the prior alone prefers an item with twice
+# the plays at 4:1 odds (2^2).
+PRIOR_FEATURE = "popularity_prior"
+PRIOR_WEIGHT = 2.0
+FEATURE_NAMES = [
+    *CANDIDATE_COLUMNS,
+    *USER_FEATURE_COLUMNS,
+    *ITEM_FEATURE_COLUMNS,
+    *ITEM_DERIVED_COLUMNS,
+    *USER_ITEM_COLUMNS,
+    PRIOR_FEATURE,
+]
 CATEGORICAL_FEATURES = ["category_code"]
+# Directions the ranker must respect (+1: more is better, -1: less is better). Popularity,
+# co-occurrence and taste never hurt an item; with only a few hundred (user, week) groups
+# (MovieLens) unconstrained trees learned noise and lost to plain recent popularity.
+MONOTONE_FEATURES = {
+    "pop_rank": -1,
+    "cooc_score": 1,
+    "item_plays_1w": 1,
+    "item_plays_4w": 1,
+    "item_plays_12w": 1,
+    "item_plays_total": 1,
+    "item_users_4w": 1,
+    "item_users_total": 1,
+    "item_popularity_rank_4w": -1,
+    "item_share_1w": 1,
+    "item_share_4w": 1,
+    "item_share_total": 1,
+    "item_popularity_rank_total": -1,
+    "category_share_12w": 1,
+    PRIOR_FEATURE: 1,
+}
 
 
 def category_encoding(item_features: pl.DataFrame) -> list[str]:
@@ -166,11 +261,19 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
         schema={"category": pl.Utf8, "category_code": pl.Int32},
     )
     users = tables.user_features.select("user_id", *[pl.col(c).alias(f"user_{c}") for c in _USER_COLUMNS])
-    items = tables.item_features.select(
-        "item_id", "category", "creator", *[pl.col(c).alias(f"item_{c}") for c in _ITEM_COLUMNS]
+    items = _with_item_derived(tables.item_features).select(
+        "item_id",
+        "category",
+        "creator",
+        *[pl.col(c).alias(f"item_{c}") for c in _ITEM_COLUMNS],
+        *ITEM_DERIVED_COLUMNS,
+        PRIOR_FEATURE,
+        "log_popularity_rank",
+        "log_release_age",
     )
     return (
         candidates.join(users, on="user_id", how="left")
+        .join(_user_tastes(tables, items), on="user_id", how="left")
         .join(items, on="item_id", how="left")
         .join(codes, on="category", how="left")
         .join(
@@ -193,9 +296,40 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
         .with_columns(
             pl.col("category_share_12w", "creator_share_12w").fill_null(0.0),
             pl.col("creator_events_12w").fill_null(0),
+            (pl.col("cooc_score") / pl.col("cooc_score").max().over("user_id")).alias("cooc_score_vs_best"),
+            (pl.col("log_popularity_rank") - pl.col("user_log_popularity_rank")).alias("popularity_vs_user"),
+            (pl.col("log_release_age") - pl.col("user_log_release_age")).alias("release_age_vs_user"),
         )
         .select("user_id", "item_id", *FEATURE_NAMES)
         .sort("user_id", "item_id")
+    )
+
+
+def _with_item_derived(item_features: pl.DataFrame) -> pl.DataFrame:
+    """Shares of all plays and the all-time popularity rank: comparable across weeks."""
+    return item_features.with_columns(
+        *[
+            (pl.col(f"plays_{w}") / pl.col(f"plays_{w}").sum().clip(lower_bound=1)).alias(f"item_share_{w}")
+            for w in ("1w", "4w", "total")
+        ],
+        pl.col("plays_total").rank("min", descending=True).cast(pl.Int64).alias("item_popularity_rank_total"),
+        (PRIOR_WEIGHT * pl.col("plays_4w").log1p()).alias(PRIOR_FEATURE),
+    ).with_columns(
+        pl.col("item_popularity_rank_total").log().alias("log_popularity_rank"),
+        pl.col("days_since_release").log1p().alias("log_release_age"),
+    )
+
+
+def _user_tastes(tables: SnapshotTables, items: pl.DataFrame) -> pl.DataFrame:
+    """How mainstream and how new the items each user consumed were, on average (log scale)."""
+    return (
+        tables.user_item_history.select("user_id", "item_id")
+        .join(items.select("item_id", "log_popularity_rank", "log_release_age"), on="item_id")
+        .group_by("user_id")
+        .agg(
+            pl.col("log_popularity_rank").mean().alias("user_log_popularity_rank"),
+            pl.col("log_release_age").mean().alias("user_log_release_age"),
+        )
     )
 
 

@@ -18,6 +18,7 @@ from training.ranker import RankerParams, attach_labels, sample_negatives, score
 BASELINES = ("recent_popular", "all_time_popular", "item_knn")
 RECALL_KEYS = ("all", *SOURCES)
 NEGATIVES_PER_USER = 50
+BATCH_USERS = 5_000  # users whose candidate frame is built at once (training, evaluation)
 
 
 def candidate_config(settings: Settings) -> CandidateConfig:
@@ -58,6 +59,20 @@ def labelled_users(labels: pl.DataFrame, tables: SnapshotTables) -> pl.Series:
     return truth.get_column("user_id").unique().sort()
 
 
+def sample_users(users: pl.Series, limit: int | None, seed: int) -> pl.Series:
+    """At most `limit` of `users` (all if None), drawn by a fixed-seed hash: the same users every run, sorted."""
+    if limit is None or users.len() <= limit:
+        return users
+    return users.gather(users.hash(seed).arg_sort().head(limit)).sort()
+
+
+def user_batches(users: pl.Series, size: int) -> list[pl.Series]:
+    """`users` in consecutive batches of at most `size` (one empty batch when there are none)."""
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    return [users.slice(start, size) for start in range(0, max(users.len(), 1), size)]
+
+
 def labelled_frame(
     tables: SnapshotTables,
     labels: pl.DataFrame,
@@ -67,11 +82,21 @@ def labelled_frame(
     *,
     negatives_per_user: int = NEGATIVES_PER_USER,
     seed: int = 42,
+    max_users: int | None = None,
+    batch_users: int = BATCH_USERS,
 ) -> pl.DataFrame:
-    """The ranking frame of one week with its labels and sampled negatives, for training or validation."""
-    users = labelled_users(labels, tables)
-    labelled = attach_labels(build_ranking_frame(tables, users, config, categories), labels, as_of)
-    return sample_negatives(labelled, negatives_per_user, seed)
+    """The ranking frame of one week with its labels and sampled negatives, for training or validation.
+
+    At most `max_users` labelled users (a fixed-seed sample), built `batch_users` at a time:
+    memory follows the batch and the kept rows, not the week's candidate count. Negatives
+    are drawn per user, so batching does not change the result.
+    """
+    users = sample_users(labelled_users(labels, tables), max_users, seed)
+    parts = []
+    for batch in user_batches(users, batch_users):
+        labelled = attach_labels(build_ranking_frame(tables, batch, config, categories), labels, as_of)
+        parts.append(sample_negatives(labelled, negatives_per_user, seed))
+    return pl.concat(parts)
 
 
 def recommend_with_model(
@@ -147,18 +172,38 @@ def evaluate_week(
     k: int,
     *,
     champion: ScoringModel | None = None,
+    batch_users: int = BATCH_USERS,
 ) -> WeekEvaluation:
     """The model, the baselines and the champion (if any) on the same evaluated users,
-    truth and catalogue of one week, with the recall of the model's candidates."""
+    truth and catalogue of one week, with the recall of the model's candidates.
+
+    Users are scored `batch_users` at a time; only their top-k lists are kept.
+    """
     users = labelled_users(labels, tables)
-    frame = build_ranking_frame(tables, users, config, model.categories)
-    recs = {"model": _recommend(model, tables, users, config, k, frame)}
-    recs |= recommend_baselines(tables, users, k, exclude_consumed=config.exclude_consumed)
-    if champion is not None:
-        same_frame = frame if champion.categories == model.categories else None
-        recs["champion"] = _recommend(champion, tables, users, config, k, same_frame)
     truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
-    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), candidate_recall(frame, truth))
+    parts: dict[str, list[pl.DataFrame]] = {}
+    recall: list[dict[str, float]] = []
+    for batch in user_batches(users, batch_users):
+        frame = build_ranking_frame(tables, batch, config, model.categories)
+        recs = {"model": _recommend(model, tables, batch, config, k, frame)}
+        recs |= recommend_baselines(tables, batch, k, exclude_consumed=config.exclude_consumed)
+        if champion is not None:
+            same_frame = frame if champion.categories == model.categories else None
+            recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame)
+        for name, top in recs.items():
+            parts.setdefault(name, []).append(top)
+        batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
+        recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
+    recs = {name: pl.concat(frames) for name, frames in parts.items()}
+    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall))
+
+
+def combine_batches_recall(batches: list[dict[str, float]]) -> dict[str, float]:
+    """Candidate recall of one week from its user batches: shares weighted by truth pairs, candidates by users."""
+    combined = combine_recall(batches)
+    users = sum(b["users"] for b in batches)
+    per_user = sum(b["candidates_per_user"] * b["users"] for b in batches) / users if users else 0.0
+    return combined | {"candidates_per_user": per_user}
 
 
 def _recommend(

@@ -8,7 +8,9 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from training.candidates import CATEGORICAL_FEATURES, FEATURE_NAMES
+from training.candidates import CATEGORICAL_FEATURES, FEATURE_NAMES, MONOTONE_FEATURES, PRIOR_FEATURE
+
+TIE_BREAK = "item_popularity_rank_4w"
 
 
 @dataclass(frozen=True)
@@ -17,14 +19,20 @@ class RankerParams:
 
     n_estimators: int = 300
     learning_rate: float = 0.05
-    num_leaves: int = 31
-    min_child_samples: int = 20
-    colsample_bytree: float = 0.8
+    num_leaves: int = 7
+    min_child_samples: int = 50
+    colsample_bytree: float = 1.0
     early_stopping_rounds: int = 30
+    # LambdaRank scores pairs only within the top `truncation_level` of the current ranking
+    # (LightGBM's default is 30). Boosting starts from the popularity prior, so a positive
+    # of little popularity starts far down the list: every pair must count to lift it.
+    truncation_level: int = 10_000
+    monotone: bool = True
     seed: int = 42
     num_threads: int = 2
 
     def lightgbm_kwargs(self) -> dict:
+        constraints = [MONOTONE_FEATURES.get(name, 0) if self.monotone else 0 for name in FEATURE_NAMES]
         return {
             "objective": "lambdarank",
             "n_estimators": self.n_estimators,
@@ -32,6 +40,8 @@ class RankerParams:
             "num_leaves": self.num_leaves,
             "min_child_samples": self.min_child_samples,
             "colsample_bytree": self.colsample_bytree,
+            "monotone_constraints": constraints,
+            "lambdarank_truncation_level": self.truncation_level,
             "random_state": self.seed,
             "n_jobs": self.num_threads,
             "deterministic": True,
@@ -86,8 +96,20 @@ def _matrix(frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray:
     return frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy()
 
 
+def _prior(frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray | None:
+    """The starting score the trees add to, when the model was trained from one."""
+    if PRIOR_FEATURE not in feature_names:
+        return None
+    return frame.get_column(PRIOR_FEATURE).cast(pl.Float64).fill_null(0.0).to_numpy()
+
+
 def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams) -> TrainedRanker:
-    """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week."""
+    """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week.
+
+    Boosting starts from the popularity prior (`PRIOR_FEATURE`), so the trees learn
+    corrections to recent popularity: with few (user, week) groups an early stop leaves
+    the model at the popularity ranking instead of a coarse few-tree step function.
+    """
     if train.is_empty() or valid.is_empty():
         raise ValueError(
             f"training needs labelled candidates in both the training weeks ({train.height} rows) "
@@ -106,6 +128,8 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
         eval_at=[10],
         feature_name=FEATURE_NAMES,
         categorical_feature=CATEGORICAL_FEATURES,
+        init_score=_prior(train, FEATURE_NAMES),
+        eval_init_score=[_prior(valid, FEATURE_NAMES)],
         callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
     )
     best = model.best_iteration_ or params.n_estimators
@@ -120,19 +144,27 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
 
 
 def score(booster: lgb.Booster, frame: pl.DataFrame, feature_names: list[str]) -> pl.DataFrame:
-    """Add the model's score to every candidate row."""
+    """Add the model's score to every candidate row: its trees plus the prior it was trained from, if any."""
     missing = [c for c in feature_names if c not in frame.columns]
     if missing:
         raise ValueError(f"the candidate frame lacks features the model was trained with: {missing}")
     if frame.is_empty():
         return frame.with_columns(pl.lit(None, pl.Float64).alias("score"))
-    return frame.with_columns(pl.Series("score", booster.predict(_matrix(frame, feature_names), num_threads=1)))
+    scores = booster.predict(_matrix(frame, feature_names), num_threads=1)
+    prior = _prior(frame, feature_names)
+    return frame.with_columns(pl.Series("score", scores if prior is None else scores + prior))
 
 
 def top_n(scored: pl.DataFrame, n: int, score_column: str = "score") -> pl.DataFrame:
-    """Each user's best `n` items as rows (user_id, item_id, rank); ties broken by item id."""
+    """Each user's best `n` items as rows (user_id, item_id, rank).
+
+    Ties in score go to the more popular item (lower `item_popularity_rank_4w`, when the
+    frame has it), then to the lower item id: a shallow model scores many items alike,
+    and popularity is the best guess among them.
+    """
+    tie_breaks = [c for c in (TIE_BREAK, "item_id") if c in scored.columns]
     return (
-        scored.sort(["user_id", score_column, "item_id"], descending=[False, True, False])
+        scored.sort(["user_id", score_column, *tie_breaks], descending=[False, True, *[False] * len(tie_breaks)])
         .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias("rank"))
         .filter(pl.col("rank") <= n)
         .select("user_id", "item_id", "rank")

@@ -1,0 +1,201 @@
+import math
+from datetime import date
+
+import polars as pl
+import pytest
+
+from features import contracts
+from training.candidates import (
+    FEATURE_NAMES,
+    PRIOR_FEATURE,
+    PRIOR_WEIGHT,
+    SOURCES,
+    CandidateConfig,
+    SnapshotTables,
+    build_ranking_frame,
+    category_encoding,
+    generate_candidates,
+)
+
+AS_OF = date(2024, 3, 4)
+CONFIG = CandidateConfig(cooc=10, pop=3, category=10, creator=10, new=2)
+
+
+def conform(contract: contracts.TableContract, columns: dict, defaults: dict | None = None) -> pl.DataFrame:
+    """A contract table from the given columns; the other numeric columns get `defaults` or 0."""
+    n = len(next(iter(columns.values())))
+    filled = {"as_of": [AS_OF] * n}
+    for column in contract.columns:
+        if column.name not in columns and column.name != "as_of":
+            filled[column.name] = [(defaults or {}).get(column.name, 0)] * n
+    return contract.conform(pl.DataFrame(filled | columns))
+
+
+def snapshot(neighbours: dict | None = None, history: dict | None = None) -> SnapshotTables:
+    """Eight items; user 1 consumed items 1 (yesterday) and 4, user 2 item 5; user 3 is cold."""
+    plays_4w = [20, 10, 8, 15, 30, 5, 25, 1]
+    items = conform(
+        contracts.ITEM_FEATURES,
+        {
+            "item_id": list(range(1, 9)),
+            "category": ["rock", "rock", "rock", "jazz", "jazz", "pop", "pop", "rock"],
+            "creator": ["a", "a", "b", "c", "c", "d", "d", "b"],
+            "plays_1w": [5, 1, 0, 2, 9, 0, 3, 0],
+            "plays_4w": plays_4w,
+            "plays_total": [3 * p for p in plays_4w],
+            "days_since_release": [400.0, 300.0, 10.0, 500.0, 20.0, 5.0, 600.0, 2.0],
+            "popularity_rank_4w": [3, 5, 6, 4, 1, 7, 2, 8],
+        },
+        {"trend_1w_vs_4w": 1.0},
+    )
+    return SnapshotTables(
+        user_features=conform(contracts.USER_FEATURES, {"user_id": [1, 2], "events_total": [2, 1]}),
+        item_features=items,
+        item_neighbours=conform(
+            contracts.ITEM_NEIGHBOURS,
+            neighbours
+            or {
+                "item_id": [1, 1, 1, 4, 4, 5],
+                "neighbour_id": [2, 3, 4, 3, 5, 4],
+                "score": [0.9, 0.5, 0.4, 0.5, 0.3, 0.8],
+                "rank": [1, 2, 3, 1, 2, 1],
+            },
+        ),
+        user_category_affinity=conform(
+            contracts.USER_CATEGORY_AFFINITY,
+            {"user_id": [1, 1, 2], "category": ["rock", "jazz", "jazz"], "share_12w": [0.6, 0.4, 1.0]},
+        ),
+        user_creator_affinity=conform(
+            contracts.USER_CREATOR_AFFINITY,
+            {"user_id": [1, 1, 2], "creator": ["a", "c", "c"], "share_12w": [0.5, 0.5, 1.0]},
+        ),
+        user_item_history=conform(
+            contracts.USER_ITEM_HISTORY,
+            history or {"user_id": [1, 1, 2], "item_id": [1, 4, 5], "days_since_last_event": [1.0, 10.0, 3.0]},
+            {"events": 1},
+        ),
+    )
+
+
+def ranked(candidates: pl.DataFrame, user: int, source: str) -> list[int]:
+    """The user's items proposed by `source`, best rank first."""
+    column = f"{source}_rank"
+    rows = candidates.filter(pl.col("user_id") == user, pl.col(column).is_not_null()).sort(column)
+    assert rows[column].to_list() == list(range(1, rows.height + 1)), "ranks must be 1..n without gaps"
+    return rows["item_id"].to_list()
+
+
+def test_cooc_sums_neighbour_scores_of_recent_items_and_counts_them():
+    candidates = generate_candidates(snapshot(), pl.Series([1]), CONFIG)
+    # Item 3 neighbours both recent items (0.5 + 0.5); item 4 is a neighbour but consumed.
+    assert ranked(candidates, 1, "cooc") == [3, 2, 5]
+    row = candidates.filter(item_id=3).row(0, named=True)
+    assert row["cooc_score"] == pytest.approx(1.0) and row["cooc_count"] == 2
+
+
+def test_pop_takes_the_most_popular_items_the_user_has_not_consumed():
+    candidates = generate_candidates(snapshot(), pl.Series([1, 2]), CONFIG)
+    assert ranked(candidates, 1, "pop") == [5, 7, 2]
+    assert ranked(candidates, 2, "pop") == [7, 1, 4]
+
+
+def test_new_takes_recent_releases_by_last_week_plays_ties_by_item_id():
+    candidates = generate_candidates(snapshot(), pl.Series([1, 2]), CONFIG)
+    assert ranked(candidates, 1, "new") == [5, 3]
+    assert ranked(candidates, 2, "new") == [3, 6]
+
+
+def test_category_and_creator_weigh_popular_items_by_the_users_share():
+    candidates = generate_candidates(snapshot(), pl.Series([1]), CONFIG)
+    # rock 0.6 × ln(plays_4w + 1) for items 2, 3, 8; jazz 0.4 × ln(31) for item 5.
+    assert ranked(candidates, 1, "category") == [2, 5, 3, 8]
+    assert ranked(candidates, 1, "creator") == [5, 2]
+
+
+def test_consumed_items_are_never_candidates_unless_exclusion_is_off():
+    tables = snapshot()
+    candidates = generate_candidates(tables, pl.Series([1, 2]), CONFIG)
+    consumed = tables.user_item_history.select("user_id", "item_id")
+    assert candidates.join(consumed, on=["user_id", "item_id"]).is_empty()
+
+    kept = generate_candidates(tables, pl.Series([1]), CandidateConfig(pop=3, exclude_consumed=False))
+    assert ranked(kept, 1, "pop") == [5, 7, 1]
+
+
+def test_a_cold_user_gets_only_global_candidates_and_null_user_features():
+    tables = snapshot()
+    candidates = generate_candidates(tables, pl.Series([3]), CONFIG)
+    assert ranked(candidates, 3, "pop") == [5, 7, 1] and ranked(candidates, 3, "new") == [5, 3]
+    assert candidates.select(pl.col("cooc_rank", "category_rank", "creator_rank").is_null().all()).row(0) == (
+        True,
+        True,
+        True,
+    )
+    frame = build_ranking_frame(tables, pl.Series([3]), CONFIG, category_encoding(tables.item_features))
+    assert frame.height == candidates.height and frame["user_events_total"].is_null().all()
+
+
+def test_no_users_give_an_empty_frame_with_every_feature():
+    tables = snapshot()
+    frame = build_ranking_frame(tables, pl.Series([], dtype=pl.Int64), CONFIG, category_encoding(tables.item_features))
+    assert frame.is_empty() and frame.columns == ["user_id", "item_id", *FEATURE_NAMES]
+
+
+def test_each_candidate_appears_once_tagged_with_every_source_that_proposed_it():
+    candidates = generate_candidates(snapshot(), pl.Series([1, 2, 3]), CONFIG)
+    assert candidates.select("user_id", "item_id").is_duplicated().sum() == 0
+    item5 = candidates.filter(user_id=1, item_id=5).row(0, named=True)
+    assert {s for s in SOURCES if item5[f"{s}_rank"] is not None} == {"cooc", "pop", "category", "creator", "new"}
+    assert item5["n_sources"] == 5
+    ranks = pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES)
+    assert (candidates.select(ranks == pl.col("n_sources")).to_series()).all()
+
+
+def test_ties_break_by_item_id_and_input_order_does_not_matter():
+    neighbours = {"item_id": [1, 1, 1], "neighbour_id": [7, 3, 6], "score": [0.5, 0.5, 0.5], "rank": [1, 2, 3]}
+    tables = snapshot(neighbours=neighbours)
+    first = generate_candidates(tables, pl.Series([1]), CONFIG)
+    assert ranked(first, 1, "cooc") == [3, 6, 7]
+
+    shuffled = SnapshotTables(
+        **{
+            name: getattr(tables, name).sample(fraction=1.0, shuffle=True, seed=3)
+            for name in tables.__dataclass_fields__
+        }
+    )
+    assert generate_candidates(shuffled, pl.Series([1]), CONFIG).equals(first)
+
+
+def test_ranking_frame_has_every_feature_and_encodes_categories_by_position():
+    tables = snapshot()
+    categories = ["jazz", "rock"]  # "pop" unknown to this encoding: null code
+    frame = build_ranking_frame(tables, pl.Series([1]), CONFIG, categories)
+    assert frame.columns == ["user_id", "item_id", *FEATURE_NAMES]
+    codes = dict(zip(frame["item_id"], frame["category_code"], strict=True))
+    assert codes[2] == 1 and codes[5] == 0 and codes[7] is None
+    shares = dict(zip(frame["item_id"], frame["category_share_12w"], strict=True))
+    assert shares[2] == pytest.approx(0.6) and shares[7] == 0.0
+    best = frame.filter(pl.col("cooc_score").is_not_null())
+    assert best["cooc_score_vs_best"].max() == pytest.approx(1.0)
+
+
+def test_popularity_vs_user_compares_an_item_with_what_the_user_consumed():
+    tables = snapshot()
+    frame = build_ranking_frame(tables, pl.Series([2]), CONFIG, category_encoding(tables.item_features))
+    # User 2 consumed only item 5, the most played ever (rank 1): log(1) = 0.
+    row = frame.filter(item_id=7).row(0, named=True)
+    assert row["popularity_vs_user"] == pytest.approx(math.log(2))
+
+
+def test_popularity_prior_orders_candidates_like_recent_popularity():
+    tables = snapshot()
+    frame = build_ranking_frame(tables, pl.Series([3]), CONFIG, category_encoding(tables.item_features))
+    plays = dict(zip(tables.item_features["item_id"], tables.item_features["plays_4w"], strict=True))
+    priors = dict(zip(frame["item_id"], frame[PRIOR_FEATURE], strict=True))
+    assert all(priors[i] == pytest.approx(PRIOR_WEIGHT * math.log1p(plays[i])) for i in priors)
+    by_prior = frame.sort(PRIOR_FEATURE, descending=True)["item_id"].to_list()
+    assert by_prior == frame.sort("item_popularity_rank_4w")["item_id"].to_list()
+
+
+def test_category_encoding_is_the_sorted_distinct_categories():
+    assert category_encoding(snapshot().item_features) == ["jazz", "pop", "rock"]

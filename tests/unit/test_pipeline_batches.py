@@ -1,0 +1,83 @@
+"""Training frames and holdout evaluation built in user batches give exactly the unbatched result."""
+
+from datetime import date, timedelta
+
+import lightgbm as lgb
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from features import transform
+from features.synthetic import generate_log
+from training import pipeline
+from training.candidates import CandidateConfig, SnapshotTables, category_encoding
+from training.ranker import RankerParams, train_ranker
+
+AS_OF = date(2024, 3, 4)
+CONFIG = CandidateConfig(recent_items=10)
+
+
+@pytest.fixture(scope="module")
+def week() -> tuple[SnapshotTables, pl.DataFrame, list[str]]:
+    """A small synthetic week: its snapshot tables, labels and category encoding."""
+    raw = generate_log(
+        n_users=300,
+        n_items=120,
+        n_events=12_000,
+        n_weeks=6,
+        end=transform.week_start(AS_OF) + timedelta(weeks=1),
+        seed=3,
+    )
+    tables = SnapshotTables.from_frames(
+        transform.build_feature_tables(raw.events, raw.items, AS_OF, recent_items=10, neighbours=20)
+    )
+    return tables, transform.build_labels(raw.events, AS_OF), category_encoding(tables.item_features)
+
+
+def test_sample_users_is_a_fixed_subset_of_the_requested_size():
+    users = pl.Series("user_id", range(1000), pl.Int64)
+    first = pipeline.sample_users(users, 100, seed=7)
+    assert first.len() == 100 and first.is_sorted() and first.is_in(users).all()
+    assert first.to_list() == pipeline.sample_users(users, 100, seed=7).to_list()
+    assert first.to_list() != pipeline.sample_users(users, 100, seed=8).to_list()
+    assert pipeline.sample_users(users, 5000, seed=7).to_list() == users.to_list()
+    assert pipeline.sample_users(users, None, seed=7).to_list() == users.to_list()
+
+
+def test_user_batches_cover_every_user_once_in_order():
+    users = pl.Series("user_id", range(11), pl.Int64)
+    batches = pipeline.user_batches(users, 4)
+    assert [b.to_list() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert [b.len() for b in pipeline.user_batches(users.head(0), 4)] == [0]
+    with pytest.raises(ValueError, match="at least 1"):
+        pipeline.user_batches(users, 0)
+
+
+def test_labelled_frame_in_batches_equals_one_batch_and_respects_the_user_cap(week):
+    tables, labels, categories = week
+    whole = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories, batch_users=10**6)
+    batched = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories, batch_users=17)
+    assert whole.height > 0
+    assert_frame_equal(batched, whole)
+
+    capped = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories, max_users=25, batch_users=10)
+    sample = set(pipeline.sample_users(pipeline.labelled_users(labels, tables), 25, seed=42))
+    assert len(sample) == 25
+    assert set(capped["user_id"]) == sample & set(whole["user_id"])
+    assert_frame_equal(capped, whole.filter(pl.col("user_id").is_in(list(sample))))
+
+
+def test_evaluation_in_batches_equals_one_batch(week):
+    tables, labels, categories = week
+    frame = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories)
+    trained = train_ranker(frame, frame, RankerParams(n_estimators=20, num_threads=1))
+    model = pipeline.ScoringModel(lgb.Booster(model_str=trained.model_text), trained.feature_names, categories)
+
+    whole = pipeline.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=10**6)
+    batched = pipeline.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=23)
+
+    assert whole.metrics["model"]["users"] > 23, "the test needs several batches"
+    assert batched.metrics.keys() == whole.metrics.keys()
+    for name, metrics in whole.metrics.items():
+        assert batched.metrics[name] == pytest.approx(metrics), name
+    assert batched.candidate_recall == pytest.approx(whole.candidate_recall)

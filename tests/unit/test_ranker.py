@@ -1,0 +1,130 @@
+from datetime import date
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+import pytest
+
+from training.candidates import FEATURE_NAMES, PRIOR_FEATURE
+from training.ranker import RankerParams, attach_labels, sample_negatives, score, top_n, train_ranker
+
+WEEK = date(2024, 3, 4)
+TINY = RankerParams(n_estimators=20, num_leaves=4, min_child_samples=2, early_stopping_rounds=5, num_threads=1)
+
+
+def labelled_week(as_of: date, users: int, items: int, seed: int) -> pl.DataFrame:
+    """Random features; a user's positives are the items with the highest cooc_score."""
+    rng = np.random.default_rng(seed)
+    n = users * items
+    frame = pl.DataFrame({name: rng.random(n) for name in FEATURE_NAMES}).with_columns(
+        pl.lit(as_of).alias("as_of"),
+        pl.Series("user_id", np.repeat(np.arange(users), items)),
+        pl.Series("item_id", np.tile(np.arange(items), users)),
+        pl.Series("category_code", rng.integers(0, 3, n)).cast(pl.Int32),
+    )
+    best = pl.col("cooc_score").rank("ordinal", descending=True).over("user_id") <= 2
+    return frame.with_columns(best.cast(pl.Int32).alias("label"))
+
+
+def test_attach_labels_marks_new_items_only_and_drops_users_without_positives():
+    frame = pl.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [10, 11, 10, 12]})
+    labels = pl.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 12], "is_new": [True, False, False]})
+    labelled = attach_labels(frame, labels, WEEK)
+    assert labelled.select("user_id", "item_id", "label").rows() == [(1, 10, 1), (1, 11, 0)]
+    assert labelled["as_of"].to_list() == [WEEK, WEEK]
+
+
+def test_sample_negatives_keeps_every_positive_and_at_most_n_negatives_per_user_week():
+    frame = labelled_week(WEEK, users=5, items=40, seed=1)
+    frame = pl.concat([frame, frame.with_columns(pl.lit(date(2024, 3, 11)).alias("as_of"))])
+    sampled = sample_negatives(frame, per_user=7, seed=3)
+    positives = frame.filter(pl.col("label") == 1)
+    assert sampled.filter(pl.col("label") == 1).sort(pl.all()).equals(positives.sort(pl.all()))
+    negatives = sampled.filter(pl.col("label") == 0).group_by("as_of", "user_id").len()
+    assert negatives.height == 10 and (negatives["len"] == 7).all()
+
+
+def test_sample_negatives_is_deterministic_for_a_seed_and_varies_with_it():
+    frame = labelled_week(WEEK, users=3, items=50, seed=1)
+    first = sample_negatives(frame, per_user=5, seed=3)
+    assert (
+        sample_negatives(frame.reverse(), per_user=5, seed=3)
+        .sort("user_id", "item_id")
+        .equals(first.sort("user_id", "item_id"))
+    )
+    assert (
+        not sample_negatives(frame, per_user=5, seed=4)
+        .sort("user_id", "item_id")
+        .equals(first.sort("user_id", "item_id"))
+    )
+
+
+def test_top_n_orders_by_score_breaks_ties_by_item_id_and_cuts_at_n():
+    scored = pl.DataFrame({"user_id": [1, 1, 1, 1, 2], "item_id": [9, 3, 5, 7, 4], "score": [0.5, 0.5, 0.9, 0.1, 0.0]})
+    assert top_n(scored, 3).rows() == [(1, 5, 1), (1, 3, 2), (1, 9, 3), (2, 4, 1)]
+
+
+def test_score_refuses_a_frame_missing_a_model_feature():
+    booster = lgb.Booster(
+        model_str=train_ranker(labelled_week(WEEK, 6, 20, 1), labelled_week(WEEK, 3, 20, 2), TINY).model_text
+    )
+    frame = labelled_week(WEEK, 2, 5, 3).drop("cooc_score")
+    with pytest.raises(ValueError, match="cooc_score"):
+        score(booster, frame, FEATURE_NAMES)
+
+
+def test_trained_ranker_learns_the_signal_and_records_what_inference_needs():
+    model = train_ranker(labelled_week(WEEK, 30, 20, 1), labelled_week(WEEK, 10, 20, 2), TINY)
+    assert model.feature_names == FEATURE_NAMES and 1 <= model.best_iteration <= TINY.n_estimators
+    assert max(model.feature_importance, key=model.feature_importance.get) == "cooc_score"
+    test = labelled_week(WEEK, 10, 20, 3)
+    ranked = top_n(score(lgb.Booster(model_str=model.model_text), test, model.feature_names), 2)
+    hits = ranked.join(test.filter(pl.col("label") == 1), on=["user_id", "item_id"]).height
+    assert hits >= 12  # of 20 positives; a random ranking finds about 2
+
+
+def test_same_data_and_seed_give_an_identical_model_text():
+    train, valid = labelled_week(WEEK, 30, 20, 1), labelled_week(WEEK, 10, 20, 2)
+    first = train_ranker(train, valid, TINY)
+    again = train_ranker(train.sample(fraction=1.0, shuffle=True, seed=9), valid, TINY)
+    assert first.model_text == again.model_text and first.sha256 == again.sha256
+
+
+def test_training_refuses_an_empty_validation_week():
+    with pytest.raises(ValueError, match="validation week"):
+        train_ranker(labelled_week(WEEK, 5, 10, 1), labelled_week(WEEK, 5, 10, 2).clear(), TINY)
+
+
+def test_score_adds_the_prior_only_for_models_trained_from_it():
+    model = train_ranker(labelled_week(WEEK, 6, 20, 1), labelled_week(WEEK, 3, 20, 2), TINY)
+    booster = lgb.Booster(model_str=model.model_text)
+    frame = labelled_week(WEEK, 2, 5, 3)
+    trees = booster.predict(frame.select(pl.col(FEATURE_NAMES).cast(pl.Float64)).to_numpy())
+    with_prior = score(booster, frame, FEATURE_NAMES)["score"].to_numpy()
+    assert with_prior == pytest.approx(trees + frame[PRIOR_FEATURE].to_numpy())
+    # A model registered before the prior existed lists no prior feature: its trees alone.
+    older = [n for n in FEATURE_NAMES if n != PRIOR_FEATURE]
+    older_booster = lgb.train(
+        {"objective": "regression", "verbose": -1, "min_data_in_leaf": 2},
+        lgb.Dataset(frame.select(older).to_numpy(), frame["label"].to_numpy(), feature_name=older),
+        3,
+    )
+    alone = older_booster.predict(frame.select(pl.col(older).cast(pl.Float64)).to_numpy())
+    assert score(older_booster, frame, older)["score"].to_numpy() == pytest.approx(alone)
+
+
+def test_ranker_without_signal_beyond_the_prior_ranks_by_the_prior():
+    def prior_labelled(as_of: date, users: int, seed: int) -> pl.DataFrame:
+        best = pl.col(PRIOR_FEATURE).rank("ordinal", descending=True).over("user_id") <= 2
+        return labelled_week(as_of, users, 20, seed).with_columns(best.cast(pl.Int32).alias("label"))
+
+    model = train_ranker(prior_labelled(WEEK, 30, 1), prior_labelled(WEEK, 10, 2), TINY)
+    test = prior_labelled(WEEK, 10, 3)
+    ranked = top_n(score(lgb.Booster(model_str=model.model_text), test, model.feature_names), 2)
+    hits = ranked.join(test.filter(pl.col("label") == 1), on=["user_id", "item_id"]).height
+    assert hits >= 18  # of 20 positives
+
+
+def test_lambdarank_weighs_every_pair_of_a_candidate_list():
+    # LightGBM's default truncation (30) would ignore pairs below the top 30 of ~170 candidates.
+    assert RankerParams().lightgbm_kwargs()["lambdarank_truncation_level"] >= 1_000

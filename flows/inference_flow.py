@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
-from prefect.task_runners import TaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from features import contracts, store
@@ -206,19 +206,22 @@ def publication_markdown(
 
 
 @contextmanager
-def partition_runner(settings: Settings) -> Iterator[TaskRunner | None]:
-    """A Dask task runner on `settings.dask_address` if set, else None: the flow's own threads.
+def partition_runner(settings: Settings) -> Iterator[TaskRunner]:
+    """Where the partition tasks run, chosen when the flow runs (so served deployments follow the settings).
 
-    Chosen when the flow runs, not when it is defined, so a served deployment follows the
-    settings of the process running it.
+    A Dask task runner on `settings.dask_address` if set; else a thread pool running at
+    most `settings.partition_workers` partitions at once (default: one per CPU), since
+    each running partition holds one batch of candidates in memory.
     """
-    if not settings.dask_address:
-        yield None
-        return
-    from prefect_dask import DaskTaskRunner
+    if settings.dask_address:
+        from prefect_dask import DaskTaskRunner
 
-    log.info("scoring partitions on the Dask cluster at %s", settings.dask_address)
-    with DaskTaskRunner(address=settings.dask_address) as runner:
+        log.info("scoring partitions on the Dask cluster at %s", settings.dask_address)
+        with DaskTaskRunner(address=settings.dask_address) as runner:
+            yield runner
+        return
+    workers = settings.partition_workers or os.cpu_count() or 1
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
         yield runner
 
 
@@ -226,15 +229,15 @@ def score_partitions(stores, settings: Settings, record, snapshot: date, version
     """Run one score_partition task per hash partition of the users; their summed stats."""
     started = time.perf_counter()
     urls = SecretStr(stores.database_url), SecretStr(stores.redis_url)
+    names = ("database_url", "redis_url", "settings", "record", "snapshot", "version", "users")
     with partition_runner(settings) as runner:
-        futures = []
-        for part in scoring.partition_users(users, settings.partitions):
-            args = (*urls, settings, record, snapshot, version, part)
-            if runner is None:
-                futures.append(score_partition.submit(*args))
-            else:
-                names = ("database_url", "redis_url", "settings", "record", "snapshot", "version", "users")
-                futures.append(runner.submit(score_partition, parameters=dict(zip(names, args, strict=True))))
+        futures = [
+            runner.submit(
+                score_partition,
+                parameters=dict(zip(names, (*urls, settings, record, snapshot, version, part), strict=True)),
+            )
+            for part in scoring.partition_users(users, settings.partitions)
+        ]
         wait(futures)  # every partition has stopped writing before a failure is handled
         parts = [future.result() for future in futures]
     stats = {key: sum(part[key] for part in parts) for key in ("personal", "read_s", "score_s", "write_s")}

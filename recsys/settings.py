@@ -46,11 +46,19 @@ class Settings(BaseSettings):
     promotion_margin: float = Field(
         default=0.0, ge=0, description="Relative NDCG@10 gain needed to replace the champion."
     )
+    training_users_per_week: int = Field(
+        default=10_000,
+        ge=1,
+        description="Labelled users (a fixed-seed sample) per training and validation week: bounds training memory.",
+    )
     num_threads: int = Field(default=2, ge=1)
     eval_k: int = Field(default=10, ge=1)
 
     # inference and serving
     partitions: int = Field(default=4, ge=1)
+    partition_workers: int | None = Field(
+        default=None, ge=1, description="Partitions scored at once in one process (default: one per CPU)."
+    )
     dask_address: str | None = None
     redis_prefix: str = Field(default="recs", pattern=r"^[A-Za-z0-9_.-]+$")
     publish_chunk: int = Field(default=2_000, ge=1)

@@ -25,7 +25,6 @@ JSON to benchmarks/results/ (git-ignored).
 """
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -35,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,6 +42,7 @@ from urllib.parse import quote
 import polars as pl
 import sqlalchemy as sa
 
+from benchmarks import cpu_model, save_result
 from features import contracts, store, transform, validation
 from features.synthetic import generate_log
 from recsys.settings import Settings
@@ -52,7 +52,6 @@ log = logging.getLogger("benchmarks.features_bench")
 
 AS_OF = date(2024, 3, 4)
 SCHEMA = "bench_features"
-RESULTS_DIR = Path(__file__).with_name("results")
 COPY_CHUNK_ROWS = 100_000
 
 
@@ -260,14 +259,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-
-
 def format_table(result: dict[str, Any]) -> str:
     compute, write = result["compute"], result["write"]
     big, small = result["validation"]["snapshot"], result["validation"]["small_snapshot"]
@@ -324,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args, Path(folder))
         table = format_table(result)
         print(table, flush=True)
-        RESULTS_DIR.mkdir(exist_ok=True)
-        out = RESULTS_DIR / f"features-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-        out.write_text(json.dumps(result | {"table": table}, indent=2, default=str))
-        log.info("wrote %s", out)
+        log.info("wrote %s", save_result("features", result, table))
     return 0
 
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -43,6 +43,7 @@ import polars as pl
 import redis
 import sqlalchemy as sa
 
+from benchmarks import cpu_model, save_result
 from features import contracts, store
 from features.sources import RawData
 from features.synthetic import generate_log
@@ -61,7 +62,6 @@ log = logging.getLogger("benchmarks.inference_bench")
 AS_OF = date(2026, 11, 23)
 SCHEMA = "bench_inference"
 MODEL_NAME = "bench-ranker"
-RESULTS_DIR = Path(__file__).with_name("results")
 UNVALIDATED = "not validated: written directly by a benchmark or test seed"
 ONE_BY_ONE_KEYS = 20_000
 REFERENCE_CHUNK = 2_000
@@ -394,14 +394,6 @@ def machine() -> dict:
     }
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-
-
 def format_table(result: dict) -> str:
     flow, timings = result["flow"], result["flow"]["timings"]
     reference = result["writes"]["pipelined SET (reference)"]["keys_per_s"]
@@ -450,10 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args, Path(folder))
     table = format_table(result)
     print(table)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"inference-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(result | {"table": table}, indent=2, default=str))
-    log.info("wrote %s", out)
+    log.info("wrote %s", save_result("inference", result, table))
     return 0
 
 

@@ -99,3 +99,19 @@ def movielens_dir() -> Path:
     if not (MOVIELENS_DIR / "u.data").exists():
         pytest.skip(f"MovieLens 100K not found at {MOVIELENS_DIR}: tests that need it are skipped")
     return MOVIELENS_DIR
+
+
+def artifact_text(state, key: str) -> str:
+    """The markdown of every artifact named `key` that the flow run behind `state` left, joined."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+            )
+        )
+    assert artifacts, f"flow run {flow_run_id} left no {key} artifact"
+    return "\n".join(str(a.data) for a in artifacts)

@@ -17,6 +17,7 @@ from features.sources import RawData, RawDataError
 from features.synthetic import generate_log
 from features.validation import ValidationFailed, ValidationReport, profile_table
 from flows.feature_flow import ARTIFACT_KEY, feature_flow
+from tests.conftest import artifact_text
 
 pytestmark = pytest.mark.integration
 
@@ -63,21 +64,6 @@ def validation_runs(engine) -> list[tuple]:
 def run_flow(**parameters):
     """Run the flow; return its final state (failed runs do not raise here)."""
     return feature_flow(**parameters, return_state=True)
-
-
-def artifact_text(state) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
-            )
-        )
-    assert artifacts, f"flow run {flow_run_id} left no {ARTIFACT_KEY} artifact"
-    return "\n".join(str(a.data) for a in artifacts)
 
 
 def seed_snapshot(engine, raw: RawData, week: date) -> None:
@@ -131,7 +117,7 @@ def test_duplicate_events_are_dropped_counted_and_change_no_digest(flow_env, cle
     state = run_flow(as_of=AS_OF, source=with_duplicates, force=True)
 
     assert state.result() == expected
-    assert f"Read {log.events.height} events (25 duplicates dropped)" in artifact_text(state)
+    assert f"Read {log.events.height} events (25 duplicates dropped)" in artifact_text(state, ARTIFACT_KEY)
 
 
 def with_row(events: pl.DataFrame, **values) -> pl.DataFrame:
@@ -209,7 +195,7 @@ def test_validation_failure_writes_nothing_records_the_report_and_names_table_an
     }
     new_runs = validation_runs(engine)[len(before["feature_validation_runs"]) :]
     assert sorted(new_runs) == sorted((table, as_of, False) for table, as_of in failed.items())
-    report = artifact_text(state)
+    report = artifact_text(state, ARTIFACT_KEY)
     assert "Feature validation FAILED" in report
     assert "expect_table_row_count_to_be_between" in report
 
@@ -222,7 +208,7 @@ def test_drift_warns_in_the_artifact_and_blocks_when_configured(flow_env, clean_
     warned = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec)
 
     assert warned.is_completed()
-    report = artifact_text(warned)
+    report = artifact_text(warned, ARTIFACT_KEY)
     assert "Drift (warnings, not blocking)" in report
     assert "user_features.events_4w mean moved" in report
     before = dump_store(engine)

@@ -14,6 +14,7 @@ from flows.feature_flow import feature_flow
 from flows.training_flow import training_flow
 from recsys.settings import Settings
 from recsys.stores import open_stores
+from tests.conftest import artifact_text
 from training import pipeline, registry
 from training.candidates import FEATURE_NAMES
 
@@ -23,24 +24,9 @@ AS_OF = date(2026, 11, 23)
 ARTIFACT_KEY = "training-metrics"
 
 
-def artifact_text(state) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
-            )
-        )
-    assert artifacts, f"training run {flow_run_id} left no {ARTIFACT_KEY} artifact"
-    return "\n".join(str(a.data) for a in artifacts)
-
-
 def train() -> tuple[dict, str]:
     state = training_flow(as_of=AS_OF, return_state=True)
-    return state.result(), artifact_text(state)
+    return state.result(), artifact_text(state, ARTIFACT_KEY)
 
 
 def test_first_model_becomes_champion_and_an_identical_retrain_is_rejected(flow_env: Settings):

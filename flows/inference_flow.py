@@ -161,6 +161,15 @@ def record_publication(engine, fields: dict) -> None:
     publications.record_publication(engine, **fields)
 
 
+@task(**TRANSIENT_IO)
+def record_pointer_move(engine, prefix: str, result: serving.PublishResult, as_of: date) -> None:
+    """Append the pointer move to the publication history (what `recsys publish history` shows)."""
+    publications.record_pointer_move(
+        engine, prefix=prefix, action="publish", from_version=result.previous, to_version=result.version,
+        reason=f"weekly publication as_of {as_of}", actor=f"inference-flow:{current_run_id() or 'no-run'}",
+    )  # fmt: skip
+
+
 def abandon(stores, settings: Settings, version: str, error: Exception) -> None:
     """Record why the publication failed and remove its keys; never hides the original error."""
     status = "stale" if isinstance(error, serving.StalePublication) else "failed"
@@ -296,6 +305,7 @@ def inference_flow(as_of: date | None = None) -> dict:
             {"version": version, "user_count": stats["personal"], "fallback_user_count": stats["fallback_users"],
              "finished_at": datetime.now(UTC), "timings": stats, "status": "live"},
         )  # fmt: skip
+        record_pointer_move(stores.engine, settings.redis_prefix, result, as_of)
         samples = serving.get_recommendations(stores.redis, settings.redis_prefix, users.head(5).to_list())
     create_markdown_artifact(
         key="inference-publication",

@@ -4,6 +4,9 @@ Table `publications` (created by `ensure_schema`), one row per published version
 version (the Redis version id), as_of, model_name, model_version, feature_as_of,
 user_count, fallback_user_count, n, started_at, finished_at, timings (seconds per step),
 status (writing, live, stale, failed or abandoned), error (why a run failed) and the flow run id.
+
+Table `publication_history`, append-only: every move of a prefix's live pointer (a
+publication going live, a rollback) with the versions before and after, when, who and why.
 """
 
 import json
@@ -36,6 +39,19 @@ publications = sa.Table(
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("flow_run_id", sa.Text),
     sa.Column("error", sa.Text),
+)
+
+history = sa.Table(
+    "publication_history",
+    _metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("from_version", sa.Text),
+    sa.Column("to_version", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
 )
 
 _SCHEMA = {
@@ -100,6 +116,30 @@ def mark_abandoned(engine: sa.Engine, versions: list[str]) -> int:
     if marked:
         log.info("marked %d unfinished publications abandoned", marked)
     return marked
+
+
+def record_pointer_move(
+    engine: sa.Engine, *, prefix: str, action: str, from_version: str | None, to_version: str, reason: str, actor: str
+) -> None:
+    """Append one move of `prefix`'s live pointer (`publish` or `rollback`) to the history."""
+    if action not in ("publish", "rollback"):
+        raise ValueError(f"pointer move action must be publish or rollback, got {action!r}")
+    values = {"prefix": prefix, "action": action, "from_version": from_version, "to_version": to_version}
+    with engine.begin() as conn:
+        conn.execute(sa.insert(history).values(**values, reason=reason, actor=actor))
+    log.info("recorded %s of prefix %s: %s -> %s (%s)", action, prefix, from_version, to_version, actor)
+
+
+def pointer_history(engine: sa.Engine, prefix: str) -> pl.DataFrame:
+    """Every move of `prefix`'s live pointer, oldest first."""
+    query = sa.select(history).where(history.c.prefix == prefix).order_by(history.c.id)
+    with engine.connect() as conn:
+        rows = [dict(row._mapping) for row in conn.execute(query)]
+    schema = {
+        "id": pl.Int64, "at": pl.Datetime("us", "UTC"), "prefix": pl.String, "action": pl.String,
+        "from_version": pl.String, "to_version": pl.String, "reason": pl.String, "actor": pl.String,
+    }  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
 
 
 def list_publications(engine: sa.Engine) -> pl.DataFrame:

@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = commands.add_parser("publish", help="the published recommendation sets in Redis")
     publish_commands = publish.add_subparsers(dest="publish_command", required=True, metavar="ACTION")
-    publish_commands.add_parser("rollback", help="point readers back to the previous published version")
+    publish_rollback = publish_commands.add_parser("rollback", help="point readers back to the previous version")
+    publish_rollback.add_argument("--reason", required=True)
     publish_commands.add_parser("list", help="every publication recorded in Postgres")
+    publish_commands.add_parser("history", help="every move of the live pointer: publications and rollbacks")
 
     commands.add_parser("serve", help="serve the three scheduled deployments to a Prefect server (UI)")
     return parser
@@ -270,15 +272,23 @@ def cmd_publish(args, settings: Settings) -> int:
     from inference import publications, serving
     from recsys.stores import advisory_lock, open_stores
 
+    prefix = settings.redis_prefix
     with open_stores(settings) as stores:
+        publications.ensure_schema(stores.engine)
         if args.publish_command == "rollback":
-            with advisory_lock(stores.engine, f"publish:{settings.redis_prefix}"):
-                version = serving.rollback(stores.redis, settings.redis_prefix)
+            with advisory_lock(stores.engine, f"publish:{prefix}"):
+                version = serving.rollback(stores.redis, prefix)
+                before = serving.KeySpace(prefix).previous  # the swap made the old live version previous
+                publications.record_pointer_move(
+                    stores.engine, prefix=prefix, action="rollback", from_version=stores.redis.get(before),
+                    to_version=version, reason=args.reason, actor=f"cli:{os.environ.get('USER', 'unknown')}",
+                )  # fmt: skip
             print(f"readers now see version {version}")
-        else:
-            publications.ensure_schema(stores.engine)
-            with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=160):
-                print(publications.list_publications(stores.engine))
+            return 0
+        listing = publications.list_publications if args.publish_command == "list" else None
+        table = listing(stores.engine) if listing else publications.pointer_history(stores.engine, prefix)
+        with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=160):
+            print(table)
     return 0
 
 

@@ -277,11 +277,23 @@ def test_publish_rollback_from_the_cli_points_readers_back(seeded: Settings, cap
     second = inference_flow(as_of=AS_OF)
     assert {rec.version for rec in live_lists(seeded).values()} == {second["version"]}
 
-    assert cli.main(["publish", "rollback"]) == 0
+    with pytest.raises(SystemExit):  # a rollback says why
+        cli.main(["publish", "rollback"])
+    assert cli.main(["publish", "rollback", "--reason", "bad lists for new users"]) == 0
 
     assert f"readers now see version {first['version']}" in capsys.readouterr().out
     assert {rec.version for rec in live_lists(seeded).values()} == {first["version"]}
     assert pointers(seeded)[:2] == (first["version"], second["version"])
+    with open_stores(seeded) as stores:
+        moves = publications.pointer_history(stores.engine, seeded.redis_prefix)
+    *_, (action, _, to_first), publish_second, rollback = moves.select("action", "from_version", "to_version").rows()
+    assert (action, to_first) == ("publish", first["version"])
+    assert publish_second == ("publish", first["version"], second["version"])
+    assert rollback == ("rollback", second["version"], first["version"])
+    assert moves["reason"][-1] == "bad lists for new users" and moves["actor"][-1].startswith("cli:")
+    assert moves["actor"][-2].startswith("inference-flow:")
+    assert cli.main(["publish", "history"]) == 0
+    assert "rollback" in capsys.readouterr().out
 
 
 def test_dask_cluster_publishes_the_same_recommendations_as_threads(seeded: Settings, monkeypatch):

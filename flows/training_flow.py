@@ -72,7 +72,8 @@ def build_training_frame(
     """One labelled week: candidates of (a sample of) its labelled users, with features and next-week labels."""
     return pipeline.labelled_frame(
         load_snapshot.fn(engine, week), load_labels.fn(engine, week), week, config, categories,
-        seed=settings.seed, max_users=settings.training_users_per_week, batch_users=settings.score_batch_users,
+        negatives_per_user=settings.negatives_per_user, seed=settings.seed,
+        max_users=settings.training_users_per_week, batch_users=settings.score_batch_users,
     )  # fmt: skip
 
 

@@ -75,6 +75,7 @@ def options_from_settings(settings: Settings) -> dict:
         "seed": settings.seed,
         "k": settings.eval_k,
         "max_users": settings.training_users_per_week,
+        "negatives_per_user": settings.negatives_per_user,
     }
 
 

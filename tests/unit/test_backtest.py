@@ -89,3 +89,13 @@ def test_weeks_between_lists_mondays_and_refuses_other_days():
     assert weeks_between("2024-02-19", "2024-03-04") == [date(2024, 2, 19), date(2024, 2, 26), date(2024, 3, 4)]
     with pytest.raises(ValueError, match="Monday"):
         weeks_between("2024-02-20", "2024-03-04")
+
+
+def test_backtest_takes_the_training_flows_sampling_settings(monkeypatch):
+    from recsys.settings import Settings
+    from training.backtest import options_from_settings
+
+    monkeypatch.setenv("RECSYS_NEGATIVES_PER_USER", "200")
+    monkeypatch.setenv("RECSYS_TRAINING_USERS_PER_WEEK", "1234")
+    options = options_from_settings(Settings())
+    assert (options["negatives_per_user"], options["max_users"]) == (200, 1234)

@@ -21,7 +21,7 @@ from flows.common import IO, current_run_id, resolve_as_of, run_name
 from inference import publications, scoring, serving
 from recsys.settings import Settings
 from recsys.stores import advisory_lock, open_stores, sqlalchemy_url
-from training import registry
+from training import pipeline, registry
 from training.candidates import CandidateConfig, SnapshotTables
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def score_partition(
         config = CandidateConfig(
             recent_items=settings.recent_items_per_user, exclude_consumed=settings.exclude_consumed
         )
-        for batch in scoring.split_batches(users, settings.score_batch_users):
+        for batch in pipeline.user_batches(users, settings.score_batch_users):
             with timing(stats, "read_s"):
                 tables = items | {
                     c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES

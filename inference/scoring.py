@@ -1,7 +1,5 @@
 """Batch scoring: the champion ranks the shared candidate frame of each user partition."""
 
-from collections.abc import Sequence
-
 import lightgbm as lgb
 import numpy as np
 import polars as pl
@@ -24,13 +22,6 @@ def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
     # Knuth's multiplicative hash spreads consecutive ids; stable across processes and versions.
     bucket = ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(partitions)
     return [ids[bucket == p].tolist() for p in range(partitions)]
-
-
-def split_batches(user_ids: Sequence[int], size: int) -> list[list[int]]:
-    """Consecutive batches of at most `size` users, in order."""
-    if size < 1:
-        raise ValueError(f"batch size must be at least 1, got {size}")
-    return [list(user_ids[start : start + size]) for start in range(0, len(user_ids), size)]
 
 
 def check_model(feature_names: list[str], encodings: dict, model: str) -> None:

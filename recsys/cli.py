@@ -285,8 +285,10 @@ def cmd_publish(args, settings: Settings) -> int:
                 )  # fmt: skip
             print(f"readers now see version {version}")
             return 0
-        listing = publications.list_publications if args.publish_command == "list" else None
-        table = listing(stores.engine) if listing else publications.pointer_history(stores.engine, prefix)
+        if args.publish_command == "list":
+            table = publications.list_publications(stores.engine)
+        else:
+            table = publications.pointer_history(stores.engine, prefix)
         with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=160):
             print(table)
     return 0

@@ -66,11 +66,11 @@ def sample_users(users: pl.Series, limit: int | None, seed: int) -> pl.Series:
     return users.gather(users.hash(seed).arg_sort().head(limit)).sort()
 
 
-def user_batches(users: pl.Series, size: int) -> list[pl.Series]:
-    """`users` in consecutive batches of at most `size` (one empty batch when there are none)."""
+def user_batches(users: pl.Series | list[int], size: int) -> list:
+    """`users` (a Series or a list) in consecutive batches of at most `size`, in order; none if empty."""
     if size < 1:
         raise ValueError(f"batch size must be at least 1, got {size}")
-    return [users.slice(start, size) for start in range(0, max(users.len(), 1), size)]
+    return [users[start : start + size] for start in range(0, len(users), size)]
 
 
 def labelled_frame(
@@ -93,7 +93,7 @@ def labelled_frame(
     """
     users = sample_users(labelled_users(labels, tables), max_users, seed)
     parts = []
-    for batch in user_batches(users, batch_users):
+    for batch in user_batches(users, batch_users) or [users]:  # no users: one empty, well-typed frame
         labelled = attach_labels(build_ranking_frame(tables, batch, config, categories), labels, as_of)
         parts.append(sample_negatives(labelled, negatives_per_user, seed))
     return pl.concat(parts)
@@ -183,7 +183,7 @@ def evaluate_week(
     truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
     parts: dict[str, list[pl.DataFrame]] = {}
     recall: list[dict[str, float]] = []
-    for batch in user_batches(users, batch_users):
+    for batch in user_batches(users, batch_users) or [users]:  # no users: empty results, zero recall
         frame = build_ranking_frame(tables, batch, config, model.categories)
         recs = {"model": _recommend(model, tables, batch, config, k, frame)}
         recs |= recommend_baselines(tables, batch, k, exclude_consumed=config.exclude_consumed)

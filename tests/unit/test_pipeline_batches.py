@@ -48,8 +48,10 @@ def test_user_batches_cover_every_user_once_in_order():
     users = pl.Series("user_id", range(11), pl.Int64)
     batches = pipeline.user_batches(users, 4)
     assert [b.to_list() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
-    assert [b.len() for b in pipeline.user_batches(users.head(0), 4)] == [0]
-    with pytest.raises(ValueError, match="at least 1"):
+    assert pipeline.user_batches(users.head(0), 4) == []
+    assert pipeline.user_batches([5, 1, 4, 2, 3], 2) == [[5, 1], [4, 2], [3]]  # lists too, as the partitions pass
+    assert pipeline.user_batches([], 3) == []
+    with pytest.raises(ValueError, match="batch size must be at least 1"):
         pipeline.user_batches(users, 0)
 
 

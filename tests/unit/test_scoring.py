@@ -148,13 +148,6 @@ def test_zero_partitions_are_refused():
         scoring.partition_users(pl.Series([1]), 0)
 
 
-def test_batches_keep_order_and_respect_the_size():
-    assert scoring.split_batches([5, 1, 4, 2, 3], 2) == [[5, 1], [4, 2], [3]]
-    assert scoring.split_batches([], 3) == []
-    with pytest.raises(ValueError, match="batch size must be at least 1"):
-        scoring.split_batches([1], 0)
-
-
 def test_model_needing_an_unknown_feature_is_refused_with_its_name():
     with pytest.raises(scoring.IncompatibleModelError, match=r"ranker v3 .*\['plays_next_week'\]"):
         scoring.check_model([*FEATURE_NAMES, "plays_next_week"], {"category": []}, "ranker v3")

@@ -50,10 +50,10 @@ from features.synthetic import generate_log
 from features.transform import build_feature_tables, build_labels, week_start
 from features.validation import ValidationReport
 from inference import publications, serving
+from ranking import registry
+from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from recsys.settings import Settings
-from recsys.stores import open_stores, sqlalchemy_url
-from training import registry
-from training.candidates import CandidateConfig, SnapshotTables, category_encoding
+from recsys.stores import connect_redis, open_stores, sqlalchemy_url
 from training.pipeline import labelled_frame
 from training.ranker import RankerParams, TrainedRanker, train_ranker
 
@@ -185,7 +185,7 @@ def time_keys(count: int, write: Callable[[], object]) -> dict:
 
 def write_with_flow_writer(url: str, prefix: str, recs: pl.DataFrame, connections: int, chunk: int) -> dict:
     """The flow's writer into a fresh (never made live) version, `connections` partitions at once."""
-    clients = [serving.connect(url) for _ in range(connections)]
+    clients = [connect_redis(url) for _ in range(connections)]
     version = serving.begin_publication(clients[0], prefix, AS_OF)
     parts = [recs.filter(pl.col("user_id").hash(1) % connections == i) for i in range(connections)]
 
@@ -294,7 +294,7 @@ def run_inference(database_url: str, redis_url: str, prefix: str, partitions: in
     }
     started = time.perf_counter()
     with (workdir / "infer.log").open("w") as output:
-        command = [sys.executable, "-m", "recsys.cli", "infer", "--as-of", str(AS_OF)]
+        command = [sys.executable, "-m", "cli.main", "infer", "--as-of", str(AS_OF)]
         # A session of its own, so an interrupted benchmark also stops the flow's Prefect server.
         child = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -324,7 +324,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     with ExitStack() as stack:
         database_url, redis_url = stack.enter_context(bench_stores(workdir))
         engine = sa.create_engine(sqlalchemy_url(database_url), poolclass=sa.NullPool)
-        r = serving.connect(redis_url)
+        r = connect_redis(redis_url)
         stack.callback(remove_prefix, r, prefix)
         raw = generate_log(
             n_users=args.users, n_items=args.items, n_events=args.events, n_weeks=args.weeks,

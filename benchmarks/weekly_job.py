@@ -322,7 +322,7 @@ INSTRUMENTED = [
 BOOKKEEPING = [
     ("features.store", ["ensure_schema", "snapshot_passed", "previous_profile", "passed_as_ofs", "snapshot_summary",
                         "record_failed_validation"]),
-    ("training.registry", ["ensure_schema", "register_model", "load_model", "get_champion"]),
+    ("ranking.registry", ["ensure_schema", "register_model", "load_model", "get_champion"]),
     ("training.pipeline", ["plan_weeks"]),
     ("inference.publications", ["ensure_schema", "record_publication"]),
     ("inference.serving", ["refuse_stale", "cleanup_stale_versions", "begin_publication", "get_recommendations"]),
@@ -383,7 +383,7 @@ def run_job(as_of: date, out: Path) -> None:
 
     from flows.feature_flow import feature_flow
     from flows.training_flow import training_flow
-    from recsys.cli import run_weekly_job
+    from flows.weekly_job import run_weekly_job
     from recsys.settings import Settings
 
     @flow(name="bench-noop")

@@ -5,8 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from recsys.settings import Settings
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -16,34 +15,13 @@ DEPLOYMENT_NAME = "weekly"
 TIMEZONE = "UTC"
 
 
-class DeploymentSettings(BaseSettings):
-    """Schedules and the local Prefect server port; each field reads `RECSYS_<NAME>`."""
-
-    model_config = SettingsConfigDict(env_prefix="RECSYS_", env_file=None, extra="ignore")
-
-    features_cron: str = "0 1 * * 1"
-    training_cron: str = "0 3 * * 1"
-    inference_cron: str = "0 5 * * 1"
-    prefect_port: int = Field(
-        default=4200, ge=0, le=65535, description="Local Prefect server port; 0 picks a free one."
-    )
-
-    @field_validator("features_cron", "training_cron", "inference_cron")
-    @classmethod
-    def check_cron(cls, value: str) -> str:
-        from prefect.schedules import Cron
-
-        Cron(value, timezone=TIMEZONE)  # raises ValueError naming the bad expression
-        return value
-
-
 @dataclass(frozen=True)
 class DeploymentSpec:
     """One deployment: which flow, when, with what defaults, and its CLI twin."""
 
     flow_name: str  # the name in @flow(name=...)
     flow_path: str  # "package.module:function"
-    cron_field: str  # the DeploymentSettings field holding this deployment's cron
+    cron_field: str  # the Settings field holding this deployment's cron
     cli_command: str
     description: str
     tags: tuple[str, ...]
@@ -88,14 +66,12 @@ def load_flow(flow_path: str) -> "Flow":
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def cron_of(spec: DeploymentSpec, settings: DeploymentSettings) -> str:
+def cron_of(spec: DeploymentSpec, settings: Settings) -> str:
     """The cron expression configured for one deployment."""
     return getattr(settings, spec.cron_field)
 
 
-def build_deployments(
-    settings: DeploymentSettings, specs: tuple[DeploymentSpec, ...] = SPECS
-) -> list["RunnerDeployment"]:
+def build_deployments(settings: Settings, specs: tuple[DeploymentSpec, ...] = SPECS) -> list["RunnerDeployment"]:
     """One runner deployment per spec, scheduled in UTC, never two runs at once."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.schedules import Cron

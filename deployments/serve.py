@@ -18,18 +18,16 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from deployments.definitions import (
     SPECS,
-    DeploymentSettings,
     build_deployments,
     cron_of,
     full_name,
 )
 from recsys.clock import week_floor
 from recsys.settings import Settings
-from recsys.stores import open_stores
+from recsys.stores import open_stores, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +35,7 @@ SERVER_START_TIMEOUT_S = 180.0  # first start migrates the database; slow on a b
 SERVER_STOP_TIMEOUT_S = 20.0
 
 
-def serve_deployments(settings: Settings, deployment_settings: DeploymentSettings | None = None) -> None:
+def serve_deployments(settings: Settings) -> None:
     """Serve features/training/inference on their cron schedules until stopped."""
     from prefect import serve
     from prefect.settings import (
@@ -48,15 +46,14 @@ def serve_deployments(settings: Settings, deployment_settings: DeploymentSetting
         temporary_settings,
     )
 
-    schedule = deployment_settings or DeploymentSettings()
     # Importing the flows first fails fast, before any server is started.
-    deployments = build_deployments(schedule)
+    deployments = build_deployments(settings)
     with ExitStack() as stack:
         stack.enter_context(_sigterm_exits())
         api_url = get_current_settings().api.url
         updates = {}
         if not api_url:
-            api_url = stack.enter_context(run_local_server(settings.data_dir / "prefect", schedule.prefect_port))
+            api_url = stack.enter_context(run_local_server(settings.data_dir / "prefect", settings.prefect_port))
             updates[PREFECT_API_URL] = api_url
             # The server we started checks this string; the runner must send the same one.
             server_auth = PREFECT_SERVER_API_AUTH_STRING.value()
@@ -70,7 +67,7 @@ def serve_deployments(settings: Settings, deployment_settings: DeploymentSetting
             describe_serving(
                 api_url,
                 get_current_settings().ui_url,
-                schedule,
+                settings,
                 example_as_of=week_floor(datetime.now(UTC)),
                 auth=get_current_settings().api.auth_string is not None,
             ),
@@ -83,17 +80,17 @@ def serve_deployments(settings: Settings, deployment_settings: DeploymentSetting
 def describe_serving(
     api_url: str,
     ui_url: str | None,
-    schedule: DeploymentSettings,
+    settings: Settings,
     example_as_of: date,
     auth: bool = False,
 ) -> str:
     """The banner: where the UI is, what is scheduled, how to run each flow now."""
-    api = redact_url(api_url)
-    ui = redact_url(ui_url) if ui_url else api.removesuffix("/api")
+    api = redact_url(api_url, drop_credentials=True)
+    ui = redact_url(ui_url, drop_credentials=True) if ui_url else api.removesuffix("/api")
     lines = [
         f"Prefect UI: {ui}   (API: {api})",
         "Serving, schedules in UTC:",
-        *(f"  {full_name(spec)}  cron '{cron_of(spec, schedule)}'" for spec in SPECS),
+        *(f"  {full_name(spec)}  cron '{cron_of(spec, settings)}'" for spec in SPECS),
         "Run one now from another shell:",
         *(
             f"  PREFECT_API_URL={api} prefect deployment run {full_name(spec)}"
@@ -107,14 +104,6 @@ def describe_serving(
         lines.append("The API needs basic auth: export PREFECT_API_AUTH_STRING (see .env).")
     lines.append("Stop with Ctrl-C.")
     return "\n".join(lines)
-
-
-def redact_url(url: str) -> str:
-    """`url` without any user:password part."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 @contextmanager
@@ -193,32 +182,16 @@ def stop_process(process: subprocess.Popen, timeout_s: float = SERVER_STOP_TIMEO
 
 @contextmanager
 def _shared_stores(settings: Settings) -> Iterator[None]:
-    """Start embedded stores once for all flow runs when no store URL is configured."""
+    """Keep the embedded stores running while serving, when no store URL is configured.
+
+    Flow runs are subprocesses that build their Settings from the same environment: with the
+    same data folder they attach to these running servers instead of starting their own.
+    """
     if settings.database_url is not None and settings.redis_url is not None:
         yield
         return
-    # Flow runs are separate processes that build Settings from RECSYS_* themselves:
-    # hand them the URLs of one running pair rather than let each start its own.
-    with (
-        open_stores(settings) as stores,
-        _environment({"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}),
-    ):
+    with open_stores(settings):
         yield
-
-
-@contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration, then restore the previous values."""
-    previous = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextmanager

@@ -19,10 +19,11 @@ from pydantic import SecretStr
 from features import contracts, store
 from flows.common import IO, current_run_id, resolve_as_of, run_name
 from inference import publications, scoring, serving
+from ranking import registry
+from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.scoring import check_model, user_batches
 from recsys.settings import Settings
-from recsys.stores import advisory_lock, open_stores, sqlalchemy_url
-from training import pipeline, registry
-from training.candidates import CandidateConfig, SnapshotTables
+from recsys.stores import advisory_lock, connect_redis, open_stores, redact_url, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def find_champion(engine, model_name: str) -> registry.ModelRecord:
     if registry.get_champion(engine, model_name) is None:
         raise registry.ModelNotFoundError(f"model {model_name} has no champion yet: run the training flow first")
     _, record = registry.load_model(engine, model_name)
-    scoring.check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
+    check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
     return record
 
 
@@ -106,7 +107,7 @@ def score_partition(
     """
     stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
     engine = sa.create_engine(sqlalchemy_url(database_url.get_secret_value()), poolclass=sa.NullPool)
-    client = serving.connect(redis_url.get_secret_value(), cluster=settings.redis_cluster)
+    client = connect_redis(redis_url.get_secret_value(), cluster=settings.redis_cluster)
     try:
         with timing(stats, "read_s"):
             booster, _ = registry.load_model(engine, record.name, record.version)
@@ -114,7 +115,7 @@ def score_partition(
         config = CandidateConfig(
             recent_items=settings.recent_items_per_user, exclude_consumed=settings.exclude_consumed
         )
-        for batch in pipeline.user_batches(users, settings.score_batch_users):
+        for batch in user_batches(users, settings.score_batch_users):
             with timing(stats, "read_s"):
                 tables = items | {
                     c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES
@@ -278,7 +279,7 @@ def inference_flow(as_of: date | None = None) -> dict:
     as_of = resolve_as_of(as_of)
     started, started_at = time.perf_counter(), datetime.now(UTC)
     with open_stores(settings) as stores, advisory_lock(stores.engine, f"publish:{settings.redis_prefix}"):
-        log.info("publishing to %s under prefix %s", serving.redact_url(stores.redis_url), settings.redis_prefix)
+        log.info("publishing to %s under prefix %s", redact_url(stores.redis_url), settings.redis_prefix)
         publications.ensure_schema(stores.engine)
         record = find_champion(stores.engine, settings.model_name)
         snapshot = find_snapshot(stores.engine, as_of)

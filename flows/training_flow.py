@@ -12,10 +12,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from features import contracts, store
 from flows.common import IO, PURE, current_run_id, resolve_as_of, run_name
+from ranking import registry
+from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.scoring import ScoringModel
 from recsys.settings import Settings
 from recsys.stores import open_stores
-from training import pipeline, registry
-from training.candidates import CandidateConfig, SnapshotTables, category_encoding
+from training import pipeline
 from training.promotion import decide_promotion
 from training.ranker import RankerParams, TrainedRanker, train_ranker
 
@@ -94,11 +96,11 @@ def evaluate_on_holdout(
     batch_users: int,
 ) -> pipeline.WeekEvaluation:
     """Model, champion and baselines on the same holdout users (all of them, in batches), truth and catalogue."""
-    scoring = pipeline.ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
+    scoring = ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
     held = None
     if champion is not None:
         booster, record = champion
-        held = pipeline.ScoringModel(booster, record.feature_names, record.encodings["category"])
+        held = ScoringModel(booster, record.feature_names, record.encodings["category"])
     return pipeline.evaluate_week(scoring, tables, labels, config, k, champion=held, batch_users=batch_users)
 
 

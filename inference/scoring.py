@@ -4,14 +4,10 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from training.candidates import FEATURE_NAMES, CandidateConfig, SnapshotTables, build_ranking_frame
-from training.ranker import score, top_n
+from ranking.candidates import CandidateConfig, SnapshotTables, build_ranking_frame
+from ranking.scoring import score, top_n
 
 # Users scored together: bounds a task's memory (about 250 candidate rows of ~30 features each).
-
-
-class IncompatibleModelError(ValueError):
-    """The champion needs features or encodings that this code and snapshot cannot provide."""
 
 
 def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
@@ -22,20 +18,6 @@ def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
     # Knuth's multiplicative hash spreads consecutive ids; stable across processes and versions.
     bucket = ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(partitions)
     return [ids[bucket == p].tolist() for p in range(partitions)]
-
-
-def check_model(feature_names: list[str], encodings: dict, model: str) -> None:
-    """Refuse a model that needs features or encodings the candidate frame cannot build."""
-    missing = [f for f in feature_names if f not in FEATURE_NAMES]
-    if missing:
-        raise IncompatibleModelError(
-            f"model {model} was trained with features this code does not build from a feature "
-            f"snapshot: {missing}; retrain it (recsys train) or roll back to a compatible model"
-        )
-    if not isinstance(encodings.get("category"), list):
-        raise IncompatibleModelError(
-            f"model {model} has no category encoding (encodings['category']); retrain it (recsys train)"
-        )
 
 
 def recommend_users(

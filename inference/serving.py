@@ -16,7 +16,7 @@ Key contract (prefix `P`, default `recs`, matching `^[A-Za-z0-9_.-]+$`):
 
 Pointer and metadata keys share the hash tag `{P}`, so the Lua scripts that swap them are
 valid on Redis Cluster; user keys carry no tag and spread over the cluster's slots.
-On a cluster (`connect(url, cluster=True)`, setting `RECSYS_REDIS_CLUSTER`) every step
+On a cluster (`recsys.stores.connect_redis(url, cluster=True)`, setting `RECSYS_REDIS_CLUSTER`) every step
 that touches keys of several slots sends one command per slot (redis-py's cluster
 pipeline), and transactions only ever span `{P}` keys.
 
@@ -39,12 +39,12 @@ equal as_of the later publish wins. Publishes of one prefix are meant to run one
 time (the flow serialises them); if two overlap, the one that starts or finishes later
 removes the other's unfinished namespace and the other fails with `StalePublication`.
 
-Clients must be created with `decode_responses=True` (as `connect` and `recsys.stores` do).
+Clients must be created with `decode_responses=True` (as `recsys.stores.connect_redis` does).
 
 Connection URLs (`RECSYS_REDIS_URL`) are redis-py's: `redis://[user:password@]host:port/db`,
 `rediss://...` for TLS (`?ssl_ca_certs=/path/ca.pem&ssl_cert_reqs=required`, client
 certificates with `ssl_certfile`/`ssl_keyfile`), `unix://[user:password@]/path.sock?db=0`;
-percent-encode special characters of the password. Log them only through `redact_url`.
+percent-encode special characters of the password. Log them only through `recsys.stores.redact_url`.
 """
 
 import json
@@ -57,7 +57,6 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from numbers import Integral
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import polars as pl
 import redis
@@ -69,7 +68,6 @@ VERSION_PATTERN = re.compile(r"^\d{8}-\d{6,}$")
 REQUIRED_METADATA = ("model_version", "generated_at", "n", "fallback_user_count")
 _RESERVED_METADATA = ("version", "as_of", "status", "user_count", "written_users")
 _SCAN_BATCH = 1_000
-_SECRET_QUERY_NAMES = ("password", "ssl_password", "ssl_keyfile_password")
 _CAS_ATTEMPTS = 5
 
 # KEYS: live, previous, new meta, live meta, previous meta.
@@ -207,37 +205,6 @@ class PublishResult:
     previous: str | None
     user_count: int
     removed: tuple[str, ...]
-
-
-def connect(url: str, *, cluster: bool = False) -> redis.Redis | redis.RedisCluster:
-    """A client for a Redis URL (password, ACL user, TLS and unix sockets as in the module doc).
-
-    A single-node client sends nothing until the first command. A cluster client (`cluster`)
-    asks the node in the URL for the slot map at once; it needs a redis:// or rediss:// URL
-    of any node, with database 0.
-    """
-    if not cluster:
-        return redis.Redis.from_url(url, decode_responses=True)
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss"):
-        raise ValueError(
-            f"a Redis Cluster is reached over redis:// or rediss://, got a {scheme}:// URL: "
-            "set RECSYS_REDIS_URL to one of its nodes, or RECSYS_REDIS_CLUSTER=false"
-        )
-    return redis.RedisCluster.from_url(url, decode_responses=True)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (in the user part or the query) replaced by `***`."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        credentials, _, host = netloc.rpartition("@")
-        netloc = f"{credentials.partition(':')[0]}:***@{host}"
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    query = urlencode([(k, "***" if k in _SECRET_QUERY_NAMES else v) for k, v in pairs], safe="/*")
-    # Built by hand: urlunsplit turns `unix:///path` into `unix:/path`.
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def format_version(as_of: date, seq: int) -> str:

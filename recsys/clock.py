@@ -24,3 +24,11 @@ def parse_as_of(value: str | date) -> date:
 def weeks_back(as_of: date, count: int) -> list[date]:
     """`count` week boundaries ending at `as_of`, oldest first."""
     return [as_of - timedelta(weeks=k) for k in range(count - 1, -1, -1)]
+
+
+def mondays(first: date | str, last: date | str) -> list[date]:
+    """Every week boundary from `first` to `last` inclusive, oldest first; both must be Mondays."""
+    start, end = parse_as_of(first), parse_as_of(last)
+    if start > end:
+        raise ValueError(f"the first week {start} is after the last week {end}")
+    return [start + timedelta(weeks=k) for k in range((end - start).days // 7 + 1)]

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -72,3 +72,19 @@ class Settings(BaseSettings):
         default=5_000, ge=1, description="Users whose features one partition reads and scores at a time."
     )
     keep_versions: int = Field(default=2, ge=2)
+
+    # schedules (UTC) of the three deployments, and the local Prefect server `recsys serve` starts
+    features_cron: str = "0 1 * * 1"
+    training_cron: str = "0 3 * * 1"
+    inference_cron: str = "0 5 * * 1"
+    prefect_port: int = Field(
+        default=4200, ge=0, le=65535, description="Local Prefect server port; 0 picks a free one."
+    )
+
+    @field_validator("features_cron", "training_cron", "inference_cron")
+    @classmethod
+    def check_cron(cls, value: str) -> str:
+        from prefect.schedules import Cron  # only when a schedule is configured: Prefect is slow to import
+
+        Cron(value, timezone="UTC")  # raises ValueError naming the bad expression
+        return value

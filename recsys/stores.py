@@ -4,14 +4,16 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import sqlalchemy as sa
 
-from inference import serving
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_SECRET_QUERY_NAMES = ("password", "ssl_password", "ssl_keyfile_password")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,42 @@ def libpq_url(url: str) -> str:
     return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
 
 
+def connect_redis(url: str, *, cluster: bool = False) -> redis.Redis | redis.RedisCluster:
+    """A client for a Redis URL (password, ACL user, TLS and unix sockets: see inference.serving's module doc).
+
+    A single-node client sends nothing until the first command. A cluster client (`cluster`)
+    asks the node in the URL for the slot map at once; it needs a redis:// or rediss:// URL
+    of any node, with database 0.
+    """
+    if not cluster:
+        return redis.Redis.from_url(url, decode_responses=True)
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"a Redis Cluster is reached over redis:// or rediss://, got a {scheme}:// URL: "
+            "set RECSYS_REDIS_URL to one of its nodes, or RECSYS_REDIS_CLUSTER=false"
+        )
+    return redis.RedisCluster.from_url(url, decode_responses=True)
+
+
+def redact_url(url: str, *, drop_credentials: bool = False) -> str:
+    """The URL with its password (in the user part or the query) replaced by `***`.
+
+    `drop_credentials` removes the whole `user:password@` part instead (a URL to click on).
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if drop_credentials and "@" in netloc:
+        netloc = netloc.rpartition("@")[2]
+    elif parts.password is not None:
+        credentials, _, host = netloc.rpartition("@")
+        netloc = f"{credentials.partition(':')[0]}:***@{host}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, "***" if k in _SECRET_QUERY_NAMES else v) for k, v in pairs], safe="/*")
+    # Built by hand: urlunsplit turns `unix:///path` into `unix:/path`.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
 @contextmanager
 def open_stores(settings: Settings) -> Iterator[Stores]:
     """Yield connected stores; start embedded servers when no URL is configured."""
@@ -47,7 +85,7 @@ def open_stores(settings: Settings) -> Iterator[Stores]:
         )
     with _postgres_url(settings) as db_url, _redis_url(settings) as r_url:
         engine = sa.create_engine(sqlalchemy_url(db_url), pool_pre_ping=True, pool_size=8)
-        client = serving.connect(r_url, cluster=settings.redis_cluster)
+        client = connect_redis(r_url, cluster=settings.redis_cluster)
         try:
             with engine.connect() as conn:
                 conn.execute(sa.text("select 1"))

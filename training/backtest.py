@@ -26,10 +26,11 @@ import polars as pl
 
 from features import transform
 from features.sources import RawData
+from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.scoring import ScoringModel
 from recsys.clock import parse_as_of
 from recsys.settings import Settings
 from training import metrics, pipeline
-from training.candidates import CandidateConfig, SnapshotTables, category_encoding
 from training.ranker import RankerParams, train_ranker
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def run_backtest(
         framed = time.perf_counter()
         model = train_ranker(train, valid, params)
         trained = time.perf_counter()
-        scoring = pipeline.ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
+        scoring = ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
         evaluation = pipeline.evaluate_week(scoring, holdout, snapshots.labels(as_of), config, k)
         done = time.perf_counter()
         features_s = snapshots.seconds - features_before

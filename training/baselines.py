@@ -133,15 +133,11 @@ def _rank_items_by(item_features: pl.DataFrame, column: str) -> pl.DataFrame:
     )
 
 
-def _popular_excluding(
-    ranked: pl.DataFrame, excluded: pl.DataFrame, users: pl.DataFrame, k: int
-) -> pl.DataFrame:
+def _popular_excluding(ranked: pl.DataFrame, excluded: pl.DataFrame, users: pl.DataFrame, k: int) -> pl.DataFrame:
     """Each user's first k items of `ranked` that are not in their `excluded` pairs."""
     # A user with e excluded ranked items finds k allowed ones within the first k + e:
     # the candidate frame grows with users * k + len(excluded), never users * catalogue.
-    excluded_counts = (
-        excluded.join(ranked, on=ITEM, how="semi").group_by(USER).agg(n_excluded=pl.len())
-    )
+    excluded_counts = excluded.join(ranked, on=ITEM, how="semi").group_by(USER).agg(n_excluded=pl.len())
     depth = pl.min_horizontal(pl.lit(k) + pl.col("n_excluded"), pl.lit(ranked.height))
     candidates = (
         users.join(excluded_counts, on=USER, how="left", maintain_order="left")
@@ -177,9 +173,7 @@ def _user_frame(users: pl.Series | Sequence[int]) -> pl.DataFrame:
 
 def _one_snapshot(frame: pl.DataFrame, name: str) -> pl.DataFrame:
     if "as_of" in frame.columns and frame["as_of"].n_unique() > 1:
-        raise ValueError(
-            f"{name}: holds {frame['as_of'].n_unique()} as_of snapshots; pass one snapshot"
-        )
+        raise ValueError(f"{name}: holds {frame['as_of'].n_unique()} as_of snapshots; pass one snapshot")
     return frame
 
 

@@ -38,9 +38,7 @@ def evaluation_truth(labels: pl.DataFrame, history_users: pl.Series | pl.DataFra
     )
 
 
-def rank_metrics(
-    recs: pl.DataFrame, truth: pl.DataFrame, *, k: int, n_catalogue: int
-) -> dict[str, float]:
+def rank_metrics(recs: pl.DataFrame, truth: pl.DataFrame, *, k: int, n_catalogue: int) -> dict[str, float]:
     """Recall, NDCG, hit rate, MAP and coverage at k, averaged over the users in `truth`.
 
     `recs` holds (user_id, item_id, rank) with rank 1 first; a user's top-k are their
@@ -55,9 +53,9 @@ def rank_metrics(
     _require_columns(recs, "recs", (USER, ITEM, RANK))
     _require_columns(truth, "truth", (USER, ITEM))
 
-    truth = _first_of_each_pair(
-        truth.lazy().select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64))
-    ).collect(engine=_ENGINE)
+    truth = _first_of_each_pair(truth.lazy().select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64))).collect(
+        engine=_ENGINE
+    )
     truth_sizes = truth.group_by(USER).agg(n_truth=pl.len())
     if truth_sizes.height == 0:
         names = [f"{m}@{k}" for m in (*_PER_USER_METRICS, "coverage")]
@@ -116,9 +114,7 @@ def combine_weeks(per_week: list[dict]) -> dict:
         raise ValueError("combine_weeks: no weekly results to combine")
     keys = set(per_week[0])
     if "users" not in keys or any(set(week) != keys for week in per_week):
-        raise ValueError(
-            "combine_weeks: every weekly result needs the same metric keys and a 'users' count"
-        )
+        raise ValueError("combine_weeks: every weekly result needs the same metric keys and a 'users' count")
     total = sum(int(week["users"]) for week in per_week)
     combined: dict = {
         key: (sum(week[key] * week["users"] for week in per_week) / total if total else 0.0)

@@ -7,13 +7,13 @@ compute numbers in exactly the same way.
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-import lightgbm as lgb
 import polars as pl
 
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
+from ranking.scoring import ScoringModel, recommend_with_model, user_batches
 from recsys.settings import Settings
 from training import baselines, metrics
-from training.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
-from training.ranker import RankerParams, attach_labels, sample_negatives, score, top_n
+from training.ranker import RankerParams, attach_labels, sample_negatives
 
 BASELINES = ("recent_popular", "all_time_popular", "item_knn")
 RECALL_KEYS = ("all", *SOURCES)
@@ -66,13 +66,6 @@ def sample_users(users: pl.Series, limit: int | None, seed: int) -> pl.Series:
     return users.gather(users.hash(seed).arg_sort().head(limit)).sort()
 
 
-def user_batches(users: pl.Series | list[int], size: int) -> list:
-    """`users` (a Series or a list) in consecutive batches of at most `size`, in order; none if empty."""
-    if size < 1:
-        raise ValueError(f"batch size must be at least 1, got {size}")
-    return [users[start : start + size] for start in range(0, len(users), size)]
-
-
 def labelled_frame(
     tables: SnapshotTables,
     labels: pl.DataFrame,
@@ -97,27 +90,6 @@ def labelled_frame(
         labelled = attach_labels(build_ranking_frame(tables, batch, config, categories), labels, as_of)
         parts.append(sample_negatives(labelled, negatives_per_user, seed))
     return pl.concat(parts)
-
-
-def recommend_with_model(
-    booster: lgb.Booster,
-    feature_names: list[str],
-    tables: SnapshotTables,
-    users: pl.Series,
-    config: CandidateConfig,
-    categories: list[str],
-    n: int,
-    *,
-    frame: pl.DataFrame | None = None,
-) -> pl.DataFrame:
-    """Top-n (user_id, item_id, rank) by the model over the shared candidate frame.
-
-    Pass `frame` when the ranking frame of these users was already built with the same
-    config and categories.
-    """
-    if frame is None:
-        frame = build_ranking_frame(tables, users, config, categories)
-    return top_n(score(booster, frame, feature_names), n)
 
 
 def candidate_recall(frame: pl.DataFrame, truth: pl.DataFrame) -> dict[str, float]:
@@ -145,15 +117,6 @@ def combine_recall(per_week: list[dict[str, float]]) -> dict[str, float]:
     combined = {key: sum(w[key] * w["truth_items"] for w in per_week) / total if total else 0.0 for key in RECALL_KEYS}
     per_user = sum(w["candidates_per_user"] for w in per_week) / len(per_week)
     return combined | {"truth_items": total, "candidates_per_user": per_user}
-
-
-@dataclass(frozen=True)
-class ScoringModel:
-    """A booster with the feature names and category encoding it was trained with."""
-
-    booster: lgb.Booster
-    feature_names: list[str]
-    categories: list[str]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The LightGBM LambdaRank ranker: labelled frames in, a model text out; scores and top-N."""
+"""The LightGBM LambdaRank ranker: labelled frames in, a model text out."""
 
 import hashlib
 from dataclasses import dataclass, field
@@ -8,9 +8,8 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from training.candidates import CATEGORICAL_FEATURES, FEATURE_NAMES, MONOTONE_FEATURES, PRIOR_FEATURE
-
-TIE_BREAK = "item_popularity_rank_4w"
+from ranking.candidates import CATEGORICAL_FEATURES, FEATURE_NAMES, MONOTONE_FEATURES
+from ranking.scoring import feature_matrix, prior_scores
 
 
 @dataclass(frozen=True)
@@ -92,17 +91,6 @@ def _group_sizes(frame: pl.DataFrame) -> np.ndarray:
     return frame.group_by("as_of", "user_id", maintain_order=True).len().get_column("len").to_numpy()
 
 
-def _matrix(frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray:
-    return frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy()
-
-
-def _prior(frame: pl.DataFrame, feature_names: list[str]) -> np.ndarray | None:
-    """The starting score the trees add to, when the model was trained from one."""
-    if PRIOR_FEATURE not in feature_names:
-        return None
-    return frame.get_column(PRIOR_FEATURE).cast(pl.Float64).fill_null(0.0).to_numpy()
-
-
 def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams) -> TrainedRanker:
     """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week.
 
@@ -119,17 +107,17 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
     valid = valid.sort("as_of", "user_id", "item_id")
     model = lgb.LGBMRanker(**params.lightgbm_kwargs())
     model.fit(
-        _matrix(train, FEATURE_NAMES),
+        feature_matrix(train, FEATURE_NAMES),
         train.get_column("label").to_numpy(),
         group=_group_sizes(train),
-        eval_X=(_matrix(valid, FEATURE_NAMES),),
+        eval_X=(feature_matrix(valid, FEATURE_NAMES),),
         eval_y=(valid.get_column("label").to_numpy(),),
         eval_group=[_group_sizes(valid)],
         eval_at=[10],
         feature_name=FEATURE_NAMES,
         categorical_feature=CATEGORICAL_FEATURES,
-        init_score=_prior(train, FEATURE_NAMES),
-        eval_init_score=[_prior(valid, FEATURE_NAMES)],
+        init_score=prior_scores(train, FEATURE_NAMES),
+        eval_init_score=[prior_scores(valid, FEATURE_NAMES)],
         callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
     )
     best = model.best_iteration_ or params.n_estimators
@@ -140,32 +128,4 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
         best_iteration=best,
         params=params.lightgbm_kwargs() | {"early_stopping_rounds": params.early_stopping_rounds},
         feature_importance=importance,
-    )
-
-
-def score(booster: lgb.Booster, frame: pl.DataFrame, feature_names: list[str]) -> pl.DataFrame:
-    """Add the model's score to every candidate row: its trees plus the prior it was trained from, if any."""
-    missing = [c for c in feature_names if c not in frame.columns]
-    if missing:
-        raise ValueError(f"the candidate frame lacks features the model was trained with: {missing}")
-    if frame.is_empty():
-        return frame.with_columns(pl.lit(None, pl.Float64).alias("score"))
-    scores = booster.predict(_matrix(frame, feature_names), num_threads=1)
-    prior = _prior(frame, feature_names)
-    return frame.with_columns(pl.Series("score", scores if prior is None else scores + prior))
-
-
-def top_n(scored: pl.DataFrame, n: int, score_column: str = "score") -> pl.DataFrame:
-    """Each user's best `n` items as rows (user_id, item_id, rank).
-
-    Ties in score go to the more popular item (lower `item_popularity_rank_4w`, when the
-    frame has it), then to the lower item id: a shallow model scores many items alike,
-    and popularity is the best guess among them.
-    """
-    tie_breaks = [c for c in (TIE_BREAK, "item_id") if c in scored.columns]
-    return (
-        scored.sort(["user_id", score_column, *tie_breaks], descending=[False, True, *[False] * len(tie_breaks)])
-        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias("rank"))
-        .filter(pl.col("rank") <= n)
-        .select("user_id", "item_id", "rank")
     )

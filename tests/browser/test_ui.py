@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.definitions import DeploymentSettings, build_deployments
+from deployments.definitions import build_deployments
 from deployments.serve import run_local_server
+from recsys.settings import Settings
 
 pytestmark = pytest.mark.browser
 
@@ -33,7 +34,7 @@ def ui_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "false")  # faster start
     with run_local_server(tmp_path / "prefect", port=0) as api_url:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            for deployment in build_deployments(DeploymentSettings()):
+            for deployment in build_deployments(Settings()):
                 deployment.apply()
         yield api_url.removesuffix("/api")
 

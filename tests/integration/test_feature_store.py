@@ -77,10 +77,7 @@ def dump_store(engine) -> dict[str, list[tuple]]:
     """Every row of every feature-store table, for before/after comparisons."""
     tables = [*store.CONTRACTS, "feature_snapshots", "feature_validation_runs"]
     with engine.connect() as conn:
-        return {
-            t: sorted(map(tuple, conn.execute(sa.text(f'select * from "{t}"'))), key=repr)
-            for t in tables
-        }
+        return {t: sorted(map(tuple, conn.execute(sa.text(f'select * from "{t}"'))), key=repr) for t in tables}
 
 
 @pytest.fixture
@@ -113,9 +110,7 @@ def test_write_then_read_round_trips_rows_and_types(engine):
 def test_read_filters_users_and_selects_columns_in_requested_order(engine):
     write(engine, AS_OF, {"labels": build_labels(AS_OF, [1, 2, 3, 4])})
 
-    frame = store.read_table(
-        engine, "labels", AS_OF, user_ids=[4, 2, 99], columns=["is_new", "user_id"]
-    )
+    frame = store.read_table(engine, "labels", AS_OF, user_ids=[4, 2, 99], columns=["is_new", "user_id"])
 
     assert frame.schema == pl.Schema({"is_new": pl.Boolean, "user_id": pl.Int64})
     assert frame.to_dicts() == [{"is_new": True, "user_id": 2}, {"is_new": True, "user_id": 4}]
@@ -184,23 +179,17 @@ def test_failed_rerun_keeps_the_previous_passed_snapshot_readable(engine):
         {"table_name": "user_category_affinity", "row_count": 4, "passed": True, "digest": digest}
     ]
     with engine.connect() as conn:
-        runs = conn.execute(
-            sa.text("select passed, flow_run_id from feature_validation_runs order by id")
-        ).all()
+        runs = conn.execute(sa.text("select passed, flow_run_id from feature_validation_runs order by id")).all()
     assert [tuple(r) for r in runs] == [(True, "run-1"), (False, "run-2")]
 
 
 def test_failed_validation_of_a_new_as_of_is_recorded_and_unreadable(engine):
     report = failed_report(USER_CATEGORY_AFFINITY, AS_OF)
 
-    store.record_failed_validation(
-        engine, AS_OF, {"user_category_affinity": report}, flow_run_id="run-1"
-    )
+    store.record_failed_validation(engine, AS_OF, {"user_category_affinity": report}, flow_run_id="run-1")
 
     summary = store.snapshot_summary(engine, AS_OF).to_dicts()
-    assert summary == [
-        {"table_name": "user_category_affinity", "row_count": 4, "passed": False, "digest": None}
-    ]
+    assert summary == [{"table_name": "user_category_affinity", "row_count": 4, "passed": False, "digest": None}]
     with pytest.raises(store.SnapshotUnavailable, match="affinity.*2024-03-04.*failed"):
         store.read_table(engine, "user_category_affinity", AS_OF)
     with pytest.raises(store.SnapshotUnavailable, match="labels.*never written"):
@@ -252,9 +241,7 @@ def test_snapshot_queries_see_only_passed_snapshots(engine):
     weeks = [AS_OF - timedelta(days=14), AS_OF - timedelta(days=7), AS_OF]
     for week in weeks[:2]:
         write(engine, week, {"labels": build_labels(week, [1, 2, 3])})
-    store.record_failed_validation(
-        engine, AS_OF, {"labels": failed_report(LABELS, AS_OF)}, flow_run_id=None
-    )
+    store.record_failed_validation(engine, AS_OF, {"labels": failed_report(LABELS, AS_OF)}, flow_run_id=None)
 
     assert store.passed_as_ofs(engine, "labels") == weeks[:2]
     assert store.latest_passed_as_of(engine, "labels") == weeks[1]
@@ -283,11 +270,7 @@ def test_concurrent_ensure_schema_calls_all_succeed(clean_stores):
         list(pool.map(lambda _: store.ensure_schema(clean_stores.engine), range(4)))
 
     with clean_stores.engine.connect() as conn:
-        tables = set(
-            conn.execute(
-                sa.text("select tablename from pg_tables where schemaname = 'public'")
-            ).scalars()
-        )
+        tables = set(conn.execute(sa.text("select tablename from pg_tables where schemaname = 'public'")).scalars())
     assert tables == {*store.CONTRACTS, "feature_snapshots", "feature_validation_runs"}
 
 

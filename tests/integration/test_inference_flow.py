@@ -21,17 +21,18 @@ import redis
 import sqlalchemy as sa
 
 from benchmarks.inference_bench import compute_snapshot, register_champion, store_snapshot, train_quick_model
+from cli import main as cli
 from features import store
 from features.synthetic import generate_log
 from features.transform import week_start
 from flows.inference_flow import inference_flow
 from inference import publications, scoring, serving
-from recsys import cli
+from ranking import registry
+from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.scoring import IncompatibleModelError
 from recsys.settings import Settings
-from recsys.stores import open_stores
+from recsys.stores import connect_redis, open_stores
 from tests.conftest import SMALL_JOB
-from training import registry
-from training.candidates import CandidateConfig, SnapshotTables
 from training.ranker import TrainedRanker
 
 pytestmark = pytest.mark.integration
@@ -214,7 +215,7 @@ def test_champion_needing_features_the_snapshot_cannot_provide_is_refused(seeded
     with open_stores(seeded) as stores:
         register_champion(stores.engine, seeded.model_name, foreign, seed.categories, AS_OF)
 
-    with pytest.raises(scoring.IncompatibleModelError, match=r"v2 .* does not build .*\['cooc_score_90d'\]"):
+    with pytest.raises(IncompatibleModelError, match=r"v2 .* does not build .*\['cooc_score_90d'\]"):
         inference_flow(as_of=AS_OF)
 
     assert pointers(seeded)[0] == first["version"]
@@ -337,7 +338,7 @@ def test_redis_acl_user_with_password_works_and_the_password_appears_nowhere(
         result = inference_flow(as_of=AS_OF)
         lists = live_lists(Settings())
         with pytest.raises(redis.AuthenticationError):
-            serving.connect(f"unix://recs:wrong@{private_redis.socket_file}").ping()
+            connect_redis(f"unix://recs:wrong@{private_redis.socket_file}").ping()
     finally:
         private_redis.acl_setuser("default", enabled=True)
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from training import registry
+from ranking import registry
+from ranking.registry import AliasChangeError, ModelIntegrityError, ModelNotFoundError
 from training.promotion import decide_promotion
-from training.registry import AliasChangeError, ModelIntegrityError, ModelNotFoundError
 
 pytestmark = pytest.mark.integration
 
@@ -178,9 +178,7 @@ class _Planted:
 
 
 @pytest.mark.parametrize("rehash", [False, True], ids=["hash-unchanged", "hash-rewritten"])
-def test_pickle_payload_is_refused_without_being_parsed(
-    engine, trained, booster_calls, tmp_path, rehash
-):
+def test_pickle_payload_is_refused_without_being_parsed(engine, trained, booster_calls, tmp_path, rehash):
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(_Planted(marker), protocol=0).decode("ascii")
     version = register(engine, trained[0])
@@ -216,9 +214,7 @@ def test_gate_keeps_the_champion_when_the_candidate_is_worse(engine, trained):
     champion = registry.get_champion(engine, NAME)
 
     candidate = {"ndcg@10": 0.15}
-    decision = decide_promotion(
-        candidate, champion.metrics["model"], {"ndcg@10": 0.1}, margin=0.0
-    )
+    decision = decide_promotion(candidate, champion.metrics["model"], {"ndcg@10": 0.1}, margin=0.0)
     second = register(engine, text, ndcg=0.15, status="rejected", decision=decision)
 
     assert not decision.promote
@@ -245,9 +241,7 @@ def test_promote_then_rollback_restores_the_previous_champion_with_audit_trail(e
 
     assert restored == first
     assert registry.get_champion(engine, NAME).version == first
-    trail = registry.history(engine, NAME).select(
-        "alias", "from_version", "to_version", "reason", "actor"
-    )
+    trail = registry.history(engine, NAME).select("alias", "from_version", "to_version", "reason", "actor")
     assert trail.rows() == [
         ("champion", None, first, "beats baselines", "training-flow"),
         ("champion", first, second, "ndcg +50%", "training-flow"),

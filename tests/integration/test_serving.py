@@ -91,17 +91,12 @@ def test_published_lists_are_read_back_with_their_metadata(clean_stores):
     recs = get_recommendations(r, PREFIX, [7, 0, 49])
 
     assert [rec.items for rec in recs] == [worker.expected_items(u, 1) for u in (7, 0, 49)]
-    assert {(rec.version, rec.model_version, rec.as_of) for rec in recs} == {
-        (result.version, "salt-1", WEEK)
-    }
+    assert {(rec.version, rec.model_version, rec.as_of) for rec in recs} == {(result.version, "salt-1", WEEK)}
     assert not any(rec.is_fallback for rec in recs)
     meta = r.hgetall(KEYS.meta(result.version))
     assert meta["status"] == "live"
     assert meta["user_count"] == meta["written_users"] == "50"
-    assert (
-        r.get(KEYS.user(result.version, 7))
-        == "[" + ",".join(map(str, worker.expected_items(7, 1))) + "]"
-    )
+    assert r.get(KEYS.user(result.version, 7)) == "[" + ",".join(map(str, worker.expected_items(7, 1))) + "]"
 
 
 def test_unknown_user_gets_the_fallback_list(clean_stores):
@@ -135,9 +130,7 @@ def test_reading_takes_two_round_trips_for_a_whole_batch(clean_stores, monkeypat
 
 
 def test_reading_before_any_publication_says_so(clean_stores):
-    with pytest.raises(
-        NoPublicationError, match="no recommendations published yet under prefix 'recs'"
-    ):
+    with pytest.raises(NoPublicationError, match="no recommendations published yet under prefix 'recs'"):
         get_recommendations(clean_stores.redis, PREFIX, [1])
 
 
@@ -158,9 +151,7 @@ def test_new_publication_keeps_the_previous_and_removes_older_ones(clean_stores)
 
 def test_keep_three_retains_one_retired_version(clean_stores):
     r = clean_stores.redis
-    versions = [
-        publish(r, WEEK + timedelta(7 * i), users=5, salt=i, keep=3).version for i in range(4)
-    ]
+    versions = [publish(r, WEEK + timedelta(7 * i), users=5, salt=i, keep=3).version for i in range(4)]
 
     assert r.hget(KEYS.meta(versions[1]), "status") == "retired"
     assert_only_versions_left(r, *versions[1:])
@@ -269,9 +260,7 @@ def test_out_of_memory_mid_publish_fails_clearly_and_next_publish_cleans_up(priv
     r.config_set("maxmemory-policy", "noeviction")
     r.config_set("maxmemory", r.info("memory")["used_memory"] + 300_000)
 
-    with pytest.raises(
-        PublishError, match=r"version 20260112-\d{6}: writing user keys failed .*maxmemory"
-    ):
+    with pytest.raises(PublishError, match=r"version 20260112-\d{6}: writing user keys failed .*maxmemory"):
         publish(r, WEEK + timedelta(7), users=20_000, salt=2, chunk=500)
 
     (rec,) = get_recommendations(r, PREFIX, [5])
@@ -378,8 +367,7 @@ def kill_at(proc: subprocess.Popen, marker: str, delay: float) -> str:
 def test_killed_publisher_never_exposes_a_partial_or_mixed_set(clean_stores):
     r = clean_stores.redis
     workers = [
-        start_worker(clean_stores.redis_url, WEEK + timedelta(7 * i), salt=i)
-        for i in range(1, len(KILL_POINTS) + 1)
+        start_worker(clean_stores.redis_url, WEEK + timedelta(7 * i), salt=i) for i in range(1, len(KILL_POINTS) + 1)
     ]
     publish(r, WEEK, users=KILL_USERS, salt=0)
     stop, failures, statuses = threading.Event(), [], []
@@ -409,9 +397,7 @@ def test_publication_lineage_is_recorded_then_completed(clean_stores):
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda _: publications.ensure_schema(engine), range(2)))
     started = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
-    publications.record_publication(
-        engine, version="20260105-000001", as_of=WEEK, status="writing", started_at=started
-    )
+    publications.record_publication(engine, version="20260105-000001", as_of=WEEK, status="writing", started_at=started)
 
     publications.record_publication(
         engine,
@@ -435,6 +421,4 @@ def test_publication_field_that_is_no_column_is_refused(clean_stores):
     publications.ensure_schema(clean_stores.engine)
 
     with pytest.raises(ValueError, match=r"\['modelversion'\] are not columns"):
-        publications.record_publication(
-            clean_stores.engine, version="v", as_of=WEEK, status="live", modelversion=3
-        )
+        publications.record_publication(clean_stores.engine, version="v", as_of=WEEK, status="live", modelversion=3)

@@ -12,11 +12,12 @@ import sqlalchemy as sa
 
 from flows.feature_flow import feature_flow
 from flows.training_flow import training_flow
+from ranking import registry
+from ranking.candidates import FEATURE_NAMES
 from recsys.settings import Settings
 from recsys.stores import open_stores
 from tests.conftest import artifact_text
-from training import pipeline, registry
-from training.candidates import FEATURE_NAMES
+from training import pipeline
 
 pytestmark = pytest.mark.integration
 

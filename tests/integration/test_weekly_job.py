@@ -14,14 +14,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from cli import main as cli
 from features import store
 from features.synthetic import read_log
 from inference import publications, serving
-from recsys import cli
+from ranking import registry
 from recsys.settings import Settings
 from recsys.stores import Stores, open_stores
 from tests.conftest import SMALL_JOB
-from training import registry
 
 pytestmark = pytest.mark.integration
 

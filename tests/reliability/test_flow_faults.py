@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from flows import inference_flow as inference_module
 from inference import publications, serving
+from ranking import registry
 from tests.reliability.conftest import AS_OF, shorten_retries
 from tests.reliability.observe import (
     live_version,
@@ -27,7 +28,6 @@ from tests.reliability.observe import (
     when,
 )
 from tests.reliability.services import dump_redis
-from training import registry
 
 pytestmark = pytest.mark.reliability
 

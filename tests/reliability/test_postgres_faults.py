@@ -21,8 +21,8 @@ from features import contracts, store, transform
 from features.synthetic import generate_log
 from features.validation import ValidationReport
 from inference import publications
+from ranking import registry
 from tests.reliability.services import PrivatePostgres, dump_postgres, wait_for, waiting_on_lock
-from training import registry
 
 pytestmark = pytest.mark.reliability
 

@@ -20,10 +20,10 @@ import sqlalchemy as sa
 from flows import inference_flow as inference_module
 from flows import training_flow as training_module
 from inference import serving
+from ranking import registry
 from tests.reliability.conftest import AS_OF, job_environment, shorten_retries, start_redis
 from tests.reliability.observe import live_version, new_writing_version, versions, when
 from tests.reliability.services import wait_for, waiting_on_lock
-from training import registry
 
 pytestmark = pytest.mark.reliability
 
@@ -42,7 +42,7 @@ def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
     with stderr.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "recsys.cli", *args],
+            [sys.executable, "-m", "cli.main", *args],
             stdout=subprocess.DEVNULL, stderr=sink, env=env, cwd=REPO_ROOT,
         )  # fmt: skip
     return process, stderr

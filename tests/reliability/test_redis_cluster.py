@@ -17,7 +17,7 @@ import redis
 
 from inference import serving
 from recsys.settings import Settings
-from recsys.stores import open_stores
+from recsys.stores import connect_redis, open_stores
 from tests.reliability.services import free_port, redis_server_binary, wait_for
 
 pytestmark = pytest.mark.reliability
@@ -107,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture
 def client(cluster: Cluster) -> Iterator[redis.RedisCluster]:
-    r = serving.connect(cluster.url, cluster=True)
+    r = connect_redis(cluster.url, cluster=True)
     yield r
     r.close()
 

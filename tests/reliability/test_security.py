@@ -16,6 +16,7 @@ import redis
 
 from flows import inference_flow as inference_module
 from inference import serving
+from recsys.stores import connect_redis
 from tests.reliability.conftest import AS_OF, start_redis
 from tests.reliability.services import dump_redis, free_port, redis_server_binary, wait_for
 
@@ -41,7 +42,7 @@ def acl_redis(redis_servers, tmp_path):
 
 
 def test_reader_user_reads_recommendations_and_can_write_nothing(acl_redis):
-    reader = serving.connect(acl_redis.url(user="reader", password="reader-pw"))
+    reader = connect_redis(acl_redis.url(user="reader", password="reader-pw"))
     before = dump_redis(acl_redis.url())
 
     known, unknown = serving.get_recommendations(reader, PREFIX, [2, 99])
@@ -67,7 +68,7 @@ def test_reader_user_reads_recommendations_and_can_write_nothing(acl_redis):
             attempt()
     assert dump_redis(acl_redis.url()) == before
     with pytest.raises(redis.AuthenticationError):
-        serving.connect(acl_redis.url(user="reader", password="guess")).ping()
+        connect_redis(acl_redis.url(user="reader", password="guess")).ping()
 
 
 def record_text(record: logging.LogRecord) -> str:
@@ -160,7 +161,7 @@ def test_rediss_url_publishes_and_reads_over_verified_tls_and_refuses_an_unknown
     port, files = tls_redis
     password = quote(job_secrets.redis, safe="")
     url = f"rediss://:{password}@localhost:{port}/0?ssl_ca_certs={files['ca']}&ssl_cert_reqs=required"
-    client = serving.connect(url)
+    client = connect_redis(url)
     recs = pl.DataFrame({"user_id": [1, 2]}).with_columns(items=pl.lit([7, 8, 9]).cast(pl.List(pl.Int64)))
     metadata = {"model_version": "ranker:3", "generated_at": "2025-03-03T05:00:00", "n": 3, "fallback_user_count": 0}
 
@@ -171,6 +172,6 @@ def test_rediss_url_publishes_and_reads_over_verified_tls_and_refuses_an_unknown
     assert client.connection_pool.connection_class is redis.SSLConnection
     untrusted = url.replace(str(files["ca"]), str(files["other-ca"]))
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
-        serving.connect(untrusted).ping()
+        connect_redis(untrusted).ping()
     with pytest.raises(redis.ConnectionError):
-        serving.connect(f"redis://:{password}@localhost:{port}/0").ping()  # plain text to a TLS-only port
+        connect_redis(f"redis://:{password}@localhost:{port}/0").ping()  # plain text to a TLS-only port

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from features import contracts
-from training.candidates import (
+from ranking.candidates import (
     FEATURE_NAMES,
     PRIOR_FEATURE,
     PRIOR_WEIGHT,

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.definitions import DeploymentSettings
 from recsys.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +69,7 @@ def test_prefect_ui_is_published_on_4200(services: dict) -> None:
 
 
 def test_every_recsys_variable_set_by_compose_is_a_settings_field(services: dict) -> None:
-    fields = set(Settings.model_fields) | set(DeploymentSettings.model_fields)
+    fields = set(Settings.model_fields)
     names = [name for service in services.values() for name in environment_of(service) if name.startswith("RECSYS_")]
     assert "RECSYS_DATABASE_URL" in names and "RECSYS_REDIS_URL" in names
     unknown = [name for name in names if name.removeprefix("RECSYS_").lower() not in fields]

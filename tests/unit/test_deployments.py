@@ -7,17 +7,18 @@ from pydantic import ValidationError
 
 from deployments.definitions import (
     SPECS,
-    DeploymentSettings,
     build_deployments,
     full_name,
     load_flow,
 )
-from deployments.serve import describe_serving, redact_url
+from deployments.serve import describe_serving
+from recsys.settings import Settings
+from recsys.stores import redact_url
 
 
 @pytest.fixture(scope="module")
 def deployments() -> dict:
-    return {f"{d.flow_name}/{d.name}": d for d in build_deployments(DeploymentSettings())}
+    return {f"{d.flow_name}/{d.name}": d for d in build_deployments(Settings())}
 
 
 def cron_and_timezone(deployment) -> tuple[str, str]:
@@ -59,25 +60,25 @@ def test_every_flow_takes_as_of_so_runs_can_be_triggered_for_a_week() -> None:
 
 def test_a_cron_can_be_overridden_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSYS_TRAINING_CRON", "30 4 * * 2")
-    settings = DeploymentSettings()
+    settings = Settings()
     assert (settings.features_cron, settings.training_cron) == ("0 1 * * 1", "30 4 * * 2")
 
 
 def test_an_invalid_cron_is_rejected_naming_the_setting() -> None:
     with pytest.raises(ValidationError, match="inference_cron"):
-        DeploymentSettings(inference_cron="every monday")
+        Settings(inference_cron="every monday")
 
 
 def test_redact_url_drops_credentials_only() -> None:
-    assert redact_url("http://admin:s3cret@host:4200/api") == "http://host:4200/api"
-    assert redact_url("http://127.0.0.1:4200/api") == "http://127.0.0.1:4200/api"
+    assert redact_url("http://admin:s3cret@host:4200/api", drop_credentials=True) == "http://host:4200/api"
+    assert redact_url("http://127.0.0.1:4200/api", drop_credentials=True) == "http://127.0.0.1:4200/api"
 
 
 def test_banner_gives_ui_and_an_ad_hoc_command_per_deployment_without_secrets() -> None:
     banner = describe_serving(
         "http://admin:s3cret@127.0.0.1:4200/api",
         None,
-        DeploymentSettings(features_cron="0 2 * * *"),
+        Settings(features_cron="0 2 * * *"),
         example_as_of=date(2026, 11, 23),
         auth=True,
     )

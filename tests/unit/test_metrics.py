@@ -145,15 +145,11 @@ def reference_metrics(recs: dict[int, list[int]], truth: dict[int, set[int]], k:
 @settings(max_examples=40, deadline=None)
 @given(
     recs=st.dictionaries(st.integers(0, 4), st.lists(st.integers(0, 9), max_size=6, unique=True)),
-    truth=st.dictionaries(
-        st.integers(0, 4), st.sets(st.integers(0, 9), min_size=1, max_size=5), min_size=1
-    ),
+    truth=st.dictionaries(st.integers(0, 4), st.sets(st.integers(0, 9), min_size=1, max_size=5), min_size=1),
     k=st.integers(1, 5),
 )
 def test_rank_metrics_match_a_per_user_reference(recs, truth, k):
-    result = rank_metrics(
-        recs_of(recs), truth_of({u: sorted(s) for u, s in truth.items()}), k=k, n_catalogue=10
-    )
+    result = rank_metrics(recs_of(recs), truth_of({u: sorted(s) for u, s in truth.items()}), k=k, n_catalogue=10)
     expected = reference_metrics(recs, truth, k)
     assert {m: result[m] for m in expected} == pytest.approx(expected)
 
@@ -179,9 +175,7 @@ def test_combine_weeks_weights_each_week_by_its_users():
         {"recall@10": 0.0, "coverage@10": 0.6, "users": 3},
         {"recall@10": 0.0, "coverage@10": 0.0, "users": 0},
     ]
-    assert combine_weeks(weeks) == pytest.approx(
-        {"recall@10": 0.25, "coverage@10": 0.5, "users": 4}
-    )
+    assert combine_weeks(weeks) == pytest.approx({"recall@10": 0.25, "coverage@10": 0.5, "users": 4})
 
 
 def test_combine_weeks_without_users_gives_zeros():

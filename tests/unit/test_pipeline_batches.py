@@ -9,8 +9,9 @@ from polars.testing import assert_frame_equal
 
 from features import transform
 from features.synthetic import generate_log
+from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.scoring import ScoringModel, user_batches
 from training import pipeline
-from training.candidates import CandidateConfig, SnapshotTables, category_encoding
 from training.ranker import RankerParams, train_ranker
 
 AS_OF = date(2024, 3, 4)
@@ -46,13 +47,13 @@ def test_sample_users_is_a_fixed_subset_of_the_requested_size():
 
 def test_user_batches_cover_every_user_once_in_order():
     users = pl.Series("user_id", range(11), pl.Int64)
-    batches = pipeline.user_batches(users, 4)
+    batches = user_batches(users, 4)
     assert [b.to_list() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
-    assert pipeline.user_batches(users.head(0), 4) == []
-    assert pipeline.user_batches([5, 1, 4, 2, 3], 2) == [[5, 1], [4, 2], [3]]  # lists too, as the partitions pass
-    assert pipeline.user_batches([], 3) == []
+    assert user_batches(users.head(0), 4) == []
+    assert user_batches([5, 1, 4, 2, 3], 2) == [[5, 1], [4, 2], [3]]  # lists too, as the partitions pass
+    assert user_batches([], 3) == []
     with pytest.raises(ValueError, match="batch size must be at least 1"):
-        pipeline.user_batches(users, 0)
+        user_batches(users, 0)
 
 
 def test_labelled_frame_in_batches_equals_one_batch_and_respects_the_user_cap(week):
@@ -73,7 +74,7 @@ def test_evaluation_in_batches_equals_one_batch(week):
     tables, labels, categories = week
     frame = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories)
     trained = train_ranker(frame, frame, RankerParams(n_estimators=20, num_threads=1))
-    model = pipeline.ScoringModel(lgb.Booster(model_str=trained.model_text), trained.feature_names, categories)
+    model = ScoringModel(lgb.Booster(model_str=trained.model_text), trained.feature_names, categories)
 
     whole = pipeline.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=10**6)
     batched = pipeline.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=23)

@@ -9,8 +9,7 @@ def test_candidate_beating_champion_beyond_margin_is_promoted():
     decision = decide_promotion({"ndcg@10": 0.116}, {"ndcg@10": 0.10}, BASELINE, margin=0.15)
     assert decision == Decision(
         True,
-        "promotes the candidate: candidate ndcg@10 0.1160 beats "
-        "champion 0.1000 × (1 + margin 15.00%) = 0.1150",
+        "promotes the candidate: candidate ndcg@10 0.1160 beats champion 0.1000 × (1 + margin 15.00%) = 0.1150",
     )
 
 
@@ -23,27 +22,19 @@ def test_candidate_worse_equal_or_within_margin_keeps_the_champion(score):
 
 
 def test_champion_comparison_ignores_the_baseline():
-    decision = decide_promotion(
-        {"ndcg@10": 0.05}, {"ndcg@10": 0.04}, {"ndcg@10": 0.30}, margin=0.0
-    )
+    decision = decide_promotion({"ndcg@10": 0.05}, {"ndcg@10": 0.04}, {"ndcg@10": 0.30}, margin=0.0)
     assert decision.promote
 
 
 def test_without_champion_the_candidate_must_beat_the_best_baseline():
     win = decide_promotion({"ndcg@10": 0.11}, None, BASELINE, margin=0.5, baseline_name="item_knn")
-    assert win == Decision(
-        True, "no champion yet: candidate ndcg@10 0.1100 beats item_knn 0.1000"
-    )
+    assert win == Decision(True, "no champion yet: candidate ndcg@10 0.1100 beats item_knn 0.1000")
     tie = decide_promotion({"ndcg@10": 0.10}, None, BASELINE, margin=0.0)
-    assert tie == Decision(
-        False, "no champion yet: candidate ndcg@10 0.1000 does not beat the best baseline 0.1000"
-    )
+    assert tie == Decision(False, "no champion yet: candidate ndcg@10 0.1000 does not beat the best baseline 0.1000")
 
 
 def test_gate_compares_the_chosen_metric():
-    decision = decide_promotion(
-        {"ndcg@10": 0.0, "recall@10": 0.3}, None, BASELINE, metric="recall@10", margin=0.0
-    )
+    decision = decide_promotion({"ndcg@10": 0.0, "recall@10": 0.3}, None, BASELINE, metric="recall@10", margin=0.0)
     assert decision.promote
     assert "recall@10 0.3000" in decision.reason
 

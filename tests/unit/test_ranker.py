@@ -5,8 +5,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from training.candidates import FEATURE_NAMES, PRIOR_FEATURE
-from training.ranker import RankerParams, attach_labels, sample_negatives, score, top_n, train_ranker
+from ranking.candidates import FEATURE_NAMES, PRIOR_FEATURE
+from ranking.scoring import score, top_n
+from training.ranker import RankerParams, attach_labels, sample_negatives, train_ranker
 
 WEEK = date(2024, 3, 4)
 TINY = RankerParams(n_estimators=20, num_leaves=4, min_child_samples=2, early_stopping_rounds=5, num_threads=1)

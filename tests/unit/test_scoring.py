@@ -12,9 +12,10 @@ from redis.connection import SSLConnection, UnixDomainSocketConnection
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.transform import build_feature_tables
 from inference import scoring, serving
-from training import registry
-from training.candidates import FEATURE_NAMES, CandidateConfig, SnapshotTables, build_ranking_frame
-from training.ranker import score
+from ranking import registry
+from ranking.candidates import FEATURE_NAMES, CandidateConfig, SnapshotTables, build_ranking_frame
+from ranking.scoring import IncompatibleModelError, check_model, score
+from recsys.stores import connect_redis, redact_url
 
 AS_OF = date(2026, 11, 23)
 CONSUMED = {1: [1, 2, 3], 2: [2, 4], 3: [1], 4: list(range(1, 9))}  # user 4 consumed everything
@@ -149,17 +150,17 @@ def test_zero_partitions_are_refused():
 
 
 def test_model_needing_an_unknown_feature_is_refused_with_its_name():
-    with pytest.raises(scoring.IncompatibleModelError, match=r"ranker v3 .*\['plays_next_week'\]"):
-        scoring.check_model([*FEATURE_NAMES, "plays_next_week"], {"category": []}, "ranker v3")
+    with pytest.raises(IncompatibleModelError, match=r"ranker v3 .*\['plays_next_week'\]"):
+        check_model([*FEATURE_NAMES, "plays_next_week"], {"category": []}, "ranker v3")
 
 
 def test_model_without_a_category_encoding_is_refused():
-    with pytest.raises(scoring.IncompatibleModelError, match="no category encoding"):
-        scoring.check_model(FEATURE_NAMES, {}, "ranker v3")
+    with pytest.raises(IncompatibleModelError, match="no category encoding"):
+        check_model(FEATURE_NAMES, {}, "ranker v3")
 
 
 def test_model_on_a_subset_of_the_features_is_accepted():
-    scoring.check_model(FEATURE_NAMES[:5], {"category": ["rock"]}, "ranker v3")
+    check_model(FEATURE_NAMES[:5], {"category": ["rock"]}, "ranker v3")
 
 
 # --- which failures the flow's I/O tasks retry ---
@@ -175,7 +176,7 @@ def test_model_on_a_subset_of_the_features_is_accepted():
         (wrapped(serving.PublishError("writing user keys failed"), redis.ResponseError("OOM maxmemory")), False),
         (serving.StalePublication("a newer publication won"), False),
         (registry.ModelIntegrityError("sha256 mismatch"), False),
-        (scoring.IncompatibleModelError("unknown features"), False),
+        (IncompatibleModelError("unknown features"), False),
     ],
 )
 def test_only_lost_connections_are_retried(error, retried):
@@ -190,7 +191,7 @@ def test_only_lost_connections_are_retried(error, retried):
 
 
 def connection(url: str) -> tuple[type, dict]:
-    pool = serving.connect(url).connection_pool
+    pool = connect_redis(url).connection_pool
     return pool.connection_class, pool.connection_kwargs
 
 
@@ -232,17 +233,17 @@ def test_unix_socket_url_with_user_and_password():
 
 def test_cluster_client_is_refused_a_unix_socket_url_before_connecting():
     with pytest.raises(ValueError, match="Redis Cluster is reached over redis:// or rediss://, got a unix://"):
-        serving.connect("unix:///run/redis/redis.sock", cluster=True)
+        connect_redis("unix:///run/redis/redis.sock", cluster=True)
 
 
 def test_cluster_client_is_refused_a_database_other_than_zero():
     with pytest.raises(redis.RedisClusterException, match="only be 0 in cluster mode"):
-        serving.connect("redis://127.0.0.1:1/2", cluster=True)
+        connect_redis("redis://127.0.0.1:1/2", cluster=True)
 
 
 def test_cluster_client_names_the_node_it_could_not_reach():
     with pytest.raises(redis.RedisClusterException, match="127.0.0.1:1") as raised:
-        serving.connect("redis://:pw@127.0.0.1:1/0", cluster=True)
+        connect_redis("redis://:pw@127.0.0.1:1/0", cluster=True)
 
     assert isinstance(raised.value.__cause__, redis.ConnectionError)  # so the flow's tasks retry it
 
@@ -263,4 +264,4 @@ def test_cluster_client_names_the_node_it_could_not_reach():
     ],
 )
 def test_redacted_url_hides_only_the_password(url, shown):
-    assert serving.redact_url(url) == shown
+    assert redact_url(url) == shown

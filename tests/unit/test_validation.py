@@ -44,9 +44,7 @@ def build_good_frame(contract: TableContract, rows: int = 3) -> pl.DataFrame:
 
 
 def validate(contract: TableContract, frame: pl.DataFrame, **overrides):
-    options = dict(
-        as_of=AS_OF, previous=None, min_rows_ratio=0.5, drift_threshold=0.25, drift_blocks=False
-    )
+    options = dict(as_of=AS_OF, previous=None, min_rows_ratio=0.5, drift_threshold=0.25, drift_blocks=False)
     return validate_table(contract, frame, **(options | overrides))
 
 
@@ -140,15 +138,11 @@ def test_nan_fails_a_nullable_float_column_while_null_passes():
             Column("score", pl.Float64(), nullable=True),
         ),
     )
-    base = pl.DataFrame(
-        {"as_of": [AS_OF] * 2, "user_id": [1, 2], "score": [None, 0.5]}, schema=contract.schema
-    )
+    base = pl.DataFrame({"as_of": [AS_OF] * 2, "user_id": [1, 2], "score": [None, 0.5]}, schema=contract.schema)
 
     assert validate(contract, base).success
     with_nan = with_column(base, "score", [math.nan, 0.5])
-    assert ("expect_column_values_to_be_finite", ("score",)) in failed_checks(
-        validate(contract, with_nan)
-    )
+    assert ("expect_column_values_to_be_finite", ("score",)) in failed_checks(validate(contract, with_nan))
 
 
 def test_row_count_may_not_collapse_below_ratio_of_previous_snapshot():
@@ -158,9 +152,7 @@ def test_row_count_may_not_collapse_below_ratio_of_previous_snapshot():
     collapsed = validate(USER_FEATURES, frame, previous=previous, min_rows_ratio=0.5)
     enough = validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=5), previous=previous)
 
-    failure = next(
-        f for f in collapsed.failures if f["expectation"] == "expect_table_row_count_to_be_between"
-    )
+    failure = next(f for f in collapsed.failures if f["expectation"] == "expect_table_row_count_to_be_between")
     assert failure["expected"]["min_value"] == 5
     assert failure["observed"] == 4
     assert "observed 4" in str(ValidationFailed([collapsed]))

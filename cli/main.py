@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from recsys.clock import parse_as_of, week_floor
 from recsys.settings import Settings
 
-LIBRARY_LOGGERS = "features,training,inference,flows,recsys,deployments"
+LIBRARY_LOGGERS = "recsys,features,ranking,training,inference,flows,deployments,cli"
 
 
 def _as_of(value: str) -> date:
@@ -125,21 +125,10 @@ def cmd_infer(args, settings: Settings) -> int:
     return 0
 
 
-def run_weekly_job(settings: Settings, as_of: date, source: str | None) -> tuple[dict, dict]:
-    """Features for every week training needs, then training, then inference."""
-    from flows.feature_flow import feature_flow
-    from flows.inference_flow import inference_flow
-    from flows.training_flow import training_flow
-
-    first = as_of - timedelta(weeks=settings.training_weeks + 2)
-    feature_flow(as_of=as_of, source=source, backfill_from=first)
-    trained = training_flow(as_of=as_of)
-    published = inference_flow(as_of=as_of)
-    return trained, published
-
-
 def cmd_run(args, settings: Settings) -> int:
     as_of = args.as_of or _today_as_of()
+    from flows.weekly_job import run_weekly_job
+
     trained, published = run_weekly_job(settings, as_of, args.source)
     print_summary(settings, as_of, trained, published)
     return 0
@@ -150,6 +139,8 @@ def cmd_demo(args, settings: Settings) -> int:
 
     as_of = _today_as_of()
     ensure_synthetic_log(settings, as_of)
+    from flows.weekly_job import run_weekly_job
+
     trained, published = run_weekly_job(settings, as_of, "synthetic")
     print_summary(settings, as_of, trained, published)
     return 0

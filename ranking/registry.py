@@ -27,15 +27,13 @@ the sha256 and the text's shape before LightGBM parses anything.
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from datetime import date, datetime
 from typing import Any
 
 import lightgbm as lgb
 import polars as pl
 import sqlalchemy as sa
-
-from training.promotion import Decision
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +149,7 @@ _RECORD_COLUMNS = ", ".join(f"v.{f.name}" for f in fields(ModelRecord))
 def ensure_schema(engine: sa.Engine) -> None:
     """Create the registry tables if missing; safe when several processes call it at once."""
     with engine.begin() as conn:
-        conn.execute(
-            sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE}
-        )
+        conn.execute(sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE})
         for statement in _DDL:
             conn.execute(sa.text(statement))
 
@@ -175,7 +171,7 @@ def register_model(
     flow_run_id: str | None = None,
     code_version: str | None = None,
     status: str = "registered",
-    decision: Decision | dict[str, Any] | None = None,
+    decision: Any = None,
     promote_reason: str | None = None,
     actor: str = "training-flow",
 ) -> int:
@@ -194,7 +190,7 @@ def register_model(
     problem = _model_text_problem(model_text, feature_names)
     if problem:
         raise ValueError(f"register_model {name}: model_text {problem}")
-    if isinstance(decision, Decision):
+    if is_dataclass(decision):  # the gate's Decision (training.promotion)
         decision = asdict(decision)
     documents = {
         "feature_snapshots": feature_snapshots,
@@ -246,9 +242,7 @@ def register_model(
     return version
 
 
-def load_model(
-    engine: sa.Engine, name: str, version: int | None = None
-) -> tuple[lgb.Booster, ModelRecord]:
+def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tuple[lgb.Booster, ModelRecord]:
     """The booster and record of `name` at `version` (the champion when None).
 
     The stored text must hash to the registered sha256 and look like a LightGBM text
@@ -268,9 +262,7 @@ def load_model(
         )
     problem = _model_text_problem(text, record.feature_names)
     if problem:
-        raise ModelIntegrityError(
-            f"model {name} v{record.version}: text {problem}; refusing to load it"
-        )
+        raise ModelIntegrityError(f"model {name} v{record.version}: text {problem}; refusing to load it")
     booster = lgb.Booster(model_str=text)
     log.info("loaded model %s v%d (%s)", name, record.version, record.status)
     return booster, record
@@ -296,9 +288,10 @@ def list_models(engine: sa.Engine, name: str) -> pl.DataFrame:
     """One row per version: version, created_at, status, as_of, holdout_as_of, is_champion,
     then the model's own holdout metrics (metrics["model"]) as float columns."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.text(
-                """
+        rows = (
+            conn.execute(
+                sa.text(
+                    """
                 select v.version, v.created_at, v.status, v.as_of, v.holdout_as_of,
                        a.version is not null as is_champion, v.metrics
                 from model_versions v
@@ -307,9 +300,12 @@ def list_models(engine: sa.Engine, name: str) -> pl.DataFrame:
                 where v.name = :name
                 order by v.version
                 """
-            ),
-            {"name": name, "champion": CHAMPION},
-        ).mappings().all()
+                ),
+                {"name": name, "champion": CHAMPION},
+            )
+            .mappings()
+            .all()
+        )
     model_metrics = [dict(row["metrics"].get("model") or {}) for row in rows]
     metric_names = sorted({key for metrics in model_metrics for key in metrics})
     schema = {
@@ -373,16 +369,12 @@ def set_alias(
         return _move_alias(conn, name, alias, version, reason=reason, actor=actor, force=force)
 
 
-def promote(
-    engine: sa.Engine, name: str, version: int, *, reason: str, actor: str, force: bool = False
-) -> int | None:
+def promote(engine: sa.Engine, name: str, version: int, *, reason: str, actor: str, force: bool = False) -> int | None:
     """Make `version` the champion of `name`; returns the previous champion's version."""
     return set_alias(engine, name, CHAMPION, version, reason=reason, actor=actor, force=force)
 
 
-def rollback(
-    engine: sa.Engine, name: str, *, reason: str, actor: str, alias: str = CHAMPION
-) -> int:
+def rollback(engine: sa.Engine, name: str, *, reason: str, actor: str, alias: str = CHAMPION) -> int:
     """Undo the last change of `alias`: point it back at the version it held before.
 
     The rollback is itself a change in the history, so rolling back twice re-applies
@@ -401,9 +393,7 @@ def rollback(
             {"name": name, "alias": alias},
         ).one_or_none()
         if last is None or last.from_version is None:
-            raise AliasChangeError(
-                f"model {name}: alias {alias!r} has no earlier version to roll back to"
-            )
+            raise AliasChangeError(f"model {name}: alias {alias!r} has no earlier version to roll back to")
         # The earlier version held this alias before, so a past rejection does not block it.
         _move_alias(conn, name, alias, last.from_version, reason=reason, actor=actor, force=True)
     return last.from_version
@@ -424,14 +414,11 @@ def _move_alias(
         {"name": name, "v": version},
     ).one_or_none()
     if target is None:
-        raise ModelNotFoundError(
-            f"model {name} v{version} is not registered; alias {alias!r} unchanged"
-        )
+        raise ModelNotFoundError(f"model {name} v{version} is not registered; alias {alias!r} unchanged")
     if target.status == "rejected" and not force:
         why = (target.decision or {}).get("reason", "no reason recorded")
         raise AliasChangeError(
-            f"model {name} v{version} was rejected ({why}); pass force=True to point"
-            f" {alias!r} at it anyway"
+            f"model {name} v{version} was rejected ({why}); pass force=True to point {alias!r} at it anyway"
         )
     current = conn.execute(
         sa.text("select version from model_aliases where name = :name and alias = :alias"),
@@ -474,9 +461,7 @@ def _move_alias(
     return current
 
 
-def _fetch_row(
-    conn: sa.Connection, name: str, version: int | None, *, with_text: bool
-) -> dict[str, Any] | None:
+def _fetch_row(conn: sa.Connection, name: str, version: int | None, *, with_text: bool) -> dict[str, Any] | None:
     columns = _RECORD_COLUMNS + (", v.model_text" if with_text else "")
     if version is None:
         query = f"""
@@ -488,9 +473,9 @@ def _fetch_row(
         query = f"""
             select {columns} from model_versions v where v.name = :name and v.version = :version
         """
-    row = conn.execute(
-        sa.text(query), {"name": name, "version": version, "champion": CHAMPION}
-    ).mappings().one_or_none()
+    row = (
+        conn.execute(sa.text(query), {"name": name, "version": version, "champion": CHAMPION}).mappings().one_or_none()
+    )
     return None if row is None else dict(row)
 
 
@@ -522,9 +507,7 @@ def _to_json(name: str, field: str, value: Any) -> str | None:
     try:
         return json.dumps(value, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"register_model {name}: {field} is not storable as JSON ({error})"
-        ) from error
+        raise ValueError(f"register_model {name}: {field} is not storable as JSON ({error})") from error
 
 
 def _sha256(text: str) -> str:

@@ -1,0 +1,1 @@
+"""`recsys`: the command line, at the top beside flows and deployments."""

@@ -1,0 +1,1 @@
+"""What training and inference share: candidates, the ranking frame, scoring, the model registry."""

@@ -18,8 +18,9 @@ from pathlib import Path
 from features.sources import RawData, read_source
 from features.synthetic import generate_log
 from features.transform import week_start
+from flows.configs import backtest_options
 from recsys.settings import Settings
-from training.backtest import WEEK, format_table, ndcg_ratios, options_from_settings, run_backtest, weeks_between
+from training.backtest import WEEK, format_table, ndcg_ratios, run_backtest, weeks_between
 
 SYNTHETIC_WEEKS = ("2025-11-10", "2025-12-29")
 MOVIELENS_WEEKS = ("1998-02-23", "1998-04-13")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return 0
-    options = options_from_settings(settings)
+    options = backtest_options(settings)
     if args.training_weeks:
         options["training_weeks"] = args.training_weeks
 

@@ -189,8 +189,9 @@ def print_summary(settings: Settings, as_of: date, trained: dict, published: dic
 def cmd_evaluate(args, settings: Settings) -> int:
     from features.sources import read_source
     from features.transform import week_start
+    from flows.configs import backtest_options
     from flows.feature_flow import ensure_synthetic_log
-    from training.backtest import format_table, options_from_settings, run_backtest, weeks_between
+    from training.backtest import format_table, run_backtest, weeks_between
 
     source = args.source or settings.source
     weeks = weeks_between(args.first, args.last)
@@ -200,7 +201,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
     raw = read_source(
         source, before=week_start(weeks[-1] + timedelta(weeks=1)), synthetic_dir=settings.data_dir / "synthetic"
     )
-    print(format_table(run_backtest(raw, weeks, **options_from_settings(settings))))
+    print(format_table(run_backtest(raw, weeks, **backtest_options(settings))))
     return 0
 
 

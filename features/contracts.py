@@ -4,9 +4,20 @@ Both the Postgres DDL (features.store) and the great-expectations suite
 (features.validation) are generated from these declarations.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
+
+
+def require_columns(
+    found: Sequence[str], required: Sequence[str], what: str, error: type[Exception] = ValueError
+) -> None:
+    """Raise `error` naming `what` and its missing columns when `found` lacks any of `required`."""
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise error(f"{what}: missing columns {missing}; found columns {list(found)}")
+
 
 _SQL_TYPES: dict[type[pl.DataType], str] = {
     pl.Date: "date",

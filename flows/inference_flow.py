@@ -17,10 +17,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from features import contracts, store
+from flows import configs
 from flows.common import IO, current_run_id, resolve_as_of, run_name
 from inference import publications, scoring, serving
 from ranking import registry
-from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.candidates import SnapshotTables
 from ranking.scoring import check_model, user_batches
 from recsys.settings import Settings
 from recsys.stores import advisory_lock, connect_redis, open_stores, redact_url, sqlalchemy_url
@@ -112,9 +113,7 @@ def score_partition(
         with timing(stats, "read_s"):
             booster, _ = registry.load_model(engine, record.name, record.version)
             items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
-        config = CandidateConfig(
-            recent_items=settings.recent_items_per_user, exclude_consumed=settings.exclude_consumed
-        )
+        config = configs.candidate_config(settings)
         for batch in user_batches(users, settings.score_batch_users):
             with timing(stats, "read_s"):
                 tables = items | {

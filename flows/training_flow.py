@@ -11,6 +11,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from features import contracts, store
+from flows import configs
 from flows.common import IO, PURE, current_run_id, resolve_as_of, run_name
 from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
@@ -196,7 +197,7 @@ def training_flow(as_of: date | None = None) -> dict:
     """Train a ranker on past labelled weeks, evaluate it on the latest, register and gate it."""
     settings = Settings()
     as_of = resolve_as_of(as_of)
-    config = pipeline.candidate_config(settings)
+    config = configs.candidate_config(settings)
     with open_stores(settings) as stores:
         registry.ensure_schema(stores.engine)
         plan = plan_training(stores.engine, as_of, settings.training_weeks)
@@ -204,7 +205,7 @@ def training_flow(as_of: date | None = None) -> dict:
         categories = category_encoding(load_item_features(stores.engine, plan.holdout))
         train = pl.concat([build_training_frame(stores.engine, w, config, categories, settings) for w in plan.train])
         valid = build_training_frame(stores.engine, plan.validation, config, categories, settings)
-        model = fit_ranker(train, valid, pipeline.ranker_params(settings))
+        model = fit_ranker(train, valid, configs.ranker_params(settings))
         del train, valid  # memory holds one week's tables at a time: the training frames go before the holdout
         holdout = load_snapshot(stores.engine, plan.holdout)
         holdout_labels = load_labels(stores.engine, plan.holdout)

@@ -29,7 +29,6 @@ from features.sources import RawData
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from ranking.scoring import ScoringModel
 from recsys.clock import parse_as_of
-from recsys.settings import Settings
 from training import metrics, pipeline
 from training.ranker import RankerParams, train_ranker
 
@@ -63,21 +62,6 @@ def weeks_between(start: date | str, end: date | str) -> list[date]:
     if first > last:
         raise ValueError(f"backtest: --from {first} is after --to {last}")
     return [first + n * WEEK for n in range((last - first).days // 7 + 1)]
-
-
-def options_from_settings(settings: Settings) -> dict:
-    """The keyword arguments of `run_backtest` that the training flow takes from Settings."""
-    return {
-        "config": pipeline.candidate_config(settings),
-        "params": pipeline.ranker_params(settings),
-        "training_weeks": settings.training_weeks,
-        "recent_items": settings.recent_items_per_user,
-        "neighbours": settings.neighbours_per_item,
-        "seed": settings.seed,
-        "k": settings.eval_k,
-        "max_users": settings.training_users_per_week,
-        "negatives_per_user": settings.negatives_per_user,
-    }
 
 
 class _Snapshots:

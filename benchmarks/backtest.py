@@ -15,12 +15,15 @@ import time
 from datetime import date
 from pathlib import Path
 
-from features.sources import RawData, read_source
+from features.raw import RawData
+from features.sources import read_source
 from features.synthetic import generate_log
 from features.transform import week_start
 from flows.configs import backtest_options
+from recsys.clock import mondays
 from recsys.settings import Settings
-from training.backtest import WEEK, format_table, ndcg_ratios, run_backtest, weeks_between
+from training.backtest import format_table, ndcg_ratios, run_backtest
+from training.plan import WEEK
 
 SYNTHETIC_WEEKS = ("2025-11-10", "2025-12-29")
 MOVIELENS_WEEKS = ("1998-02-23", "1998-04-13")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings()
     defaults = SYNTHETIC_WEEKS if args.source == "synthetic" else MOVIELENS_WEEKS
-    weeks = weeks_between(args.start or defaults[0], args.end or defaults[1])
+    weeks = mondays(args.start or defaults[0], args.end or defaults[1])
     try:
         raw = read_raw(args.source, settings, weeks[-1])
     except FileNotFoundError as error:

@@ -6,12 +6,12 @@ Draws a synthetic log (`features.synthetic.generate_log`; default 10M events, on
 50 events, one item per 200, 26 weeks) and, for its last complete week, times each step of
 the feature flow with the flow's own functions:
 
-- compute: `transform.build_feature_tables` + `transform.build_labels` (events/s, CPU s);
+- compute: `transform.build_week_tables` (features + labels; events/s, CPU s);
 - validation: `validation.validate_tables` on those tables, and the same suites the way
   they ran before (a GX context, data source and validation definition per table, SUMMARY
   results) for comparison, also on a small 20k-event snapshot where GX's fixed cost per
   expectation dominates;
-- write: `store.write_snapshots` (each table's rows COPYed into a new table, its primary
+- write: `store.write_week` (each table's rows COPYed into a new table, its primary
   key built, then swapped in as the as_of partition of the live table; features and labels
   in one transaction, with digests and bookkeeping), first for a new as_of and again as a
   re-run replacing the same partitions; the reference is a plain `COPY ... FROM STDIN` of
@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,7 +44,9 @@ import sqlalchemy as sa
 
 from benchmarks import cpu_model, save_result
 from features import contracts, store, transform, validation
+from features.raw import RawData
 from features.synthetic import generate_log
+from flows.configs import feature_options, validation_options
 from recsys.settings import Settings
 from recsys.stores import open_stores, sqlalchemy_url
 
@@ -74,25 +76,22 @@ class LegacyRunner:
         return [validation._failure_from_result(r) for r in result.results if not r.success]
 
 
-def compute_snapshot(events: pl.DataFrame, items: pl.DataFrame, as_of: date) -> dict[str, pl.DataFrame]:
-    """The flow's compute step: features as of `as_of` and the labels of the week before."""
-    frames = transform.build_feature_tables(events, items, as_of, recent_items=20, neighbours=50)
-    return frames | {contracts.LABELS.name: transform.build_labels(events, as_of - timedelta(weeks=1))}
+def compute_snapshot(raw: RawData, settings: Settings) -> dict[str, pl.DataFrame]:
+    """The flow's compute step: features as of AS_OF and the labels of the week before."""
+    return transform.build_week_tables(raw.events, raw.items, AS_OF, **feature_options(settings))
 
 
-def as_of_of(table: str) -> date:
-    return AS_OF - timedelta(weeks=1) if table == contracts.LABELS.name else AS_OF
-
-
-def validate(frames: dict[str, pl.DataFrame], runner: Any | None) -> dict[str, validation.ValidationReport]:
+def validate(
+    frames: dict[str, pl.DataFrame], runner: Any | None, settings: Settings
+) -> dict[str, validation.ValidationReport]:
     """The flow's validation step (runner None) or the same checks with another suite runner."""
-    options = {"min_rows_ratio": 0.5, "drift_threshold": 0.25, "drift_blocks": False}
+    as_ofs = {name: transform.assign_as_of(name, AS_OF) for name in frames}
+    options = validation_options(settings)
     if runner is None:
-        as_ofs = {name: as_of_of(name) for name in frames}
         return validation.validate_tables(frames, as_ofs=as_ofs, previous={}, **options)
     return {
         name: validation.validate_table(
-            contracts.CONTRACTS[name], frame, as_of=as_of_of(name), previous=None, runner=runner, **options
+            contracts.CONTRACTS[name], frame, as_of=as_ofs[name], previous=None, runner=runner, **options
         )
         for name, frame in frames.items()
     }
@@ -105,32 +104,28 @@ def timed(step: Callable[[], Any]) -> tuple[Any, float, float]:
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure_validation(frames: dict[str, pl.DataFrame], legacy: bool, repeats: int = 1) -> dict[str, Any]:
+def measure_validation(
+    frames: dict[str, pl.DataFrame], settings: Settings, legacy: bool, repeats: int = 1
+) -> dict[str, Any]:
     """Seconds to validate `frames` the flow's way (and the old way): the best of `repeats` runs."""
-    suites = [
-        validation.build_expectation_suite(contracts.CONTRACTS[n], previous_row_count=None, min_rows_ratio=0.5)
-        for n in frames
-    ]
+    suites = [validation.build_expectation_suite(contracts.CONTRACTS[n]) for n in frames]
     expectations = sum(len(suite.expectations) for suite in suites)
     validation._import_gx()  # seconds, once per process: not part of either way's cost
-    runs = [timed(lambda: validate(frames, None)) for _ in range(repeats)]
+    runs = [timed(lambda: validate(frames, None, settings)) for _ in range(repeats)]
     reports, now_s = runs[0][0], min(seconds for _, seconds, _ in runs)
     failed = [r.describe_failures() for r in reports.values() if not r.success]
     if failed:
         raise RuntimeError(f"benchmark snapshot failed validation: {failed}")
     result = {"rows": sum(f.height for f in frames.values()), "expectations": expectations, "seconds": now_s}
     if legacy:
-        before_s = min(timed(lambda: validate(frames, LegacyRunner()))[1] for _ in range(repeats))
+        before_s = min(timed(lambda: validate(frames, LegacyRunner(), settings))[1] for _ in range(repeats))
         result["legacy_seconds"] = before_s
     return result | {"reports": reports}
 
 
 def write_snapshot(engine: sa.Engine, frames: dict[str, pl.DataFrame], reports: dict) -> float:
-    snapshots: dict[date, tuple[dict, dict]] = {}
-    for name, frame in frames.items():
-        part = snapshots.setdefault(as_of_of(name), ({}, {}))
-        part[0][name], part[1][name] = frame, reports[name]
-    _, seconds, _ = timed(lambda: store.write_snapshots(engine, snapshots, flow_run_id="features-bench"))
+    """Seconds the flow's write step takes for the snapshot."""
+    _, seconds, _ = timed(lambda: store.write_week(engine, frames, reports, flow_run_id="features-bench"))
     return seconds
 
 
@@ -183,7 +178,7 @@ def bench_engine(data_dir: Path) -> Iterator[tuple[sa.Engine, str]]:
         pgserver.get_server((data_dir / "postgres").resolve()).cleanup()
 
 
-def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, workdir: Path, settings: Settings) -> dict[str, Any]:
     started = time.perf_counter()
     raw, generate_s, _ = timed(
         lambda: generate_log(
@@ -196,20 +191,20 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     )
     log.info("generated %d events in %.1fs", raw.events.height, generate_s)
-    frames, compute_s, compute_cpu_s = timed(lambda: compute_snapshot(raw.events, raw.items, AS_OF))
+    frames, compute_s, compute_cpu_s = timed(lambda: compute_snapshot(raw, settings))
     rows = {name: frame.height for name, frame in frames.items()}
     log.info("computed %s in %.1fs", rows, compute_s)
 
     small = generate_log(
         n_users=300, n_items=200, n_events=20_000, n_weeks=10, end=transform.week_start(AS_OF), seed=args.seed
     )
-    small_validation = measure_validation(compute_snapshot(small.events, small.items, AS_OF), legacy=True, repeats=3)
+    small_validation = measure_validation(compute_snapshot(small, settings), settings, legacy=True, repeats=3)
     log.info(
         "validated the small snapshot in %.1fs (before: %.1fs)",
         small_validation["seconds"],
         small_validation["legacy_seconds"],
     )
-    big_validation = measure_validation(frames, legacy=not args.no_legacy)
+    big_validation = measure_validation(frames, settings, legacy=not args.no_legacy)
     log.info("validated the snapshot in %.1fs", big_validation["seconds"])
 
     with bench_engine(workdir) as (engine, server_version):
@@ -280,7 +275,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"| {small['seconds']:.2f} s "
         f"(before: {small['legacy_seconds']:.2f} s) | {small['seconds'] / small['expectations'] * 1000:.0f} ms "
         f"per expectation (before: {small['legacy_seconds'] / small['expectations'] * 1000:.0f}) |",
-        f"| write: `store.write_snapshots`, new as_of | {write['flow_first_s']:.1f} s "
+        f"| write: `store.write_week`, new as_of | {write['flow_first_s']:.1f} s "
         f"| {write['flow_rows_per_s']:,.0f} rows/s |",
         f"| write: re-run replacing the same as_of | {write['flow_rewrite_s']:.1f} s "
         f"| {write['flow_rewrite_rows_per_s']:,.0f} rows/s |",
@@ -312,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     # GX sets its own loggers' levels on import.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="features-bench-", ignore_cleanup_errors=True) as folder:
-        result = measure(args, Path(folder))
+        result = measure(args, Path(folder), Settings())
         table = format_table(result)
         print(table, flush=True)
         log.info("wrote %s", save_result("features", result, table))

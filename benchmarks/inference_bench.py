@@ -8,7 +8,7 @@ a quick ranker on a sample of that week's users and makes it the champion, then 
 real inference flow (`recsys infer`, in a subprocess so its peak memory is its own).
 
 Publish rates are measured on the payloads the flow published, in the same run, on the
-same server: the flow's writer (`serving.write_recommendations`) over one connection and
+same server: the flow's writer (`publish.write_recommendations`) over one connection and
 over `--partitions` connections at once (as the flow's partitions write), plain pipelined
 `SET`s (the reference), one `SET` per user, and `redis-benchmark -P 64` sending `SET`s of
 the same payload size (the server's limit).
@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -45,17 +46,18 @@ import sqlalchemy as sa
 
 from benchmarks import cpu_model, save_result
 from features import contracts, store
-from features.sources import RawData
+from features.raw import RawData
 from features.synthetic import generate_log
 from features.transform import build_feature_tables, build_labels, week_start
 from features.validation import ValidationReport
-from inference import publications, serving
+from flows import configs
+from inference import publications, publish, serving
 from ranking import registry
-from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.candidates import SnapshotTables, category_encoding
 from recsys.settings import Settings
 from recsys.stores import connect_redis, open_stores, sqlalchemy_url
-from training.pipeline import labelled_frame
-from training.ranker import RankerParams, TrainedRanker, train_ranker
+from training.frames import labelled_frame
+from training.ranker import TrainedRanker, train_ranker
 
 log = logging.getLogger("benchmarks.inference_bench")
 
@@ -70,9 +72,10 @@ REFERENCE_CHUNK = 2_000
 # --- seeding: a snapshot and a champion without running the feature and training flows ---
 
 
-def compute_snapshot(raw: RawData, as_of: date, *, recent_items: int = 20, neighbours: int = 50) -> dict:
-    """The feature tables as of `as_of`, plus its labels when the log covers the week after."""
-    frames = build_feature_tables(raw.events, raw.items, as_of, recent_items=recent_items, neighbours=neighbours)
+def compute_snapshot(raw: RawData, as_of: date, settings: Settings) -> dict:
+    """The feature tables as of `as_of` (built as the feature flow builds them), plus the labels
+    of the week from `as_of` when the log covers it: what a model trained on `as_of` needs."""
+    frames = build_feature_tables(raw.events, raw.items, as_of, **configs.feature_options(settings))
     labels = build_labels(raw.events, as_of)
     return frames | ({contracts.LABELS.name: labels} if labels.height else {})
 
@@ -91,26 +94,18 @@ def store_snapshot(engine: sa.Engine, as_of: date, frames: dict[str, pl.DataFram
 
 
 def train_quick_model(
-    frames: dict[str, pl.DataFrame], as_of: date, *, max_users: int = 3_000, seed: int = 42, trees: int = 40
+    frames: dict[str, pl.DataFrame], as_of: date, settings: Settings, *, max_users: int = 3_000, trees: int = 40
 ) -> tuple[TrainedRanker, list[str]]:
-    """A small ranker trained on a sample of the labelled users of one snapshot; and its categories."""
-    labels = frames[contracts.LABELS.name]
-    sample = (
-        labels.select("user_id")
-        .unique()
-        .sort("user_id")
-        .sample(n=min(max_users, labels["user_id"].n_unique()), seed=seed)
-    )
-    tables = SnapshotTables.from_frames(
-        {
-            c.name: frames[c.name].join(sample, on="user_id", how="semi") if "user_id" in c.key else frames[c.name]
-            for c in contracts.FEATURE_TABLES
-        }
-    )
+    """A small ranker trained on `max_users` labelled users of one snapshot, as the training flow
+    builds its frames (a fifth of them held out for early stopping); and its categories."""
+    tables = SnapshotTables.from_frames({c.name: frames[c.name] for c in contracts.FEATURE_TABLES})
     categories = category_encoding(tables.item_features)
-    frame = labelled_frame(tables, labels.join(sample, on="user_id", how="semi"), as_of, CandidateConfig(), categories)
-    is_valid = pl.col("user_id").hash(seed) % 5 == 0
-    params = RankerParams(n_estimators=trees, early_stopping_rounds=10, seed=seed, num_threads=2)
+    sampling = configs.sampling_options(settings) | {"max_users": max_users}
+    frame = labelled_frame(
+        tables, frames[contracts.LABELS.name], as_of, configs.candidate_config(settings), categories, **sampling
+    )
+    is_valid = pl.col("user_id").hash(settings.seed) % 5 == 0
+    params = replace(configs.ranker_params(settings), n_estimators=trees, early_stopping_rounds=10)
     return train_ranker(frame.filter(~is_valid), frame.filter(is_valid), params), categories
 
 
@@ -139,9 +134,8 @@ def register_champion(engine: sa.Engine, name: str, model: TrainedRanker, catego
 
 
 @contextmanager
-def bench_stores(data_dir: Path) -> Iterator[tuple[str, str]]:
+def bench_stores(settings: Settings) -> Iterator[tuple[str, str]]:
     """(database URL, Redis URL): the configured servers, inside a dedicated schema; else embedded."""
-    settings = Settings(data_dir=data_dir)
     with open_stores(settings) as stores:
         database_url = stores.database_url
         if settings.database_url is not None:
@@ -186,12 +180,12 @@ def time_keys(count: int, write: Callable[[], object]) -> dict:
 def write_with_flow_writer(url: str, prefix: str, recs: pl.DataFrame, connections: int, chunk: int) -> dict:
     """The flow's writer into a fresh (never made live) version, `connections` partitions at once."""
     clients = [connect_redis(url) for _ in range(connections)]
-    version = serving.begin_publication(clients[0], prefix, AS_OF)
+    version = publish.begin_publication(clients[0], prefix, AS_OF)
     parts = [recs.filter(pl.col("user_id").hash(1) % connections == i) for i in range(connections)]
 
     def write_all() -> None:
         with ThreadPoolExecutor(connections) as pool:
-            written = list(pool.map(lambda a: serving.write_recommendations(*a, chunk=chunk), [
+            written = list(pool.map(lambda a: publish.write_recommendations(*a, chunk=chunk), [
                 (client, prefix, version, part) for client, part in zip(clients, parts, strict=True)
             ]))  # fmt: skip
         assert sum(written) == recs.height, f"the writer confirmed {sum(written)} of {recs.height} keys"
@@ -199,7 +193,7 @@ def write_with_flow_writer(url: str, prefix: str, recs: pl.DataFrame, connection
     try:
         return time_keys(recs.height, write_all)
     finally:
-        serving.cleanup_stale_versions(clients[0], prefix)
+        publish.cleanup_stale_versions(clients[0], prefix)
         for client in clients:
             client.close()
 
@@ -320,23 +314,24 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         log.info("%s: %.1fs", name, steps[name])
         clock = time.perf_counter()
 
+    settings = Settings(data_dir=workdir, seed=args.seed)
     prefix = f"bench-inference-{os.getpid()}"
     with ExitStack() as stack:
-        database_url, redis_url = stack.enter_context(bench_stores(workdir))
+        database_url, redis_url = stack.enter_context(bench_stores(settings))
         engine = sa.create_engine(sqlalchemy_url(database_url), poolclass=sa.NullPool)
         r = connect_redis(redis_url)
         stack.callback(remove_prefix, r, prefix)
         raw = generate_log(
             n_users=args.users, n_items=args.items, n_events=args.events, n_weeks=args.weeks,
-            end=week_start(AS_OF + timedelta(weeks=1)), seed=args.seed,
+            end=week_start(AS_OF + timedelta(weeks=1)), seed=settings.seed,
         )  # fmt: skip
         lap("generate_log")
-        frames = compute_snapshot(raw, AS_OF)
+        frames = compute_snapshot(raw, AS_OF, settings)
         del raw
         lap("compute_snapshot")
         store_snapshot(engine, AS_OF, frames)
         lap("store_snapshot")
-        model, categories = train_quick_model(frames, AS_OF, seed=args.seed)
+        model, categories = train_quick_model(frames, AS_OF, settings)
         register_champion(engine, MODEL_NAME, model, categories, AS_OF)
         user_ids = frames[contracts.USER_FEATURES.name]["user_id"].to_list()
         rows = {name: frame.height for name, frame in frames.items()}

@@ -308,24 +308,25 @@ INSTRUMENTED = [
     ("validation", "features.validation", "validate_tables", lambda a, k, r: _rows(a[0]), "rows"),
     ("write", "features.store", "write_snapshots", _write_rows, "rows"),
     ("read", "features.store", "read_table", lambda a, k, r: r.height, "rows"),
-    ("candidate build", "training.pipeline", "labelled_frame", lambda a, k, r: r.height, "rows"),
+    ("candidate build", "training.frames", "labelled_frame", lambda a, k, r: r.height, "rows"),
     ("train", "flows.training_flow", "train_ranker", lambda a, k, r: a[0].height + a[1].height, "rows"),
-    ("evaluate", "training.pipeline", "recommend_baselines", None, "users"),
-    ("evaluate", "training.pipeline", "recommend_with_model", lambda a, k, r: a[3].len(), "users"),
-    ("evaluate", "training.pipeline", "evaluate_recommenders", None, "users"),
+    ("evaluate", "training.evaluation", "recommend_baselines", None, "users"),
+    ("evaluate", "training.evaluation", "recommend_with_model", lambda a, k, r: a[3].len(), "users"),
+    ("evaluate", "training.evaluation", "evaluate_recommenders", None, "users"),
     ("score", "inference.scoring", "recommend_users", lambda a, k, r: a[4].len(), "users"),
-    ("publish", "inference.serving", "write_recommendations", lambda a, k, r: r, "keys"),
-    ("publish", "inference.serving", "write_fallback", None, "keys"),
-    ("publish", "inference.serving", "finish_publication", None, "keys"),
+    ("publish", "inference.publish", "write_recommendations", lambda a, k, r: r, "keys"),
+    ("publish", "inference.publish", "write_fallback", None, "keys"),
+    ("publish", "inference.publish", "finish_publication", None, "keys"),
 ]
 # Bookkeeping I/O the flows do besides the stages: not Prefect overhead either.
 BOOKKEEPING = [
-    ("features.store", ["ensure_schema", "snapshot_passed", "previous_profile", "passed_as_ofs", "snapshot_summary",
+    ("features.store", ["ensure_schema", "snapshot_passed", "read_recent_profiles", "passed_as_ofs", "snapshot_summary",
                         "record_failed_validation"]),
     ("ranking.registry", ["ensure_schema", "register_model", "load_model", "get_champion"]),
-    ("training.pipeline", ["plan_weeks"]),
+    ("training.plan", ["plan_weeks"]),
     ("inference.publications", ["ensure_schema", "record_publication"]),
-    ("inference.serving", ["refuse_stale", "cleanup_stale_versions", "begin_publication", "get_recommendations"]),
+    ("inference.publish", ["refuse_stale", "cleanup_stale_versions", "begin_publication"]),
+    ("inference.serving", ["get_recommendations"]),
 ]  # fmt: skip
 # The stage a flow's numbers stand for in the weekly cost: the last call (the as_of week)
 # for the per-week feature stages, every call for the others.

@@ -26,6 +26,8 @@ class DeploymentSpec:
     description: str
     tags: tuple[str, ...]
     parameters: Mapping[str, object] = field(default_factory=dict)
+    # flow parameter -> the Settings field giving its default (shown in the UI, overridable per run)
+    settings_parameters: Mapping[str, str] = field(default_factory=dict)
     name: str = DEPLOYMENT_NAME
     timezone: str = TIMEZONE
 
@@ -38,6 +40,7 @@ SPECS: tuple[DeploymentSpec, ...] = (
         cli_command="recsys features",
         description="Build, validate and store the weekly feature snapshot and labels.",
         tags=("recsys", "features"),
+        settings_parameters={"source": "source"},
     ),
     DeploymentSpec(
         flow_name="training",
@@ -80,10 +83,13 @@ def build_deployments(settings: Settings, specs: tuple[DeploymentSpec, ...] = SP
     return [
         load_flow(spec.flow_path).to_deployment(
             spec.name,
-            schedule=Cron(cron_of(spec, settings), timezone=spec.timezone),
-            parameters=dict(spec.parameters),
+            # The slug is what the UI shows on the deployment page: the cron and its time zone, explicitly.
+            schedule=Cron(
+                cron_of(spec, settings), timezone=spec.timezone, slug=f"{cron_of(spec, settings)} ({spec.timezone})"
+            ),
+            parameters=parameters_of(spec, settings),
             tags=list(spec.tags),
-            description=spec.description,
+            description=f"{spec.description} Schedule: cron '{cron_of(spec, settings)}' in {spec.timezone}.",
             # A run that collides with a running one waits for it rather than overlapping.
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
             # Module paths resolve wherever the project is installed (venv or image).
@@ -96,3 +102,8 @@ def build_deployments(settings: Settings, specs: tuple[DeploymentSpec, ...] = SP
 def full_name(spec: DeploymentSpec) -> str:
     """`<flow-name>/<deployment-name>`, as `prefect deployment run` expects it."""
     return f"{spec.flow_name}/{spec.name}"
+
+
+def parameters_of(spec: DeploymentSpec, settings: Settings) -> dict[str, object]:
+    """The deployment's default parameters: fixed ones, then those taken from the settings."""
+    return dict(spec.parameters) | {name: getattr(settings, field) for name, field in spec.settings_parameters.items()}

@@ -24,6 +24,7 @@ from deployments.definitions import (
     build_deployments,
     cron_of,
     full_name,
+    parameters_of,
 )
 from recsys.clock import week_floor
 from recsys.settings import Settings
@@ -90,7 +91,11 @@ def describe_serving(
     lines = [
         f"Prefect UI: {ui}   (API: {api})",
         "Serving, schedules in UTC:",
-        *(f"  {full_name(spec)}  cron '{cron_of(spec, settings)}'" for spec in SPECS),
+        *(
+            f"  {full_name(spec)}  cron '{cron_of(spec, settings)}' {spec.timezone}"
+            + "".join(f"  {name}={value!r}" for name, value in parameters_of(spec, settings).items())
+            for spec in SPECS
+        ),
         "Run one now from another shell:",
         *(
             f"  PREFECT_API_URL={api} prefect deployment run {full_name(spec)}"

@@ -52,8 +52,11 @@ class TableContract:
     key: tuple[str, ...]
     columns: tuple[Column, ...]
     description: str = ""
-    # Numeric columns whose distribution is compared to the previous passed snapshot.
+    # Numeric columns whose distribution is compared to the recent passed snapshots.
     drift_columns: tuple[str, ...] = field(default_factory=tuple)
+    # Read by inference to serve recommendations: a collapse or drift against the recent
+    # snapshots fails validation; in a table that is not served it is only a warning.
+    served: bool = True
 
     @property
     def column_names(self) -> list[str]:
@@ -182,6 +185,7 @@ LABELS = TableContract(
     key=("as_of", "user_id", "item_id"),
     description="(user, item) pairs consumed in [as_of, as_of+7d); is_new when not consumed before.",
     columns=(AS_OF, USER, ITEM, _count("events"), _amount("weight"), Column("is_new", pl.Boolean())),
+    served=False,  # training's ground truth only; a quiet week has few labels
 )
 
 FEATURE_TABLES: tuple[TableContract, ...] = (

@@ -8,9 +8,7 @@ Spec forms (see `read_source`):
     movielens:DIR                      a MovieLens 100K folder (u.data, u.item)
     sql:TABLE[;items=ITEMS_TABLE]      Postgres tables read through the engine
 
-Event files need user_id, item_id, ts (ISO-8601 text, datetime or epoch seconds) and
-may carry weight (default 1.0). Item files need item_id and may carry category (or
-genre), creator (or artist) and release_ts; what a source lacks becomes "unknown"/null.
+What the events and item metadata must hold is the raw-data contract in `features.raw`.
 """
 
 import glob
@@ -19,16 +17,25 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
 import polars as pl
-import psycopg
 import sqlalchemy as sa
 
-from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
+from features.contracts import RAW_EVENTS_SCHEMA, require_columns
+from features.raw import (
+    EVENT_KEY,
+    ITEM_ALIASES,
+    UNKNOWN,
+    RawData,
+    RawDataError,
+    as_utc,
+    conform_items,
+    timestamp_expr,
+    validate_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +46,8 @@ SPEC_FORMS = (
     "movielens:DIR",
     "sql:TABLE[;items=ITEMS_TABLE]",
 )
-EVENT_KEY = ["user_id", "item_id", "ts"]
-UNKNOWN = "unknown"
-ITEM_ALIASES = {"category": ("category", "genre"), "creator": ("creator", "artist")}
-
+_KINDS = ("synthetic", "parquet", "csv", "movielens", "sql")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-# Tried in order on text timestamps (after "T"/"Z" normalisation), so one file may mix them.
-_TS_FORMATS = (
-    "%Y-%m-%dT%H:%M:%S%.f%z",
-    "%Y-%m-%dT%H:%M:%S%.f",
-    "%Y-%m-%d",
-    "%Y-%m-%dT%H:%M%z",
-    "%Y-%m-%dT%H:%M",
-)
-
-
-class RawDataError(ValueError):
-    """A raw source is missing, malformed or inconsistent; the message names source and column."""
-
-
-@dataclass(frozen=True, eq=False)
-class RawData:
-    """Interaction events (RAW_EVENTS_SCHEMA) and item metadata (RAW_ITEMS_SCHEMA)."""
-
-    events: pl.DataFrame
-    items: pl.DataFrame
-    duplicates: int = 0  # repeated (user_id, item_id, ts) events dropped while reading
 
 
 class _Extract(NamedTuple):
@@ -85,7 +68,7 @@ def read_source(
     """Read the source named by `spec`, keep events with ts < before, validate and conform."""
     started = time.perf_counter()
     kind, target, options = _parse_spec(spec)
-    before, now = _as_utc(before), _as_utc(now)
+    before, now = as_utc(before), as_utc(now)
     # Readers skip events at or after `before` but keep those after `now`: they are
     # errors in the source, which validation must name rather than silently drop.
     if kind == "synthetic":
@@ -114,163 +97,31 @@ def read_source(
     return RawData(events=events, items=items, duplicates=duplicates)
 
 
-def validate_events(events: pl.DataFrame, *, source: str, now: datetime | None) -> tuple[pl.DataFrame, int]:
-    """Check raw events; return them conformed and sorted, and how many duplicates were dropped.
+def check_source_spec(spec: str) -> None:
+    """Check what can be checked of `spec` without reading data; raise RawDataError naming it.
 
-    Raises RawDataError for missing columns, unparseable timestamps, null or non-integer
-    ids, null/negative/NaN/infinite weights, events after `now`, or no events at all.
+    The kind and options are known, a file glob matches files (and the items file exists),
+    a MovieLens folder holds u.data, table names are identifiers.
     """
-    _require_columns(events.columns, EVENT_KEY, source)
-    if events.height == 0:
-        raise RawDataError(f"source {source}: no events (after the time filter, if any)")
-    if "weight" not in events.columns:
-        events = events.with_columns(weight=pl.lit(1.0))
-    frame = events.select(
-        _cast_ids(events, "user_id", source),
-        _cast_ids(events, "item_id", source),
-        _parse_timestamps(events, "ts", source),
-        _cast_weights(events, source),
-    )
-    now = _as_utc(now)
-    if now is not None:
-        future = frame.filter(pl.col("ts") > now)
-        if future.height:
-            raise RawDataError(
-                f"source {source}: column ts: {future.height} events after the run time "
-                f"{now.isoformat()}, latest {future['ts'].max()}"
-            )
-    deduped, duplicates = drop_duplicate_events(frame)
-    if duplicates:
-        log.info("dropped %d duplicate (user_id, item_id, ts) events from %s", duplicates, source)
-    return deduped, duplicates
-
-
-def drop_duplicate_events(events: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """Sort by (ts, user_id, item_id, weight); keep the first row of each (user_id, item_id, ts)."""
-    ordered = events.sort(["ts", "user_id", "item_id", "weight"])
-    # Sorted, duplicates are neighbours: a shift compare is linear, unlike a hash-based unique.
-    repeat = pl.all_horizontal(pl.col(c) == pl.col(c).shift(1) for c in EVENT_KEY).fill_null(False)
-    deduped = ordered.filter(~repeat)
-    return deduped, ordered.height - deduped.height
-
-
-def conform_items(items: pl.DataFrame | None, events: pl.DataFrame, *, source: str) -> pl.DataFrame:
-    """Conform item metadata to RAW_ITEMS_SCHEMA, covering every item of `events`.
-
-    What the metadata lacks is "unknown" (category, creator) or null (release_ts). A
-    release_ts after the item's first event is moved back to that event.
-    """
-    if items is None:
-        items = events.select("item_id").unique()
-    _require_columns(items.columns, ["item_id"], source)
-    items = items.rename(
-        {
-            alias: name
-            for name, aliases in ITEM_ALIASES.items()
-            for alias in aliases
-            if alias in items.columns and name not in items.columns
-        }
-    )
-    given = items.select(
-        _cast_ids(items, "item_id", source),
-        *(_column_or_null(items, name) for name in ("category", "creator")),
-        _parse_timestamps(items, "release_ts", source, nullable=True)
-        if "release_ts" in items.columns
-        else _column_or_null(items, "release_ts"),
-    )
-    repeated = given.filter(pl.col("item_id").is_duplicated())["item_id"]
-    if repeated.len():
-        raise RawDataError(
-            f"source {source}: column item_id: {repeated.n_unique()} item ids appear more than "
-            f"once in the items, e.g. {repeated[0]}"
-        )
-    first_play = events.group_by("item_id").agg(first_ts=pl.col("ts").min())
-    merged = given.join(first_play, on="item_id", how="full", coalesce=True)
-    # An item is out by its first play at the latest: release dates given only to the year
-    # (MovieLens: "01-Jan-1998" for films rated in 1997) would otherwise come after their plays.
-    after_first = pl.col("release_ts") > pl.col("first_ts")
-    if late := merged.filter(after_first).height:
-        log.info("moved release_ts back to the first event for %d items of %s", late, source)
-    return (
-        merged.select(
-            "item_id",
-            pl.col("category").fill_null(UNKNOWN),
-            pl.col("creator").fill_null(UNKNOWN),
-            release_ts=pl.when(after_first).then("first_ts").otherwise("release_ts"),
-        )
-        .cast(RAW_ITEMS_SCHEMA)
-        .sort("item_id")
-    )
-
-
-def _parse_timestamps(frame: pl.DataFrame, column: str, source: str, *, nullable: bool = False) -> pl.Series:
-    """`column` as Datetime(us, UTC); raise naming an example value that does not parse."""
-    raw = frame[column]
-    if raw.dtype == pl.Utf8:
-        parsed = _parse_text_timestamps(raw)
-    else:
-        parsed = frame.select(_timestamp_expr(raw.dtype, column, source)).to_series()
-    bad = raw.filter(parsed.is_null() & raw.is_not_null())
-    if bad.len():
-        raise RawDataError(
-            f"source {source}: column {column}: {bad.len()} unparseable timestamps, "
-            f"e.g. {bad[0]!r} (expected ISO-8601 text, a datetime, or epoch seconds)"
-        )
-    if not nullable and raw.null_count():
-        raise RawDataError(f"source {source}: column {column}: {raw.null_count()} null timestamps")
-    return parsed.alias(column)
-
-
-def _parse_text_timestamps(values: pl.Series) -> pl.Series:
-    """ISO-8601 text to Datetime(us, UTC), trying formats in turn until every value parsed."""
-    text = values.str.strip_chars().str.replace(" ", "T", literal=True).str.replace("Z$", "+00:00")
-    parsed = None
-    for fmt in _TS_FORMATS:
-        attempt = text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-        parsed = attempt if parsed is None else parsed.fill_null(attempt)
-        # A uniform file takes one pass; only mixed ones pay for further formats.
-        if parsed.null_count() == values.null_count():
-            break
-    return parsed
-
-
-def write_events_table(engine: sa.Engine, table: str, raw: RawData, *, items_table: str | None = None) -> None:
-    """Replace Postgres table `table` with raw.events and `items_table` with raw.items.
-
-    `items_table` defaults to `<table>_items`. Tables are created, then filled with COPY,
-    in one transaction; used to exercise the `sql:` source.
-    """
-    items_table = items_table or f"{table}_items"
-    events_name, items_name = _quote_table(engine, table), _quote_table(engine, items_table)
-    events = raw.events.cast(RAW_EVENTS_SCHEMA).select(list(RAW_EVENTS_SCHEMA))
-    items = raw.items.cast(RAW_ITEMS_SCHEMA).select(list(RAW_ITEMS_SCHEMA))
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"drop table if exists {events_name}"))
-        conn.execute(sa.text(f"drop table if exists {items_name}"))
-        conn.execute(
-            sa.text(
-                f"create table {events_name} (user_id bigint not null, item_id bigint not null, "
-                "ts timestamptz not null, weight double precision not null)"
-            )
-        )
-        conn.execute(
-            sa.text(
-                f"create table {items_name} (item_id bigint primary key, category text not null, "
-                "creator text not null, release_ts timestamptz)"
-            )
-        )
-        cursor = conn.connection.driver_connection.cursor()
-        _copy_frame(cursor, events_name, events)
-        _copy_frame(cursor, items_name, items)
-        conn.execute(sa.text(f"create index on {events_name} (ts)"))
-    log.info("wrote %d events to %s and %d items to %s", events.height, table, items.height, items_table)
+    kind, target, options = _parse_spec(spec)
+    items = options.get("items")
+    if kind in ("parquet", "csv"):
+        if not glob.glob(target, recursive=True):
+            raise RawDataError(f"source {spec!r}: no {kind} files match {target}")
+        if items is not None and not Path(items).exists():
+            raise RawDataError(f"source {spec!r}: items file {items} not found")
+    elif kind == "movielens" and not (Path(target) / "u.data").exists():
+        raise RawDataError(f"source {spec!r}: {Path(target) / 'u.data'} not found: not a MovieLens 100K folder")
+    elif kind == "sql":
+        for table in (target, items or target):
+            _check_identifier(table, repr(spec))
 
 
 def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     head, *parts = spec.strip().split(";")
     kind, _, target = head.partition(":")
     forms = ", ".join(SPEC_FORMS)
-    if kind not in ("synthetic", "parquet", "csv", "movielens", "sql"):
+    if kind not in _KINDS:
         raise RawDataError(f"source {spec!r}: unknown source kind {kind!r}; valid forms: {forms}")
     if (kind == "synthetic") == bool(target):
         raise RawDataError(
@@ -357,7 +208,7 @@ def _read_sql(
     if engine is None:
         raise RawDataError(f"source {source}: no database engine given")
     columns = _table_columns(engine, table)
-    _require_columns(list(columns), EVENT_KEY, source)
+    require_columns(list(columns), EVENT_KEY, f"source {source}", RawDataError)
     if not isinstance(columns["ts"], sa.DateTime):
         raise RawDataError(f"source {source}: column ts: type {columns['ts']} is not timestamp or timestamptz")
     wanted = {name: columns[name] for name in RAW_EVENTS_SCHEMA if name in columns}
@@ -423,10 +274,11 @@ def _polars_type(kind: sa.types.TypeEngine) -> pl.DataType:
     return pl.Float64() if isinstance(kind, sa.Float | sa.Numeric) else pl.Utf8()
 
 
-def _check_identifier(table: str) -> None:
+def _check_identifier(table: str, spec: str | None = None) -> None:
     if not _IDENTIFIER.match(table):
         raise RawDataError(
-            f"source sql:{table}: table name is not an identifier (letters, digits and _, optionally schema.table)"
+            f"source {spec or f'sql:{table}'}: table name is not an identifier "
+            f"(letters, digits and _, optionally schema.table): {table!r}"
         )
 
 
@@ -436,97 +288,13 @@ def _quote_table(engine: sa.Engine, table: str) -> str:
     return ".".join(preparer.quote(part) for part in table.split("."))
 
 
-def _copy_frame(cursor: psycopg.Cursor, table: str, frame: pl.DataFrame, chunk: int = 500_000) -> None:
-    columns = ", ".join(frame.columns)
-    with cursor.copy(f"copy {table} ({columns}) from stdin (format csv)") as copy:
-        for offset in range(0, frame.height, chunk):
-            part = frame.slice(offset, chunk)
-            copy.write(part.write_csv(include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z"))
-
-
 def _filter_before(lazy: pl.LazyFrame, before: datetime | None, now: datetime | None, source: str) -> pl.LazyFrame:
     if before is None:
         return lazy
     schema = lazy.collect_schema()
     if "ts" not in schema or schema["ts"] == pl.Utf8:
         return lazy  # read_source filters once validation has parsed (or named) the column
-    ts = _timestamp_expr(schema["ts"], "ts", source)
+    ts = timestamp_expr(schema["ts"], "ts", source)
     # Unparseable rows are kept so validation can name them instead of silently dropping them.
     keep = ts.is_null() | (ts < before)
     return lazy.filter(keep if now is None else keep | (ts > now))
-
-
-def _timestamp_expr(dtype: pl.DataType, column: str, source: str) -> pl.Expr:
-    """Expression converting a typed (not text) timestamp column to Datetime(us, UTC)."""
-    col = pl.col(column)
-    target = RAW_EVENTS_SCHEMA["ts"]
-    if dtype == target:
-        return col  # untouched, so Parquet scans can skip row groups by their statistics
-    if isinstance(dtype, pl.Datetime):
-        if dtype.time_zone is None:
-            return col.dt.replace_time_zone("UTC").cast(target)
-        return col.dt.convert_time_zone("UTC").cast(target)
-    if isinstance(dtype, pl.Date):
-        return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    if dtype.is_integer():
-        return (col.cast(pl.Int64) * 1_000_000).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    if dtype.is_float():
-        micros = (col * 1_000_000).round()
-        micros = pl.when(micros.is_finite()).then(micros).cast(pl.Int64, strict=False)
-        return micros.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    raise RawDataError(
-        f"source {source}: column {column}: type {dtype} is not a timestamp "
-        "(expected ISO-8601 text, a datetime, or epoch seconds)"
-    )
-
-
-def _cast_ids(frame: pl.DataFrame, column: str, source: str) -> pl.Series:
-    values = frame[column]
-    if not (values.dtype.is_numeric() or values.dtype in (pl.Utf8, pl.Null)) or values.dtype == pl.Boolean:
-        raise RawDataError(f"source {source}: column {column}: type {values.dtype} is not an integer id")
-    if values.null_count():
-        raise RawDataError(f"source {source}: column {column}: {values.null_count()} null ids")
-    ids = values.cast(pl.Int64, strict=False)
-    invalid = ids.is_null()
-    if values.dtype.is_float():
-        invalid = invalid | (values != values.floor())
-    bad = values.filter(invalid)
-    if bad.len():
-        raise RawDataError(f"source {source}: column {column}: {bad.len()} ids are not integers, e.g. {bad[0]!r}")
-    return ids
-
-
-def _cast_weights(frame: pl.DataFrame, source: str) -> pl.Series:
-    values = frame["weight"]
-    if not (values.dtype.is_numeric() or values.dtype == pl.Null):
-        raise RawDataError(f"source {source}: column weight: type {values.dtype} is not numeric")
-    weights = values.cast(pl.Float64)
-    problems = {
-        "null": weights.is_null().sum(),
-        "NaN": weights.is_nan().sum(),
-        "infinite": weights.is_infinite().sum(),
-        "negative": (weights < 0).sum(),
-    }
-    found = [f"{count} {kind}" for kind, count in problems.items() if count]
-    if found:
-        raise RawDataError(f"source {source}: column weight: {', '.join(found)} weights (must be finite and >= 0)")
-    return weights
-
-
-def _column_or_null(frame: pl.DataFrame, column: str) -> pl.Expr:
-    if column not in frame.columns:
-        return pl.lit(None, RAW_ITEMS_SCHEMA[column]).alias(column)
-    return pl.col(column).cast(RAW_ITEMS_SCHEMA[column])
-
-
-def _require_columns(found: list[str], required: list[str], source: str) -> None:
-    missing = [c for c in required if c not in found]
-    if missing:
-        raise RawDataError(f"source {source}: missing columns {missing}; found columns {list(found)}")
-
-
-def _as_utc(moment: datetime | None) -> datetime | None:
-    """Naive datetimes are taken as UTC; aware ones are converted."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

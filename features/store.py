@@ -20,12 +20,11 @@ import sqlalchemy as sa
 from psycopg import Copy
 from psycopg.copy import QueuedLibpqWriter
 
-from features.contracts import ALL_TABLES, TableContract
+from features.contracts import ALL_TABLES, CONTRACTS, FEATURE_TABLES, LABELS, USER_FEATURES, TableContract
+from features.transform import assign_as_of
 from features.validation import ValidationFailed, ValidationReport, is_sorted_by
 
 log = logging.getLogger(__name__)
-
-CONTRACTS: dict[str, TableContract] = {c.name: c for c in ALL_TABLES}
 
 # Advisory lock keys: one for DDL, one namespace (with the as_of ordinal) for writes.
 _SCHEMA_LOCK = 72_400_001
@@ -92,8 +91,6 @@ def ensure_schema(engine: sa.Engine) -> None:
         conn.execute(sa.text(_SNAPSHOTS_DDL))
         conn.execute(sa.text(_RUNS_DDL))
         _check_columns(conn)
-        for contract in ALL_TABLES:
-            _partition_plain_table(conn, contract)
 
 
 def write_snapshot(
@@ -156,6 +153,21 @@ def write_snapshots(
         time.perf_counter() - started,
     )
     return digests
+
+
+def write_week(
+    engine: sa.Engine, frames: dict[str, pl.DataFrame], reports: dict[str, ValidationReport], *, flow_run_id: str | None
+) -> dict[str, str]:
+    """Write one week's validated tables (features and the labels that closed) in one transaction; table -> digest."""
+    snapshots = {as_of: ({t: frames[t] for t in same}, same) for as_of, same in _group_by_as_of(reports).items()}
+    written = write_snapshots(engine, snapshots, flow_run_id=flow_run_id)
+    return {table: digest for digests in written.values() for table, digest in digests.items()}
+
+
+def record_failed_week(engine: sa.Engine, reports: dict[str, ValidationReport], *, flow_run_id: str | None) -> None:
+    """`record_failed_validation` for one week's reports, whatever as_of each table has."""
+    for as_of, same in sorted(_group_by_as_of(reports).items()):
+        record_failed_validation(engine, as_of, same, flow_run_id=flow_run_id)
 
 
 def record_failed_validation(
@@ -229,20 +241,6 @@ def read_table(
     return frame
 
 
-def latest_passed_as_of(
-    engine: sa.Engine, table: str = "user_features", *, at_or_before: date | None = None
-) -> date | None:
-    """The newest as_of whose snapshot of table passed (optionally not after a date)."""
-    rows = _query(
-        engine,
-        "select max(as_of) from feature_snapshots where table_name = :table and passed"
-        " and (cast(:at_or_before as date) is null or as_of <= cast(:at_or_before as date))",
-        table=_contract(table).name,
-        at_or_before=at_or_before,
-    )
-    return rows[0][0] if rows else None
-
-
 def passed_as_ofs(engine: sa.Engine, table: str) -> list[date]:
     """Every as_of whose snapshot of table passed, oldest first."""
     rows = _query(
@@ -253,16 +251,19 @@ def passed_as_ofs(engine: sa.Engine, table: str) -> list[date]:
     return [r[0] for r in rows]
 
 
-def previous_profile(engine: sa.Engine, table: str, before: date) -> dict[str, Any] | None:
-    """Profile of the latest passed snapshot of table strictly before a date."""
-    rows = _query(
-        engine,
+def read_recent_profiles(engine: sa.Engine, as_ofs: dict[str, date], count: int) -> dict[str, list[dict[str, Any]]]:
+    """Per table, the profiles of its last `count` passed snapshots before its as_of, newest first.
+
+    What a week's validation compares with (see `features.validation.validate_table`).
+    """
+    query = (
         "select profile from feature_snapshots where table_name = :table and passed"
-        " and as_of < :before order by as_of desc limit 1",
-        table=_contract(table).name,
-        before=before,
+        " and as_of < :before order by as_of desc limit :count"
     )
-    return rows[0][0] if rows else None
+    return {
+        table: [r[0] for r in _query(engine, query, table=_contract(table).name, before=as_of, count=count)]
+        for table, as_of in as_ofs.items()
+    }
 
 
 def snapshot_passed(engine: sa.Engine, as_of: date, tables: Sequence[str]) -> bool:
@@ -277,6 +278,14 @@ def snapshot_passed(engine: sa.Engine, as_of: date, tables: Sequence[str]) -> bo
         tables=names,
     )
     return bool(rows) and rows[0][0] == len(names)
+
+
+def find_incomplete_weeks(engine: sa.Engine, weeks: Sequence[date]) -> list[date]:
+    """The weeks whose snapshot is not complete: features not passed, or labels due but not passed.
+
+    The labels that close at a week are due once the week before has its own snapshot.
+    """
+    return [week for week in weeks if not _snapshot_complete(engine, week)]
 
 
 def snapshot_summary(engine: sa.Engine, as_of: date) -> pl.DataFrame:
@@ -296,6 +305,21 @@ def snapshot_summary(engine: sa.Engine, as_of: date) -> pl.DataFrame:
         },
         orient="row",
     )
+
+
+def _snapshot_complete(engine: sa.Engine, week: date) -> bool:
+    if not snapshot_passed(engine, week, [t.name for t in FEATURE_TABLES]):
+        return False
+    last_week = assign_as_of(LABELS.name, week)
+    labels_due = snapshot_passed(engine, last_week, [USER_FEATURES.name])
+    return not labels_due or snapshot_passed(engine, last_week, [LABELS.name])
+
+
+def _group_by_as_of(reports: dict[str, ValidationReport]) -> dict[date, dict[str, ValidationReport]]:
+    grouped: dict[date, dict[str, ValidationReport]] = {}
+    for table, report in reports.items():
+        grouped.setdefault(report.as_of, {})[table] = report
+    return grouped
 
 
 def _contract(table: str) -> TableContract:
@@ -448,35 +472,6 @@ def _swap_partition(conn: sa.Connection, contract: TableContract, as_of: date) -
     conn.execute(
         sa.text(f"alter table {_quote(contract.name)} attach partition {_quote(part)} for values in ('{as_of}')")
     )
-
-
-def _partition_plain_table(conn: sa.Connection, contract: TableContract) -> None:
-    """Move a table created unpartitioned (by an earlier version) under a partitioned one, rows kept."""
-    kind = conn.execute(sa.text("select relkind from pg_class where oid = to_regclass(:t)"), {"t": contract.name})
-    if kind.scalar_one_or_none() != "r":
-        return
-    old = f"{contract.name}__unpartitioned"
-    log.info("partitioning table %s by as_of", contract.name)
-    conn.execute(sa.text(f"alter table {_quote(contract.name)} rename to {_quote(old)}"))
-    key = conn.execute(
-        sa.text("select conname from pg_constraint where conrelid = to_regclass(:t) and contype = 'p'"), {"t": old}
-    ).scalar_one_or_none()
-    if key is not None:
-        conn.execute(sa.text(f"alter table {_quote(old)} drop constraint {_quote(key)}"))
-    conn.execute(sa.text(_table_ddl(contract)))
-    columns = _column_list(contract.column_names)
-    for as_of in conn.execute(sa.text(f"select distinct as_of from {_quote(old)}")).scalars():
-        part = _partition_name(contract, as_of)
-        conn.execute(sa.text(f"create table {_quote(part)} (like {_quote(contract.name)} including defaults)"))
-        conn.execute(
-            sa.text(f"insert into {_quote(part)} ({columns}) select {columns} from {_quote(old)} where as_of = :d"),
-            {"d": as_of},
-        )
-        _constrain_partition(conn, contract, part, as_of)
-        conn.execute(
-            sa.text(f"alter table {_quote(contract.name)} attach partition {_quote(part)} for values in ('{as_of}')")
-        )
-    conn.execute(sa.text(f"drop table {_quote(old)}"))
 
 
 def _record_attempt(

@@ -8,14 +8,15 @@ next week is predictable from the past ones by a model of user×genre/artist aff
 """
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.sources import RawData, RawDataError, drop_duplicate_events
+from features.raw import RawData, drop_duplicate_events
+from features.transform import week_start
 
 # fmt: off
 CATEGORIES = (
@@ -42,6 +43,18 @@ RETURNING_USER_SHARE = 0.6  # users present from the first day; the others join 
 # An event is by a favourite creator / in a genre drawn from taste / anything trending.
 BRANCH_SHARES = (0.3, 0.55, 0.15)
 GENRE_EXPONENT = 0.8  # Zipf exponent of genres' overall popularity
+
+
+@dataclass(frozen=True)
+class SyntheticLogConfig:
+    """Where the demo log lives and how it is drawn."""
+
+    folder: Path
+    n_users: int
+    n_items: int
+    n_events: int
+    n_weeks: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -79,19 +92,26 @@ def generate_log(*, n_users: int, n_items: int, n_events: int, n_weeks: int, end
     return RawData(events=events, items=items)
 
 
+def ensure_synthetic_log(config: SyntheticLogConfig, end: date) -> None:
+    """Draw the demo log ending at the Monday `end` and write it, unless `config.folder` already holds one."""
+    if (config.folder / "events.parquet").exists():
+        return
+    raw = generate_log(
+        n_users=config.n_users,
+        n_items=config.n_items,
+        n_events=config.n_events,
+        n_weeks=config.n_weeks,
+        end=week_start(end),
+        seed=config.seed,
+    )
+    write_log(raw, config.folder)
+
+
 def write_log(raw: RawData, folder: Path) -> None:
     """Write events.parquet and items.parquet under `folder` (created if missing)."""
     folder.mkdir(parents=True, exist_ok=True)
     raw.events.write_parquet(folder / "events.parquet")
     raw.items.write_parquet(folder / "items.parquet")
-
-
-def read_log(folder: Path) -> RawData:
-    """Read a log written by `write_log`."""
-    paths = [folder / "events.parquet", folder / "items.parquet"]
-    if not all(p.exists() for p in paths):
-        raise RawDataError(f"source synthetic: no generated log in {folder}; run generate_log + write_log first")
-    return RawData(events=pl.read_parquet(paths[0]), items=pl.read_parquet(paths[1]))
 
 
 def _draw_catalogue(rng: np.random.Generator, n_items: int, n_weeks: int) -> _Catalogue:

@@ -12,12 +12,12 @@ from datetime import UTC, date, datetime, timedelta
 import polars as pl
 
 from features import contracts
+from features.raw import UNKNOWN
 
 DAY_US = 86_400 * 1_000_000
 WEEK = timedelta(days=7)
 WINDOWS = (1, 4, 12)  # weeks
 FAVOURITE_CREATORS = 20
-UNKNOWN = "unknown"
 # The streaming engine adds floats up in an order that varies from run to run, so a
 # re-run would change weight sums in their last bits, and with them the digests.
 ENGINE = "in-memory"
@@ -31,6 +31,21 @@ def week_start(as_of: date) -> datetime:
 def events_before(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
     """Events strictly before `as_of`: the only events a snapshot may see."""
     return events.filter(pl.col("ts") < week_start(as_of))
+
+
+def assign_as_of(table: str, week: date) -> date:
+    """The as_of a table of the snapshot computed at `week` is stored under: labels close the week before."""
+    return week - WEEK if table == contracts.LABELS.name else week
+
+
+def build_week_tables(
+    events: pl.DataFrame, items: pl.DataFrame, week: date, *, recent_items: int, neighbours: int
+) -> dict[str, pl.DataFrame]:
+    """The snapshot computed at `week`: every feature table as of `week`, and the labels of
+    the week that closed at `week` (left out when that week had no events)."""
+    frames = build_feature_tables(events, items, week, recent_items=recent_items, neighbours=neighbours)
+    labels = build_labels(events, assign_as_of(contracts.LABELS.name, week))
+    return frames | ({contracts.LABELS.name: labels} if labels.height else {})
 
 
 def build_feature_tables(
@@ -71,41 +86,6 @@ def summarise_pairs(past: pl.DataFrame, as_of: date) -> pl.LazyFrame:
             pl.col("ts").max().alias("last_ts"),
         )
     )
-
-
-def build_user_features(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Activity per user over the last 1/4/12 weeks and overall, recency and breadth."""
-    return _user_features(_collect(summarise_pairs(past, as_of)), items, as_of)
-
-
-def build_item_features(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Popularity, trend and age of every item released or played before `as_of`."""
-    return _item_features(_collect(summarise_pairs(past, as_of)), items, as_of)
-
-
-def build_item_neighbours(past: pl.DataFrame, as_of: date, *, recent_items: int, top_k: int) -> pl.DataFrame:
-    """Top-K co-occurrence neighbours per item, cosine-normalised over users' recent items."""
-    return _item_neighbours(_collect(summarise_pairs(past, as_of)), as_of, recent_items=recent_items, top_k=top_k)
-
-
-def build_user_category_affinity(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Share of each user's last-12-week events per category."""
-    return _affinity(_collect(summarise_pairs(past, as_of)), items, as_of, "category", None)
-
-
-def build_user_creator_affinity(past: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Share of each user's last-12-week events per creator (their 20 favourite creators)."""
-    return _affinity(_collect(summarise_pairs(past, as_of)), items, as_of, "creator", FAVOURITE_CREATORS)
-
-
-def build_user_item_history(past: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    """Every (user, item) pair consumed before `as_of`, with counts and recency."""
-    return _user_item_history(_collect(summarise_pairs(past, as_of)), as_of)
-
-
-def recent_items_per_user(past: pl.DataFrame, as_of: date, limit: int) -> pl.DataFrame:
-    """Each user's `limit` most recently consumed distinct items of the last 12 weeks."""
-    return _collect(_recent_items(summarise_pairs(past, as_of), limit))
 
 
 def build_labels(events: pl.DataFrame, as_of: date) -> pl.DataFrame:

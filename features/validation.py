@@ -7,7 +7,9 @@ seconds, and modules that only read reports should not pay it.
 import logging
 import math
 import os
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -37,12 +39,17 @@ class ValidationReport:
     success: bool
     row_count: int
     failures: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # drift that does not block
     profile: dict[str, Any] = field(default_factory=dict)
+    row_count_warning: str | None = None  # a row-count drop that does not block
+
+    @property
+    def all_warnings(self) -> list[str]:
+        return [*self.warnings, *([self.row_count_warning] if self.row_count_warning else [])]
 
     def summary_line(self) -> str:
         status = "passed" if self.success else f"FAILED {len(self.failures)} expectation(s)"
-        return f"{self.table} as_of={self.as_of}: {status}, {self.row_count} rows, {len(self.warnings)} warning(s)"
+        return f"{self.table} as_of={self.as_of}: {status}, {self.row_count} rows, {len(self.all_warnings)} warning(s)"
 
     def to_markdown(self) -> str:
         lines = [f"### {'✅' if self.success else '❌'} {self.summary_line()}"]
@@ -52,7 +59,8 @@ class ValidationReport:
                 f"| {f['expectation']} | {', '.join(f['columns'])} | {_compact(f['expected'])} | {_observed_text(f)} |"
                 for f in self.failures
             ]
-        lines += ["", *(f"- ⚠️ {w}" for w in self.warnings)] if self.warnings else []
+            lines += ["", *(f"- {f['hint']}" for f in self.failures if f.get("hint"))]
+        lines += ["", *(f"- ⚠️ {w}" for w in self.all_warnings)] if self.all_warnings else []
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +70,7 @@ class ValidationReport:
         """One line naming the table and each failed expectation with what was observed."""
         return f"{self.table} as_of={self.as_of}: " + "; ".join(
             f"{f['expectation']}({', '.join(f['columns'])}) expected {_compact(f['expected'])}, "
-            f"observed {_observed_text(f)}"
+            f"observed {_observed_text(f)}" + (f" ({f['hint']})" if f.get("hint") else "")
             for f in self.failures
         )
 
@@ -75,20 +83,15 @@ class ValidationFailed(Exception):
         super().__init__("feature validation failed: " + " | ".join(r.describe_failures() for r in self.reports))
 
 
-def build_expectation_suite(
-    contract: TableContract, *, previous_row_count: int | None, min_rows_ratio: float
-) -> "gx.ExpectationSuite":
-    """The table's whole expectation suite, generated from its contract."""
+def build_expectation_suite(contract: TableContract) -> "gx.ExpectationSuite":
+    """The table's whole expectation suite, generated from its contract (history is checked apart)."""
     gx = _import_gx()
     import great_expectations.expectations as gxe
 
-    min_rows = 1
-    if previous_row_count is not None:
-        min_rows = max(1, math.ceil(previous_row_count * min_rows_ratio))
     key = list(contract.key)
     expectations: list[gxe.Expectation] = [
         gxe.ExpectTableColumnsToMatchSet(column_set=contract.column_names, exact_match=True),
-        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
         gxe.ExpectColumnValuesToBeUnique(column=key[0])
         if len(key) == 1
         else gxe.ExpectCompoundColumnsToBeUnique(column_list=key),
@@ -127,19 +130,64 @@ def profile_table(contract: TableContract, frame: pl.DataFrame) -> dict[str, Any
     }
 
 
+def build_reference_profile(previous: Sequence[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The median of earlier profiles: row count and each column statistic; None without any.
+
+    A median of a few weeks, not the last week alone, so one unusually busy or quiet week
+    neither fails the next normal one nor hides a collapse.
+    """
+    if not previous:
+        return None
+    columns = {name for p in previous for name in p.get("columns", {})}
+    return {
+        "row_count": statistics.median(p["row_count"] for p in previous),
+        "snapshots": len(previous),
+        "columns": {
+            name: {
+                stat: _median_or_none(p.get("columns", {}).get(name, {}).get(stat) for p in previous)
+                for stat in PROFILE_STATS
+            }
+            for name in sorted(columns)
+        },
+    }
+
+
+def check_row_count(
+    contract: TableContract, row_count: int, reference: dict[str, Any] | None, min_rows_ratio: float
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(failure, warning) for a row count below `min_rows_ratio` x the reference's (median) row count.
+
+    A served table fails; one that is not served (labels) only warns.
+    """
+    if reference is None or row_count == 0:  # an empty table fails the suite's own row-count expectation
+        return None, None
+    min_rows = max(1, math.ceil(reference["row_count"] * min_rows_ratio))
+    if row_count >= min_rows:
+        return None, None
+    basis = (
+        f"{min_rows_ratio:g} x the median {reference['row_count']:g} rows "
+        f"of the last {reference.get('snapshots', 1)} passed snapshot(s)"
+    )
+    if not contract.served:
+        return None, f"{contract.name} row count {row_count} is below {min_rows} ({basis}): not blocking, not served"
+    hint = f"{basis}; if the drop is real, set RECSYS_MIN_ROWS_RATIO lower (now {min_rows_ratio:g}) to accept it"
+    return _failure("expect_table_row_count_to_be_between", [], {"min_value": min_rows}, row_count, hint=hint), None
+
+
 def detect_drift(
     contract: TableContract,
     profile: dict[str, Any],
-    previous_profile: dict[str, Any] | None,
+    reference: dict[str, Any] | None,
     threshold: float,
 ) -> list[str]:
-    """Messages for drift columns whose mean/p50/p90 moved more than threshold (relative)."""
-    if previous_profile is None:
+    """Messages for drift columns whose mean/p50/p90 moved more than threshold (relative) from the reference."""
+    if reference is None:
         return []
     messages = []
+    against = f"the median of the last {reference.get('snapshots', 1)} passed snapshot(s)"
     for name in contract.drift_columns:
         now = profile["columns"].get(name, {})
-        before = previous_profile.get("columns", {}).get(name, {})
+        before = reference.get("columns", {}).get(name, {})
         for stat in DRIFT_STATS:
             new, old = now.get(stat), before.get(stat)
             if new is None or old is None or new == old:
@@ -149,8 +197,7 @@ def detect_drift(
             if abs(change) > threshold:
                 messages.append(
                     f"{contract.name}.{name} {stat} moved {old:.4g} -> {new:.4g} "
-                    f"({change:+.0%}) since the previous passed snapshot, "
-                    f"beyond the drift threshold {threshold:.0%}"
+                    f"({change:+.0%}) against {against}, beyond the drift threshold {threshold:.0%}"
                 )
     return messages
 
@@ -160,37 +207,44 @@ def validate_table(
     frame: pl.DataFrame,
     *,
     as_of: date,
-    previous: dict[str, Any] | None,
+    previous: Sequence[dict[str, Any]] | None,
     min_rows_ratio: float,
     drift_threshold: float,
     drift_blocks: bool,
     runner: "SuiteRunner | None" = None,
 ) -> ValidationReport:
-    """Validate one table's frame; previous is the profile of the last passed snapshot.
+    """Validate one table's frame against its contract and its recent passed snapshots.
 
+    `previous` holds the profiles of the last few passed snapshots (their median is the
+    reference). A row count below `min_rows_ratio` x the reference, and drift when
+    `drift_blocks`, fail a served table and only warn in one that is not (labels).
     `runner` reuses one GX context across tables (see `validate_tables`); by default the
     table gets its own.
     """
     started = time.perf_counter()
-    suite = build_expectation_suite(
-        contract,
-        previous_row_count=None if previous is None else previous["row_count"],
-        min_rows_ratio=min_rows_ratio,
-    )
     failures = _check_types(contract, frame) + _check_finite(contract, frame) + _check_as_of(frame, as_of)
-    failures += (runner or SuiteRunner()).run(suite, frame)
+    failures += (runner or SuiteRunner()).run(build_expectation_suite(contract), frame)
     profile = profile_table(contract, frame)
-    drift = detect_drift(contract, profile, previous, drift_threshold)
-    if drift_blocks:
-        failures += [_failure("expect_no_drift", [], {"threshold": drift_threshold}, m) for m in drift]
+    reference = build_reference_profile(previous)
+    collapse, row_count_warning = check_row_count(contract, frame.height, reference, min_rows_ratio)
+    drift = detect_drift(contract, profile, reference, drift_threshold)
+    drift_fails = drift_blocks and contract.served
+    failures += [collapse] if collapse else []
+    if drift_fails:
+        hint = (
+            f"if the change is real, set RECSYS_DRIFT_THRESHOLD higher (now {drift_threshold:g}) "
+            "or RECSYS_DRIFT_BLOCKS=false to accept it"
+        )
+        failures += [_failure("expect_no_drift", [], {"threshold": drift_threshold}, m, hint=hint) for m in drift]
     report = ValidationReport(
         table=contract.name,
         as_of=as_of,
         success=not failures,
         row_count=frame.height,
         failures=failures,
-        warnings=[] if drift_blocks else drift,
+        warnings=[] if drift_fails else drift,
         profile=profile,
+        row_count_warning=row_count_warning,
     )
     log.info("validated %s in %.2fs", report.summary_line(), time.perf_counter() - started)
     return report
@@ -200,14 +254,14 @@ def validate_tables(
     frames: dict[str, pl.DataFrame],
     *,
     as_ofs: dict[str, date],
-    previous: dict[str, dict[str, Any] | None],
+    previous: dict[str, Sequence[dict[str, Any]]],
     min_rows_ratio: float,
     drift_threshold: float,
     drift_blocks: bool,
 ) -> dict[str, ValidationReport]:
     """Validate each named table against its contract, all through one GX context.
 
-    `as_ofs` and `previous` (profile of the last passed snapshot, or None) are per table.
+    `as_ofs` and `previous` (profiles of the last few passed snapshots, see `validate_table`) are per table.
     """
     runner = SuiteRunner()
     return {
@@ -415,6 +469,7 @@ def _failure(
     *,
     unexpected_count: int | None = None,
     examples: list[Any] | None = None,
+    hint: str | None = None,
 ) -> dict[str, Any]:
     return {
         "expectation": expectation,
@@ -423,7 +478,13 @@ def _failure(
         "observed": observed,
         "unexpected_count": unexpected_count,
         "examples": examples or [],
+        **({"hint": hint} if hint else {}),
     }
+
+
+def _median_or_none(values: Any) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.median(found) if found else None
 
 
 def _observed_text(failure: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
-"""What the three flows share: the weekly clock from the schedule, run names, task options."""
+"""What the three flows share: the weekly clock from the schedule, run names, task options and retry rules."""
 
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 
+import redis
+import sqlalchemy as sa
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -12,6 +14,26 @@ from recsys.clock import parse_as_of, week_floor
 PURE = {"cache_policy": NO_CACHE}
 # Retries with backoff on I/O only; validation failures and bad input are never retried.
 IO = {"cache_policy": NO_CACHE, "retries": 3, "retry_delay_seconds": [1, 10, 60]}
+
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, sa.exc.OperationalError, ConnectionError, TimeoutError)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is a lost or timed-out connection worth retrying."""
+    while error is not None:
+        if isinstance(error, _TRANSIENT) and not isinstance(error, redis.AuthenticationError):
+            return True
+        error = error.__cause__
+    return False
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: a tampered model, bad input or a lost compare-and-set fails at once."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+# Retries (with backoff) only when a connection was lost; every other failure is final.
+TRANSIENT_IO = IO | {"retry_condition_fn": retry_if_transient}
 
 
 def resolve_as_of(as_of: date | str | None) -> date:

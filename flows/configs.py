@@ -5,6 +5,7 @@ flows, the CLI and the benchmarks all map settings through these functions, so t
 evaluation and inference are configured alike.
 """
 
+from features.synthetic import SyntheticLogConfig
 from ranking.candidates import CandidateConfig
 from recsys.settings import Settings
 from training.ranker import RankerParams
@@ -22,14 +23,61 @@ def ranker_params(settings: Settings) -> RankerParams:
 
 def backtest_options(settings: Settings) -> dict:
     """The keyword arguments of `training.backtest.run_backtest` that the training flow takes from Settings."""
+    return (
+        {
+            "config": candidate_config(settings),
+            "params": ranker_params(settings),
+            "training_weeks": settings.training_weeks,
+            "k": settings.eval_k,
+        }
+        | feature_options(settings)
+        | sampling_options(settings)
+    )
+
+
+def scoring_options(settings: Settings) -> dict:
+    """The keyword arguments of `inference.scoring.score_partition` that the inference flow takes from Settings."""
     return {
         "config": candidate_config(settings),
-        "params": ranker_params(settings),
-        "training_weeks": settings.training_weeks,
-        "recent_items": settings.recent_items_per_user,
-        "neighbours": settings.neighbours_per_item,
-        "seed": settings.seed,
-        "k": settings.eval_k,
-        "max_users": settings.training_users_per_week,
+        "n": settings.top_n,
+        "batch_users": settings.score_batch_users,
+        "prefix": settings.redis_prefix,
+        "chunk": settings.publish_chunk,
+    }
+
+
+def synthetic_log_config(settings: Settings) -> SyntheticLogConfig:
+    """Where the demo log lives (under the data folder) and its sizes and seed."""
+    return SyntheticLogConfig(
+        folder=settings.data_dir / "synthetic",
+        n_users=settings.synthetic_users,
+        n_items=settings.synthetic_items,
+        n_events=settings.synthetic_events,
+        n_weeks=settings.synthetic_weeks,
+        seed=settings.seed,
+    )
+
+
+def feature_options(settings: Settings) -> dict:
+    """The keyword arguments of `features.transform.build_week_tables` that come from Settings."""
+    return {"recent_items": settings.recent_items_per_user, "neighbours": settings.neighbours_per_item}
+
+
+def validation_options(settings: Settings) -> dict:
+    """The keyword arguments of `features.validation.validate_tables` that come from Settings."""
+    return {
+        "min_rows_ratio": settings.min_rows_ratio,
+        "drift_threshold": settings.drift_threshold,
+        "drift_blocks": settings.drift_blocks,
+    }
+
+
+def sampling_options(settings: Settings) -> dict:
+    """The keyword arguments of `training.frames.labelled_frame` beyond the week: which users and
+    negatives become training rows, built how many users at a time (training flow and backtest alike)."""
+    return {
         "negatives_per_user": settings.negatives_per_user,
+        "seed": settings.seed,
+        "max_users": settings.training_users_per_week,
+        "batch_users": settings.score_batch_users,
     }

@@ -73,12 +73,10 @@ _SCHEMA = {
 
 
 def ensure_schema(engine: sa.Engine) -> None:
-    """Create the publications table if missing; safe when several runs start at once."""
+    """Create the publications and publication_history tables if missing; safe when several runs start at once."""
     with engine.begin() as conn:
         conn.execute(sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE})
         _metadata.create_all(conn)
-        # Tables created before `error` existed get it here.
-        conn.execute(sa.text("alter table publications add column if not exists error text"))
 
 
 def record_publication(engine: sa.Engine, **fields: Any) -> None:

@@ -1,13 +1,60 @@
-"""Batch scoring: the champion ranks the shared candidate frame of each user partition."""
+"""Batch scoring: which model, snapshot and users; each partition's top-N lists written to Redis; the fallback.
+
+The champion ranks the candidate × feature frame that training built (`ranking.candidates`).
+"""
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
 
 import lightgbm as lgb
 import numpy as np
 import polars as pl
+import redis
+import sqlalchemy as sa
 
+from features import contracts, store
+from inference import publish
+from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables, build_ranking_frame
-from ranking.scoring import score, top_n
+from ranking.scoring import check_model, score, top_n, user_batches
 
-# Users scored together: bounds a task's memory (about 250 candidate rows of ~30 features each).
+log = logging.getLogger(__name__)
+
+USER_TABLES = [c for c in contracts.FEATURE_TABLES if "user_id" in c.key]
+ITEM_TABLES = [c for c in contracts.FEATURE_TABLES if "user_id" not in c.key]
+
+
+def find_champion(engine: sa.Engine, model_name: str) -> registry.ModelRecord:
+    """The champion's record, after checking its text's sha256 and that this code can feed it."""
+    if registry.get_champion(engine, model_name) is None:
+        raise registry.ModelNotFoundError(f"model {model_name} has no champion yet: run the training flow first")
+    _, record = registry.load_model(engine, model_name)
+    check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
+    return record
+
+
+def find_snapshot(engine: sa.Engine, as_of: date) -> date:
+    """The latest as_of at or before `as_of` whose every feature table passed validation."""
+    passed = set.intersection(*(set(store.passed_as_ofs(engine, c.name)) for c in contracts.FEATURE_TABLES))
+    usable = [d for d in passed if d <= as_of]
+    if not usable:
+        raise store.SnapshotUnavailable(
+            f"no feature snapshot at or before {as_of} passed validation for all of "
+            f"{[c.name for c in contracts.FEATURE_TABLES]}: run the feature flow first"
+        )
+    snapshot = max(usable)
+    if snapshot < as_of:
+        log.warning("latest passed feature snapshot is %s, older than as_of %s: publishing from it", snapshot, as_of)
+    return snapshot
+
+
+def list_users(engine: sa.Engine, snapshot: date) -> pl.Series:
+    """The users to score: every user with features in the snapshot."""
+    return store.read_table(engine, contracts.USER_FEATURES.name, snapshot, columns=["user_id"])["user_id"]
 
 
 def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
@@ -37,6 +84,77 @@ def recommend_users(
     return ranked.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
 
 
+def score_partition(
+    engine: sa.Engine,
+    client: redis.Redis,
+    users: list[int],
+    *,
+    record: registry.ModelRecord,
+    snapshot: date,
+    version: str,
+    config: CandidateConfig,
+    n: int,
+    batch_users: int,
+    prefix: str,
+    chunk: int,
+) -> dict:
+    """Score `users` with the model of `record` and write their keys of `version`; counts and seconds per step.
+
+    Reads the item tables once and the user tables `batch_users` users at a time, so memory
+    follows the batch size, not the user count.
+    """
+    stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
+    with _timing(stats, "read_s"):
+        booster, _ = registry.load_model(engine, record.name, record.version)
+        items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
+    for batch in user_batches(users, batch_users):
+        with _timing(stats, "read_s"):
+            tables = items | {c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES}
+        with _timing(stats, "score_s"):
+            recs = recommend_users(
+                booster, record.feature_names, record.encodings["category"], SnapshotTables.from_frames(tables),
+                pl.Series("user_id", batch, pl.Int64), config, n,
+            )  # fmt: skip
+        with _timing(stats, "write_s"):
+            stats["personal"] += publish.write_recommendations(client, prefix, version, recs, chunk=chunk)
+    log.info(
+        "partition of %d users: %d personal lists; read %.1fs, score %.1fs, write %.1fs",
+        len(users), stats["personal"], stats["read_s"], stats["score_s"], stats["write_s"],
+    )  # fmt: skip
+    return stats
+
+
+def combine_partition_stats(parts: list[dict], users: int, seconds: float) -> dict:
+    """The run's stats from its partitions' (summed counts and step seconds), its wall time and rate.
+
+    Scored users who got no personal list (no candidate left) read the fallback.
+    """
+    stats = {key: sum(part[key] for part in parts) for key in ("personal", "read_s", "score_s", "write_s")}
+    return stats | {
+        "users": users,
+        "fallback_users": users - stats["personal"],
+        "partitions_s": seconds,
+        "users_per_s": users / seconds,
+        "worker_pids": sorted({part["pid"] for part in parts}),
+    }
+
+
 def fallback_items(item_features: pl.DataFrame, n: int) -> list[int]:
     """The list for users without personal recommendations: recent popularity, ties by item id."""
     return item_features.sort("popularity_rank_4w", "item_id").head(n).get_column("item_id").to_list()
+
+
+def read_fallback_items(engine: sa.Engine, snapshot: date, n: int) -> list[int]:
+    """`fallback_items` of the snapshot's item features."""
+    columns = ["item_id", "popularity_rank_4w"]
+    return fallback_items(store.read_table(engine, contracts.ITEM_FEATURES.name, snapshot, columns=columns), n)
+
+
+@contextmanager
+def _timing(stats: dict, key: str) -> Iterator[None]:
+    """Add the seconds the block takes to `stats[key]`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats[key] += time.perf_counter() - started

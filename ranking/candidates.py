@@ -64,11 +64,11 @@ def _exclude(frame: pl.DataFrame, consumed: pl.DataFrame | None) -> pl.DataFrame
     return frame.join(consumed, on=["user_id", "item_id"], how="anti", maintain_order="left")
 
 
-def _global_top(
-    ordered_items: pl.DataFrame, users: pl.DataFrame, source: str, limit: int, consumed: pl.DataFrame | None
+def take_unconsumed(
+    ordered_items: pl.DataFrame, users: pl.DataFrame, limit: int, consumed: pl.DataFrame | None, rank: str
 ) -> pl.DataFrame:
-    """Each user's first `limit` items of one global ordering that the user has not consumed."""
-    rank = f"{source}_rank"
+    """Each user's first `limit` items of one global ordering (the rows of `ordered_items`) that
+    the user has not consumed: (user_id, item_id, `rank`), rank 1 first."""
     positions = ordered_items.select("item_id").with_row_index("position")
     # A user who consumed e of the ordered items finds `limit` others within the first limit + e:
     # rows grow with users × limit + consumed pairs, never users × catalogue.
@@ -90,10 +90,22 @@ def _global_top(
     )
 
 
-def _cooccurrence_candidates(
+def select_recent_items(history: pl.DataFrame, limit: int) -> pl.DataFrame:
+    """Each user's `limit` most recent items: fewest days since the last event, then most events,
+    then item id. Returns (user_id, item_id)."""
+    return (
+        history.sort(["user_id", "days_since_last_event", "events", "item_id"], descending=[False, False, True, False])
+        .group_by("user_id", maintain_order=True)
+        .head(limit)
+        .select("user_id", "item_id")
+    )
+
+
+def score_neighbours(
     recent: pl.DataFrame, neighbours: pl.DataFrame, consumed: pl.DataFrame | None, limit: int
 ) -> pl.DataFrame:
-    """Each user's top `limit` unconsumed neighbours of their recent items, by summed score.
+    """Each user's top `limit` unconsumed neighbours of their recent items, by summed score
+    (ties by item id): (user_id, item_id, cooc_rank, cooc_score, cooc_count).
 
     Computed as a sparse product (users × recent items) · (items × neighbours): a polars
     group-by over every (user, recent item, neighbour) triple was over 20× slower.
@@ -143,18 +155,13 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     consumed = history.select("user_id", "item_id") if config.exclude_consumed else None
     items = tables.item_features
 
-    recent = (
-        history.sort(["user_id", "days_since_last_event", "events", "item_id"], descending=[False, False, True, False])
-        .group_by("user_id", maintain_order=True)
-        .head(config.recent_items)
-        .select("user_id", "item_id")
-    )
-    cooc = _cooccurrence_candidates(recent, tables.item_neighbours, consumed, config.cooc)
+    recent = select_recent_items(history, config.recent_items)
+    cooc = score_neighbours(recent, tables.item_neighbours, consumed, config.cooc)
 
-    pop = _global_top(items.sort("popularity_rank_4w"), user_frame, "pop", config.pop, consumed)
+    pop = take_unconsumed(items.sort("popularity_rank_4w"), user_frame, config.pop, consumed, "pop_rank")
     new_items = items.filter(pl.col("days_since_release") < config.new_release_days)
     by_plays = new_items.sort(["plays_1w", "item_id"], descending=[True, False])
-    new = _global_top(by_plays, user_frame, "new", config.new, consumed)
+    new = take_unconsumed(by_plays, user_frame, config.new, consumed, "new_rank")
 
     def by_affinity(affinity: pl.DataFrame, column: str, source: str, limit: int) -> pl.DataFrame:
         favourite = (

@@ -10,8 +10,10 @@ Tables (created by `ensure_schema`):
 - `model_alias_history`: every alias change with who, when and why; append-only (a
   trigger refuses updates and deletes).
 
-`metrics` holds the numbers of one holdout week set:
-`{"model": {...}, "baselines": {baseline name: {...}}, "champion": {...} | None}`.
+`metrics` holds the numbers of one holdout week, one entry per recommender plus the
+candidates' recall: `{"model": {...}, "recent_popular": {...}, "all_time_popular": {...},
+"item_knn": {...}, "champion": {...} (only when there was one), "candidate_recall": {...}}`,
+each recommender's entry as `ranking.metrics.rank_metrics` returns it.
 
 A version's status is one of:
 

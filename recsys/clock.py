@@ -21,11 +21,6 @@ def parse_as_of(value: str | date) -> date:
     return day
 
 
-def weeks_back(as_of: date, count: int) -> list[date]:
-    """`count` week boundaries ending at `as_of`, oldest first."""
-    return [as_of - timedelta(weeks=k) for k in range(count - 1, -1, -1)]
-
-
 def mondays(first: date | str, last: date | str) -> list[date]:
     """Every week boundary from `first` to `last` inclusive, oldest first; both must be Mondays."""
     start, end = parse_as_of(first), parse_as_of(last)

@@ -1,9 +1,12 @@
 """The one typed settings object, built at the entry point and passed down."""
 
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_CRON = re.compile(r"[0-9A-Za-z*/,?#LW-]+( +[0-9A-Za-z*/,?#LW-]+){4}")
 
 
 class Settings(BaseSettings):
@@ -35,7 +38,15 @@ class Settings(BaseSettings):
     neighbours_per_item: int = Field(default=50, ge=1)
     recent_items_per_user: int = Field(default=20, ge=1)
     min_rows_ratio: float = Field(
-        default=0.5, ge=0, le=1, description="Row count may not fall below this share of the previous passed snapshot."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A served table's row count may not fall below this share of its recent passed snapshots' median.",
+    )
+    min_rows_weeks: int = Field(
+        default=4,
+        ge=1,
+        description="Passed snapshots whose median row count (and statistics) validation compares with.",
     )
     drift_blocks: bool = False
     drift_threshold: float = Field(default=0.25, ge=0)
@@ -73,6 +84,13 @@ class Settings(BaseSettings):
     )
     keep_versions: int = Field(default=2, ge=2)
 
+    # archive of published lists and their realized quality
+    archive_weeks: int = Field(default=52, ge=1, description="Weeks of published lists kept in Postgres.")
+    quality_alert_share: float = Field(
+        default=0.8, gt=0, le=1, description="Alert when served NDCG@10 falls below this share of its trailing median."
+    )
+    quality_trailing_weeks: int = Field(default=4, ge=1, description="Served weeks the trailing median spans.")
+
     # schedules (UTC) of the three deployments, and the local Prefect server `recsys serve` starts
     features_cron: str = "0 1 * * 1"
     training_cron: str = "0 3 * * 1"
@@ -84,7 +102,7 @@ class Settings(BaseSettings):
     @field_validator("features_cron", "training_cron", "inference_cron")
     @classmethod
     def check_cron(cls, value: str) -> str:
-        from prefect.schedules import Cron  # only when a schedule is configured: Prefect is slow to import
-
-        Cron(value, timezone="UTC")  # raises ValueError naming the bad expression
+        # The shape only (Prefect, slow to import, parses it fully when the deployments are built).
+        if not _CRON.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not a cron expression of 5 fields, e.g. '0 1 * * 1' (Mondays 01:00 UTC)")
         return value

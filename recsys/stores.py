@@ -78,22 +78,31 @@ def redact_url(url: str, *, drop_credentials: bool = False) -> str:
 @contextmanager
 def open_stores(settings: Settings) -> Iterator[Stores]:
     """Yield connected stores; start embedded servers when no URL is configured."""
+    with open_redis(settings) as (client, r_url), _postgres_url(settings) as db_url:
+        engine = sa.create_engine(sqlalchemy_url(db_url), pool_pre_ping=True, pool_size=8)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("select 1"))
+            yield Stores(engine=engine, redis=client, database_url=libpq_url(db_url), redis_url=r_url)
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def open_redis(settings: Settings) -> Iterator[tuple[redis.Redis | redis.RedisCluster, str]]:
+    """Yield a connected Redis client and its URL (embedded when none is configured): for readers."""
     if settings.redis_cluster and settings.redis_url is None:
         raise ValueError(
             "RECSYS_REDIS_CLUSTER is true but RECSYS_REDIS_URL is empty: the embedded Redis is a "
             "single server; set RECSYS_REDIS_URL to a node of the cluster, e.g. redis://host:6379/0"
         )
-    with _postgres_url(settings) as db_url, _redis_url(settings) as r_url:
-        engine = sa.create_engine(sqlalchemy_url(db_url), pool_pre_ping=True, pool_size=8)
+    with _redis_url(settings) as r_url:
         client = connect_redis(r_url, cluster=settings.redis_cluster)
         try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("select 1"))
             client.ping()
-            yield Stores(engine=engine, redis=client, database_url=libpq_url(db_url), redis_url=r_url)
+            yield client, r_url
         finally:
             client.close()
-            engine.dispose()
 
 
 @contextmanager

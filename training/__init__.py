@@ -1,1 +1,1 @@
-"""Training pipeline: candidates, ranker, evaluation metrics, baselines and the model registry."""
+"""Training pipeline: week planning, labelled frames, the ranker, baselines, evaluation, the promotion gate."""

@@ -5,9 +5,11 @@ For each evaluated `as_of` T (a Monday):
 - feature snapshots and labels are computed in memory from the raw events with
   `features.transform`, the code the feature flow runs: snapshot d sees only events
   with ts < d, and the labels of d are the week [d, d+7d);
-- the model trains on the labelled weeks T-14d, T-21d, ... (`training_weeks` of them,
-  fewer when the data starts later) and early-stops on the validation week T-7d, so
-  every label it learns from is complete before T;
+- the weeks are planned by `training.plan.plan_weeks`, the training flow's rule, for a
+  run at T+7d over the weeks T-7d·(training_weeks+1) ... T that have labelled users: the
+  holdout is T, the model trains on T-14d, T-21d, ... (`training_weeks` of them, fewer
+  when the data starts later) and early-stops on the validation week T-7d, so every
+  label it learns from is complete before T;
 - the model and the three baselines are scored on the week [T, T+7d) (snapshot T,
   labels of T) over the same evaluated users, by the protocol of design.md.
 
@@ -19,24 +21,22 @@ backtest row and that run's holdout numbers agree. Overall rows micro-average ov
 import logging
 import time
 from dataclasses import dataclass, replace
-from datetime import date, timedelta
+from datetime import date
 
-import lightgbm as lgb
 import polars as pl
 
 from features import transform
-from features.sources import RawData
+from features.raw import RawData
+from ranking import metrics
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
-from ranking.scoring import ScoringModel
 from recsys.clock import parse_as_of
-from training import metrics, pipeline
+from training import evaluation, frames
+from training.plan import WEEK, WeekPlan, plan_weeks
 from training.ranker import RankerParams, train_ranker
 
 log = logging.getLogger(__name__)
 
-WEEK = timedelta(weeks=1)
 OVERALL = "overall"
-METRIC_NAMES = ("recall", "ndcg", "hitrate", "map", "coverage")
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,6 @@ class BacktestResult:
     timings: pl.DataFrame
     k: int
     training_weeks: int
-
-
-def weeks_between(start: date | str, end: date | str) -> list[date]:
-    """Every Monday from `start` to `end`, both included."""
-    first, last = parse_as_of(start), parse_as_of(end)
-    if first > last:
-        raise ValueError(f"backtest: --from {first} is after --to {last}")
-    return [first + n * WEEK for n in range((last - first).days // 7 + 1)]
 
 
 class _Snapshots:
@@ -88,63 +80,57 @@ class _Snapshots:
         return self._labels[week]
 
     def has_labelled_users(self, week: date) -> bool:
-        return not pipeline.labelled_users(self.labels(week), self.tables(week)).is_empty()
+        return not frames.labelled_users(self.labels(week), self.tables(week)).is_empty()
 
 
-def plan_backtest_week(snapshots: _Snapshots, as_of: date, training_weeks: int) -> pipeline.WeekPlan:
-    """Holdout = as_of, validation = the week before, training = up to `training_weeks` before that."""
+def plan_backtest_week(snapshots: _Snapshots, as_of: date, training_weeks: int) -> WeekPlan:
+    """The training flow's plan at as_of + 7d, whose holdout must be as_of itself."""
     if not snapshots.has_labelled_users(as_of):
         raise ValueError(
             f"backtest week {as_of}: no user with history consumed a new item in [{as_of}, {as_of + WEEK}); "
             "the source has no events there: pick weeks inside the data"
         )
-    earlier = [as_of - n * WEEK for n in range(training_weeks + 1, 0, -1)]
-    labelled = [w for w in earlier if snapshots.has_labelled_users(w)]
-    if len(labelled) < 2 or labelled[-1] != as_of - WEEK:
-        raise ValueError(
-            f"backtest week {as_of}: needs labelled users in the validation week {as_of - WEEK} and at "
-            f"least one training week before it; found labelled weeks {[str(w) for w in labelled]}. "
-            "Start the backtest later in the data"
-        )
-    return pipeline.WeekPlan(as_of=as_of, train=labelled[:-1], validation=labelled[-1], holdout=as_of)
+    window = [as_of - n * WEEK for n in range(training_weeks + 1, 0, -1)]
+    return plan_weeks([w for w in window if snapshots.has_labelled_users(w)] + [as_of], as_of + WEEK, training_weeks)
 
 
 def run_backtest(
     raw: RawData,
     weeks: list[date],
     *,
-    config: CandidateConfig | None = None,
-    params: RankerParams | None = None,
-    training_weeks: int = 4,
-    recent_items: int = 20,
-    neighbours: int = 50,
-    negatives_per_user: int = pipeline.NEGATIVES_PER_USER,
-    seed: int = 42,
-    k: int = 10,
-    max_users: int | None = None,
+    config: CandidateConfig,
+    params: RankerParams,
+    training_weeks: int,
+    recent_items: int,
+    neighbours: int,
+    negatives_per_user: int,
+    seed: int,
+    k: int,
+    max_users: int | None,
+    batch_users: int,
 ) -> BacktestResult:
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
-    `seed` seeds both the negative sampling and LightGBM (it replaces `params.seed`).
+    The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
+    both the negative sampling and LightGBM (it replaces `params.seed`).
     """
     if not weeks:
         raise ValueError("run_backtest: no weeks given")
     if training_weeks < 1:
         raise ValueError(f"run_backtest: training_weeks must be >= 1, got {training_weeks}")
     weeks = sorted({parse_as_of(w) for w in weeks})
-    config = config or CandidateConfig(recent_items=recent_items)
-    params = replace(params or RankerParams(), seed=seed)
+    params = replace(params, seed=seed)
     snapshots = _Snapshots(raw, recent_items, neighbours)
-    frames: dict[tuple[date, tuple[str, ...]], pl.DataFrame] = {}
+    built: dict[tuple[date, tuple[str, ...]], pl.DataFrame] = {}
 
     def labelled_frame(week: date, categories: list[str]) -> pl.DataFrame:
         key = (week, tuple(categories))
-        if key not in frames:
-            frames[key] = pipeline.labelled_frame(
+        if key not in built:
+            built[key] = frames.labelled_frame(
                 snapshots.tables(week), snapshots.labels(week), week, config, categories,
-                negatives_per_user=negatives_per_user, seed=seed, max_users=max_users,
+                negatives_per_user=negatives_per_user, seed=seed, max_users=max_users, batch_users=batch_users,
             )  # fmt: skip
-        return frames[key]
+        return built[key]
 
     metric_rows, recall_rows, timing_rows = [], [], []
     for as_of in weeks:
@@ -159,12 +145,13 @@ def run_backtest(
         framed = time.perf_counter()
         model = train_ranker(train, valid, params)
         trained = time.perf_counter()
-        scoring = ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
-        evaluation = pipeline.evaluate_week(scoring, holdout, snapshots.labels(as_of), config, k)
+        scored = evaluation.evaluate_model(
+            model, categories, holdout, snapshots.labels(as_of), config, k, batch_users=batch_users
+        )
         done = time.perf_counter()
         features_s = snapshots.seconds - features_before
-        metric_rows += [{"week": str(as_of), "recommender": n, **m} for n, m in evaluation.metrics.items()]
-        recall_rows.append({"week": str(as_of), **evaluation.candidate_recall})
+        metric_rows += [{"week": str(as_of), "recommender": n, **m} for n, m in scored.metrics.items()]
+        recall_rows.append({"week": str(as_of), **scored.candidate_recall})
         timing_rows.append(
             {
                 "week": str(as_of),
@@ -179,12 +166,12 @@ def run_backtest(
         )
         log.info(
             "backtest %s: model ndcg@%d %.4f, %d training rows, fit %.1fs",
-            as_of, k, evaluation.metrics["model"][f"ndcg@{k}"], train.height, trained - framed,
+            as_of, k, scored.metrics["model"][f"ndcg@{k}"], train.height, trained - framed,
         )  # fmt: skip
 
     return BacktestResult(
         metrics=pl.DataFrame(metric_rows + _overall_metrics(metric_rows)),
-        candidate_recall=pl.DataFrame(recall_rows + [{"week": OVERALL, **pipeline.combine_recall(recall_rows)}]),
+        candidate_recall=pl.DataFrame(recall_rows + [{"week": OVERALL, **evaluation.combine_recall(recall_rows)}]),
         timings=pl.DataFrame(timing_rows),
         k=k,
         training_weeks=training_weeks,
@@ -206,7 +193,7 @@ def ndcg_ratios(result: BacktestResult) -> pl.DataFrame:
     """Per week and overall: the model's NDCG@k, the best baseline's, and their ratio."""
     ndcg = f"ndcg@{result.k}"
     wide = result.metrics.pivot(on="recommender", index="week", values=ndcg, maintain_order=True)
-    baseline_names = [n for n in pipeline.BASELINES if n in wide.columns]
+    baseline_names = [n for n in evaluation.BASELINES if n in wide.columns]
     best_value = pl.max_horizontal(baseline_names)
     best_name = pl.coalesce([pl.when(pl.col(n) == best_value).then(pl.lit(n)) for n in baseline_names])
     return wide.select(
@@ -226,7 +213,7 @@ def format_table(result: BacktestResult) -> str:
     wide = result.metrics.pivot(on="recommender", index="week", values=ndcg, maintain_order=True)
     users = result.metrics.filter(pl.col("recommender") == "model").select("week", "users")
     table = wide.join(users, on="week", maintain_order="left").join(ndcg_ratios(result), on="week", suffix="_r")
-    names = ["model", *[n for n in pipeline.BASELINES if n in wide.columns]]
+    names = ["model", *[n for n in evaluation.BASELINES if n in wide.columns]]
     weeks = [w for w in table["week"] if w != OVERALL]
 
     lines = [
@@ -250,13 +237,13 @@ def format_table(result: BacktestResult) -> str:
         ]
         lines.append(_markdown_row(cells))
 
-    metric_columns = [f"{m}@{k}" for m in METRIC_NAMES]
+    metric_columns = [f"{m}@{k}" for m in metrics.METRIC_NAMES]
     lines += ["", f"All metrics, {OVERALL}:", "", _markdown_row(["recommender", *metric_columns])]
     lines.append(_markdown_row(["---"] * (len(metric_columns) + 1)))
     for row in result.metrics.filter(pl.col("week") == OVERALL).iter_rows(named=True):
         lines.append(_markdown_row([row["recommender"], *[f"{row[c]:.4f}" for c in metric_columns]]))
 
-    recall_columns = list(pipeline.RECALL_KEYS)
+    recall_columns = list(evaluation.RECALL_KEYS)
     lines += [
         "",
         "Candidate recall (share of next-week new items among the candidates), per source and together:",

@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass
 
+from training.evaluation import BASELINES
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -36,6 +38,15 @@ def decide_promotion(
         against = f"champion {held:.4f} × (1 + margin {margin:.2%}) = {bar:.4f}"
     verb = "beats" if score > bar else "does not beat"
     return Decision(score > bar, f"{context}: candidate {metric} {score:.4f} {verb} {against}")
+
+
+def decide(results: dict[str, dict], *, metric: str, margin: float) -> Decision:
+    """The gate on one holdout's results (`WeekEvaluation.metrics`): the model against the
+    champion when there is one, otherwise against the best of the reported baselines."""
+    baseline_name, baseline = pick_best_baseline({n: results[n] for n in BASELINES if n in results}, metric=metric)
+    return decide_promotion(
+        results["model"], results.get("champion"), baseline, metric=metric, margin=margin, baseline_name=baseline_name
+    )
 
 
 def pick_best_baseline(baselines: dict[str, dict], *, metric: str = "ndcg@10") -> tuple[str, dict]:

@@ -1,6 +1,5 @@
 """The LightGBM LambdaRank ranker: labelled frames in, a model text out."""
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -58,10 +57,6 @@ class TrainedRanker:
     best_iteration: int
     params: dict
     feature_importance: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.model_text.encode()).hexdigest()
 
 
 def attach_labels(ranking_frame: pl.DataFrame, labels: pl.DataFrame, as_of: date) -> pl.DataFrame:

@@ -11,7 +11,7 @@ from datetime import date
 import polars as pl
 import redis
 
-from inference.serving import (
+from inference.publish import (
     begin_publication,
     cleanup_stale_versions,
     finish_publication,

@@ -12,11 +12,15 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from features import contracts, store, transform
-from features.sources import RawData, RawDataError
+from features import contracts, store, transform, validation
+from features.raw import RawData, RawDataError
+from features.sources import read_source
 from features.synthetic import generate_log
 from features.validation import ValidationFailed, ValidationReport, profile_table
+from flows.configs import feature_options, validation_options
 from flows.feature_flow import ARTIFACT_KEY, feature_flow
+from recsys.clock import mondays
+from recsys.settings import Settings
 from tests.conftest import artifact_text
 
 pytestmark = pytest.mark.integration
@@ -45,14 +49,14 @@ def write_source(folder: Path, events: pl.DataFrame, items: pl.DataFrame, kind: 
 
 def dump_store(engine) -> dict[str, list[tuple]]:
     """Every row of every feature-store table, bookkeeping included."""
-    tables = [*store.CONTRACTS, "feature_snapshots", "feature_validation_runs"]
+    tables = [*contracts.CONTRACTS, "feature_snapshots", "feature_validation_runs"]
     with engine.connect() as conn:
         return {t: sorted(map(tuple, conn.execute(sa.text(f'select * from "{t}"'))), key=repr) for t in tables}
 
 
 def feature_rows(dump: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
     """The feature tables' rows of a `dump_store`, without the bookkeeping."""
-    return {t: dump[t] for t in store.CONTRACTS}
+    return {t: dump[t] for t in contracts.CONTRACTS}
 
 
 def validation_runs(engine) -> list[tuple]:
@@ -224,23 +228,42 @@ def test_drift_warns_in_the_artifact_and_blocks_when_configured(flow_env, clean_
     assert store.snapshot_passed(engine, AS_OF, FEATURE_TABLES)  # the earlier passed snapshot stays readable
 
 
-def test_tables_created_before_partitioning_are_moved_under_partitions_with_their_rows(clean_stores, log):
-    engine = clean_stores.engine
-    seed_snapshot(engine, log, LAST_WEEK)
-    before = dump_store(engine)
-    # user_features as an earlier version created it: one plain table, rows of every as_of inside.
-    with engine.begin() as conn:
-        conn.execute(sa.text('create table old_users as select * from "user_features"'))
-        conn.execute(sa.text('drop table "user_features"'))
-        conn.execute(sa.text('alter table old_users rename to "user_features"'))
-        conn.execute(sa.text('alter table "user_features" add primary key (as_of, user_id)'))
+def test_every_movielens_week_passes_in_order_on_an_empty_store_and_a_real_collapse_still_fails(
+    clean_stores, movielens_dir
+):
+    """Weekly label counts vary 2x on real data; a quiet week must pass, a collapsed feature table must not.
 
+    The flow's own pipeline calls, without Prefect (it adds nothing to what is checked here).
+    """
+    engine = clean_stores.engine
+    settings = Settings()
+    weeks = mondays("1997-10-06", "1998-04-20")
+    raw = read_source(f"movielens:{movielens_dir}")
     store.ensure_schema(engine)
 
-    assert dump_store(engine) == before
-    with engine.connect() as conn:
-        query = "select relname, relkind from pg_class where relname like 'user_features%'"
-        kinds = {name: kind for name, kind in conn.execute(sa.text(query))}
-    assert kinds["user_features"] == "p"
-    assert kinds[f"user_features__{LAST_WEEK:%Y%m%d}"] == "r"
-    assert store.read_table(engine, "user_features", LAST_WEEK).height == len(before["user_features"])
+    def validate(frames: dict[str, pl.DataFrame], week: date) -> dict[str, ValidationReport]:
+        as_ofs = {name: transform.assign_as_of(name, week) for name in frames}
+        previous = store.read_recent_profiles(engine, as_ofs, settings.min_rows_weeks)
+        return validation.validate_tables(frames, as_ofs=as_ofs, previous=previous, **validation_options(settings))
+
+    warned = []
+    for week in weeks:
+        frames = transform.build_week_tables(raw.events, raw.items, week, **feature_options(settings))
+        reports = validate(frames, week)
+        assert all(r.success for r in reports.values()), ValidationFailed(list(reports.values()))
+        store.write_week(engine, frames, reports, flow_run_id="movielens")
+        warned += [r.row_count_warning for r in reports.values() if r.row_count_warning]
+
+    assert store.find_incomplete_weeks(engine, weeks) == []
+    # The week that failed before: 800 labels against 1724 the week before (862 required).
+    assert any(w.startswith("labels row count 800 is below") for w in warned), warned
+    next_week = weeks[-1] + timedelta(weeks=1)
+    frames = transform.build_week_tables(raw.events, raw.items, next_week, **feature_options(settings))
+    users = frames["user_features"]
+    frames["user_features"] = users.filter(pl.col("user_id") % 10 == 0)  # 10% of its usual rows
+    reports = validate(frames, next_week)
+    assert not reports["user_features"].success
+    with pytest.raises(ValidationFailed, match=r"set RECSYS_MIN_ROWS_RATIO lower \(now 0\.5\) to accept it") as error:
+        store.write_week(engine, frames, reports, flow_run_id="collapse")
+    assert "user_features as_of=1998-04-27: expect_table_row_count_to_be_between()" in str(error.value)
+    assert not store.snapshot_passed(engine, next_week, ["user_features"])

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from polars.testing import assert_frame_equal
 
 from features import store
-from features.contracts import LABELS, USER_CATEGORY_AFFINITY, TableContract
+from features.contracts import CONTRACTS, LABELS, USER_CATEGORY_AFFINITY, TableContract
 from features.validation import ValidationFailed, ValidationReport, profile_table
 
 pytestmark = pytest.mark.integration
@@ -68,14 +68,13 @@ def failed_report(contract: TableContract, as_of: date) -> ValidationReport:
 
 
 def write(engine, as_of: date, frames: dict[str, pl.DataFrame], flow_run_id="run-1"):
-    contracts = store.CONTRACTS
-    reports = {t: passed_report(contracts[t], f, as_of) for t, f in frames.items()}
+    reports = {t: passed_report(CONTRACTS[t], f, as_of) for t, f in frames.items()}
     return store.write_snapshot(engine, as_of, frames, reports, flow_run_id=flow_run_id)
 
 
 def dump_store(engine) -> dict[str, list[tuple]]:
     """Every row of every feature-store table, for before/after comparisons."""
-    tables = [*store.CONTRACTS, "feature_snapshots", "feature_validation_runs"]
+    tables = [*CONTRACTS, "feature_snapshots", "feature_validation_runs"]
     with engine.connect() as conn:
         return {t: sorted(map(tuple, conn.execute(sa.text(f'select * from "{t}"'))), key=repr) for t in tables}
 
@@ -224,7 +223,7 @@ def test_write_rejects_rows_of_another_as_of_and_mismatched_reports(engine):
     other_frame = {"labels": passed_report(LABELS, build_labels(AS_OF, [1, 2]), AS_OF)}
     with pytest.raises(ValueError, match="with 2 rows, the frame has 1"):
         store.write_snapshot(engine, AS_OF, {"labels": labels}, other_frame, flow_run_id=None)
-    assert store.latest_passed_as_of(engine, "labels") is None
+    assert store.passed_as_ofs(engine, "labels") == []
 
 
 def test_concurrent_writes_of_one_as_of_leave_exactly_one_copy(engine):
@@ -244,12 +243,11 @@ def test_snapshot_queries_see_only_passed_snapshots(engine):
     store.record_failed_validation(engine, AS_OF, {"labels": failed_report(LABELS, AS_OF)}, flow_run_id=None)
 
     assert store.passed_as_ofs(engine, "labels") == weeks[:2]
-    assert store.latest_passed_as_of(engine, "labels") == weeks[1]
-    day_before = weeks[1] - timedelta(days=1)
-    assert store.latest_passed_as_of(engine, "labels", at_or_before=day_before) == weeks[0]
-    assert store.latest_passed_as_of(engine) is None
-    assert store.previous_profile(engine, "labels", before=AS_OF)["row_count"] == 3
-    assert store.previous_profile(engine, "labels", before=weeks[0]) is None
+    assert store.passed_as_ofs(engine, "user_features") == []
+    recent = store.read_recent_profiles(engine, {"labels": AS_OF}, 1)["labels"]
+    assert [p["row_count"] for p in recent] == [3]
+    assert len(store.read_recent_profiles(engine, {"labels": AS_OF}, 4)["labels"]) == 2  # the failed one is left out
+    assert store.read_recent_profiles(engine, {"labels": weeks[0]}, 4) == {"labels": []}
     assert store.snapshot_passed(engine, weeks[1], ["labels"])
     assert not store.snapshot_passed(engine, weeks[1], ["labels", "user_features"])
     assert not store.snapshot_passed(engine, AS_OF, ["labels"])
@@ -258,7 +256,7 @@ def test_snapshot_queries_see_only_passed_snapshots(engine):
 def test_snapshot_queries_answer_empty_before_schema_exists(clean_stores):
     engine = clean_stores.engine
 
-    assert store.latest_passed_as_of(engine) is None
+    assert store.passed_as_ofs(engine, "user_features") == []
     assert store.passed_as_ofs(engine, "labels") == []
     assert store.snapshot_summary(engine, AS_OF).is_empty()
     with pytest.raises(store.SnapshotUnavailable, match="never written"):
@@ -271,7 +269,7 @@ def test_concurrent_ensure_schema_calls_all_succeed(clean_stores):
 
     with clean_stores.engine.connect() as conn:
         tables = set(conn.execute(sa.text("select tablename from pg_tables where schemaname = 'public'")).scalars())
-    assert tables == {*store.CONTRACTS, "feature_snapshots", "feature_validation_runs"}
+    assert tables == {*CONTRACTS, "feature_snapshots", "feature_validation_runs"}
 
 
 def test_ensure_schema_names_a_table_whose_columns_differ_from_its_contract(clean_stores):

@@ -26,7 +26,7 @@ from features import store
 from features.synthetic import generate_log
 from features.transform import week_start
 from flows.inference_flow import inference_flow
-from inference import publications, scoring, serving
+from inference import publications, publish, scoring, serving
 from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.scoring import IncompatibleModelError
@@ -68,8 +68,9 @@ def seed() -> Seed:
         pl.lit(1.0).alias("weight"),
     )
     raw = type(raw)(events=pl.concat([raw.events, completist]), items=raw.items)
-    snapshots = {week: compute_snapshot(raw, week) for week in (EARLIER, AS_OF)}
-    model, categories = train_quick_model(snapshots[EARLIER], EARLIER, trees=15)
+    settings = Settings()
+    snapshots = {week: compute_snapshot(raw, week, settings) for week in (EARLIER, AS_OF)}
+    model, categories = train_quick_model(snapshots[EARLIER], EARLIER, settings, trees=15)
     return Seed(snapshots, model, categories)
 
 
@@ -225,7 +226,7 @@ def test_publication_for_an_older_week_fails_and_the_newer_one_stays_live(seeded
     newer = inference_flow(as_of=AS_OF)
     before = live_lists(seeded)
 
-    with pytest.raises(serving.StalePublication, match=f"as_of {EARLIER} is older than the live version"):
+    with pytest.raises(publish.StalePublication, match=f"as_of {EARLIER} is older than the live version"):
         inference_flow(as_of=EARLIER)
 
     assert pointers(seeded) == (newer["version"], None, {newer["version"]})
@@ -243,7 +244,7 @@ def test_redis_error_mid_publish_fails_the_flow_and_keeps_the_pointer(
     private_redis.config_set("maxmemory-policy", "noeviction")
     private_redis.config_set("maxmemory", private_redis.info("memory")["used_memory"] + 30_000)
 
-    with pytest.raises(serving.PublishError, match=r"writing user keys failed after \d+ of \d+: .*maxmemory"):
+    with pytest.raises(publish.PublishError, match=r"writing user keys failed after \d+ of \d+: .*maxmemory"):
         inference_flow(as_of=AS_OF)
 
     assert pointers(settings)[0] == live["version"]
@@ -259,9 +260,9 @@ def test_redis_error_mid_publish_fails_the_flow_and_keeps_the_pointer(
 def test_keys_of_a_killed_run_are_removed_and_its_row_marked_abandoned_by_the_next_run(seeded: Settings):
     with open_stores(seeded) as stores:
         publications.ensure_schema(stores.engine)
-        killed = serving.begin_publication(stores.redis, seeded.redis_prefix, AS_OF)
+        killed = publish.begin_publication(stores.redis, seeded.redis_prefix, AS_OF)
         recs = pl.DataFrame({"user_id": [1], "items": [[5, 6]]})
-        serving.write_recommendations(stores.redis, seeded.redis_prefix, killed, recs)
+        publish.write_recommendations(stores.redis, seeded.redis_prefix, killed, recs)
         publications.record_publication(stores.engine, version=killed, as_of=AS_OF, status="writing")
 
     result = inference_flow(as_of=AS_OF)

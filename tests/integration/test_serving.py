@@ -17,19 +17,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from inference import publications
-from inference.serving import (
-    KeySpace,
-    NoPublicationError,
+from inference.publish import (
     PublishError,
     StalePublication,
     begin_publication,
     finish_publication,
-    get_recommendations,
-    publish_recommendations,
     rollback,
     write_fallback,
     write_recommendations,
 )
+from inference.serving import KeySpace, NoPublicationError, get_recommendations
+from tests.helpers import publish_recommendations
 
 pytestmark = pytest.mark.integration
 

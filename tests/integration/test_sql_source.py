@@ -8,7 +8,9 @@ import pytest
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.sources import RawData, RawDataError, read_source, write_events_table
+from features.raw import RawData, RawDataError
+from features.sources import read_source
+from tests.helpers import write_events_table
 
 pytestmark = pytest.mark.integration
 

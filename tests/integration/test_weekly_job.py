@@ -16,12 +16,12 @@ import pytest
 
 from cli import main as cli
 from features import store
-from features.synthetic import read_log
 from inference import publications, serving
 from ranking import registry
 from recsys.settings import Settings
 from recsys.stores import Stores, open_stores
 from tests.conftest import SMALL_JOB
+from tests.helpers import read_log
 
 pytestmark = pytest.mark.integration
 
@@ -57,9 +57,10 @@ def weekly_job(
         for key, value in env.items():
             patch.setenv(key, value)
         settings = Settings()
-        from flows.feature_flow import ensure_synthetic_log
+        from features.synthetic import ensure_synthetic_log
+        from flows.configs import synthetic_log_config
 
-        ensure_synthetic_log(settings, AS_OF + timedelta(weeks=2))  # events after as_of exist
+        ensure_synthetic_log(synthetic_log_config(settings), AS_OF + timedelta(weeks=2))  # events after as_of exist
         yield settings, run_cli("run", "--as-of", str(AS_OF))
 
 

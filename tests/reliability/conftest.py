@@ -143,7 +143,9 @@ def trained_template(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Template]:
     """Features for four weeks and a champion model, made by the real flows with passwords in the URLs."""
-    from flows.feature_flow import ensure_synthetic_log, feature_flow
+    from features.synthetic import ensure_synthetic_log
+    from flows.configs import synthetic_log_config
+    from flows.feature_flow import feature_flow
     from flows.training_flow import training_flow
 
     folder = tmp_path_factory.mktemp("template")
@@ -154,7 +156,7 @@ def trained_template(
     try:
         with pytest.MonkeyPatch.context() as patch:
             settings = job_environment(patch, database_url, redis_server.url(), folder)
-            ensure_synthetic_log(settings, AS_OF)
+            ensure_synthetic_log(synthetic_log_config(settings), AS_OF)
             feature_flow(as_of=AS_OF, backfill_from=AS_OF - timedelta(weeks=3))
             trained = training_flow(as_of=AS_OF)
     finally:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features import contracts, store
-from features.sources import RawDataError, validate_events
+from features.raw import RawDataError, validate_events
 from features.validation import ValidationFailed, validate_table
 from flows import feature_flow as feature_module
 from tests.reliability.conftest import AS_OF, job_environment, shorten_retries, start_redis
@@ -204,7 +204,7 @@ def test_malformed_source_is_not_retried(feature_job, tmp_path):
 
 
 def test_duplicated_events_give_the_snapshot_of_the_deduplicated_source(feature_job, trained_template, tmp_path):
-    from features.synthetic import read_log
+    from tests.helpers import read_log
 
     week = AS_OF - timedelta(weeks=1)  # its labels come from events before AS_OF too
     raw = read_log(trained_template.data_dir / "synthetic")

@@ -9,9 +9,11 @@ from pydantic import ValidationError
 
 from features import store
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.sources import RawData, RawDataError, read_source, write_events_table
+from features.raw import RawData, RawDataError
+from features.sources import read_source
 from inference import serving
 from recsys.settings import Settings
+from tests.helpers import write_events_table
 
 pytestmark = pytest.mark.reliability
 

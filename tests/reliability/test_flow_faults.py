@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from flows import inference_flow as inference_module
-from inference import publications, serving
+from inference import publications, publish, serving
 from ranking import registry
 from tests.reliability.conftest import AS_OF, shorten_retries
 from tests.reliability.observe import (
@@ -55,7 +55,7 @@ def test_redis_out_of_memory_mid_publish_fails_the_flow_and_keeps_the_live_set(p
     error, _ = run_failing()
 
     filler.join(timeout=10)
-    assert isinstance(error, serving.PublishError)
+    assert isinstance(error, publish.PublishError)
     assert "used memory > 'maxmemory'" in str(error)
     assert live_version(r) == live
     assert namespace_dump(server.url(), live) == before
@@ -192,7 +192,7 @@ def test_older_week_published_after_a_newer_one_is_refused_and_the_newer_stays_l
 
     error, _ = run_failing(as_of=AS_OF - timedelta(weeks=1))
 
-    assert isinstance(error, serving.StalePublication)
+    assert isinstance(error, publish.StalePublication)
     assert f"older than the live version {live}" in str(error)
     assert dump_redis(server.url()) == redis_before
     assert set(publication_rows(engine)) == {live}

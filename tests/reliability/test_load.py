@@ -10,6 +10,8 @@ import polars as pl
 import pytest
 
 from inference import serving
+from inference.publish import PublishResult
+from tests.helpers import publish_recommendations
 from tests.reliability.conftest import start_redis
 
 pytestmark = pytest.mark.reliability
@@ -35,10 +37,10 @@ def build_recs(salt: int) -> pl.DataFrame:
     )
 
 
-def publish(r, as_of: date, salt: int) -> serving.PublishResult:
+def publish(r, as_of: date, salt: int) -> PublishResult:
     metadata = {"model_version": f"salt-{salt}", "generated_at": "2025-03-03T05:00:00+00:00", "n": TOP_N,
                 "fallback_user_count": 0}  # fmt: skip
-    return serving.publish_recommendations(r, PREFIX, as_of, build_recs(salt), [salt, salt + 1], metadata)
+    return publish_recommendations(r, PREFIX, as_of, build_recs(salt), [salt, salt + 1], metadata)
 
 
 def read_users(server, seed: int, batch: int, stop: threading.Event, latencies: list[float], problems: list[str]):

@@ -103,7 +103,7 @@ def test_crash_mid_feature_write_leaves_the_previous_snapshot_and_the_retry_writ
 def test_every_store_writing_task_retries_with_backoff():
     from flows import feature_flow, inference_flow, training_flow
 
-    writers = [feature_flow.load_snapshot, training_flow.register_and_gate, inference_flow.record_publication]
+    writers = [feature_flow.write_snapshot, training_flow.register_and_gate, inference_flow.record_publication]
     for task in writers:
         assert task.retries >= 2, f"{task.name} is not retried"
         assert min(task.retry_delay_seconds) >= 1, f"{task.name} retries without backoff"

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from flows import inference_flow as inference_module
 from flows import training_flow as training_module
 from inference import serving
+from inference.publish import StalePublication
 from ranking import registry
 from tests.reliability.conftest import AS_OF, job_environment, shorten_retries, start_redis
 from tests.reliability.observe import live_version, new_writing_version, versions, when
@@ -197,7 +198,7 @@ def test_older_week_racing_a_newer_one_waits_its_turn_and_never_replaces_it(
 
     assert runs["newer"].is_completed(), runs["newer"]
     error = runs["older"].result(raise_on_failure=False)
-    assert isinstance(error, serving.StalePublication) and "older than the live version" in str(error)
+    assert isinstance(error, StalePublication) and "older than the live version" in str(error)
     r = server.client()
     (rec,) = serving.get_recommendations(r, PREFIX, [10**9])
     assert rec.as_of == AS_OF and versions(r) == {rec.version}

@@ -15,10 +15,11 @@ import polars as pl
 import pytest
 import redis
 
-from inference import serving
+from inference import publish, serving
 from recsys.settings import Settings
 from recsys.stores import connect_redis, open_stores
-from tests.reliability.services import free_port, redis_server_binary, wait_for
+from tests.helpers import publish_recommendations
+from tests.reliability.services import free_port, redis_cli_binary, redis_server_binary, wait_for
 
 pytestmark = pytest.mark.reliability
 
@@ -41,13 +42,14 @@ class Cluster:
         ]
 
     def start(self) -> None:
+        server = redis_server_binary("cluster-port")
         for port in self.ports:
             node_dir = self.folder / str(port)
             node_dir.mkdir(parents=True)
             self.processes.append(
                 subprocess.Popen(
                     # The bus port is given too: the default, port + 10000, may exceed 65535.
-                    [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+                    [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
                      "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
                      "--cluster-config-file", str(node_dir / "nodes.conf"),
                      "--save", "", "--appendonly", "no", "--requirepass", PASSWORD, "--masterauth", PASSWORD,
@@ -59,7 +61,7 @@ class Cluster:
         for port, node in zip(self.ports, self.nodes, strict=True):
             wait_for(lambda node=node: _answers(node), f"cluster node on port {port}", timeout=20)
         subprocess.run(
-            ["redis-cli", "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
+            [redis_cli_binary(server), "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
              *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
@@ -129,9 +131,9 @@ def expected_items(user: int, week: int) -> list[int]:
     return [user % 50 + first_item + 100, first_item, user]
 
 
-def publish_week(r: redis.RedisCluster, prefix: str, week: int, **options) -> serving.PublishResult:
+def publish_week(r: redis.RedisCluster, prefix: str, week: int, **options) -> publish.PublishResult:
     as_of = AS_OF + timedelta(weeks=week)
-    return serving.publish_recommendations(
+    return publish_recommendations(
         r, prefix, as_of, recs_for(range(USERS), 1_000 * (week + 1)), [week, 999], METADATA, chunk=500, **options
     )
 
@@ -162,9 +164,9 @@ def test_two_weekly_publications_spread_user_keys_over_every_node_and_read_back(
 def test_an_older_publication_is_refused_and_leaves_no_key_on_any_node(cluster, client, prefix):
     newer = publish_week(client, prefix, 1)
 
-    with pytest.raises(serving.StalePublication, match="older than the live version"):
-        serving.refuse_stale(client, prefix, AS_OF)
-    with pytest.raises(serving.StalePublication, match="lost"):
+    with pytest.raises(publish.StalePublication, match="older than the live version"):
+        publish.refuse_stale(client, prefix, AS_OF)
+    with pytest.raises(publish.StalePublication, match="lost"):
         publish_week(client, prefix, 0)
 
     assert serving.get_recommendations(client, prefix, [7])[0].items == expected_items(7, 1)
@@ -177,9 +179,9 @@ def test_rollback_serves_the_previous_week_and_back(client, prefix):
     first = publish_week(client, prefix, 0)
     second = publish_week(client, prefix, 1)
 
-    assert serving.rollback(client, prefix) == first.version
+    assert publish.rollback(client, prefix) == first.version
     assert serving.get_recommendations(client, prefix, [42])[0].items == expected_items(42, 0)
-    assert serving.rollback(client, prefix) == second.version
+    assert publish.rollback(client, prefix) == second.version
     assert serving.get_recommendations(client, prefix, [42])[0].items == expected_items(42, 1)
 
 
@@ -197,45 +199,45 @@ def test_versions_beyond_keep_are_removed_from_every_node(cluster, client, prefi
 
 def test_a_publication_whose_namespace_was_removed_is_refused(cluster, client, prefix):
     publish_week(client, prefix, 0)
-    version = serving.begin_publication(client, prefix, AS_OF + timedelta(weeks=1))
+    version = publish.begin_publication(client, prefix, AS_OF + timedelta(weeks=1))
     recs = recs_for(range(USERS), 2_000)
-    serving.write_recommendations(client, prefix, version, recs.head(1_000), chunk=500)
+    publish.write_recommendations(client, prefix, version, recs.head(1_000), chunk=500)
 
     # A concurrent publisher's cleanup claims the unfinished version and removes its keys.
-    assert serving.cleanup_stale_versions(client, prefix) == [version]
-    with pytest.raises(serving.StalePublication, match="not being written"):
-        serving.write_recommendations(client, prefix, version, recs.tail(2_000), chunk=500)
-    with pytest.raises(serving.StalePublication, match="removed by a concurrent publish"):
-        serving.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
+    assert publish.cleanup_stale_versions(client, prefix) == [version]
+    with pytest.raises(publish.StalePublication, match="not being written"):
+        publish.write_recommendations(client, prefix, version, recs.tail(2_000), chunk=500)
+    with pytest.raises(publish.StalePublication, match="removed by a concurrent publish"):
+        publish.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
 
     assert version_keys(cluster, prefix, version) == [0, 0, 0]
     assert serving.get_recommendations(client, prefix, [3])[0].items == expected_items(3, 0)
 
 
 def test_a_chunk_written_but_not_counted_before_a_crash_is_counted_from_the_keys(cluster, client, prefix):
-    version = serving.begin_publication(client, prefix, AS_OF)
+    version = publish.begin_publication(client, prefix, AS_OF)
     recs = recs_for(range(USERS), 1_000)
     # What a writer killed between its MSET and its count leaves: keys on the nodes, not in written_users.
     crashed = serving.encode_recommendations(prefix, version, recs.head(500))
     client.mset_nonatomic(dict(zip(crashed["key"], crashed["value"], strict=True)))
 
-    serving.write_recommendations(client, prefix, version, recs, chunk=500)  # the retried partition
-    serving.write_fallback(client, prefix, version, [1, 999])
+    publish.write_recommendations(client, prefix, version, recs, chunk=500)  # the retried partition
+    publish.write_fallback(client, prefix, version, [1, 999])
 
     assert client.hget(serving.KeySpace(prefix).meta(version), "written_users") == str(USERS - 500)
-    result = serving.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
+    result = publish.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
     assert result.version == version
     assert serving.get_recommendations(client, prefix, [10])[0].items == expected_items(10, 0)
 
 
 def test_a_publication_missing_a_user_key_is_refused_after_counting_the_keys(client, prefix):
-    version = serving.begin_publication(client, prefix, AS_OF)
+    version = publish.begin_publication(client, prefix, AS_OF)
     recs = recs_for(range(USERS), 1_000).filter(pl.col("user_id") != 17)
-    serving.write_recommendations(client, prefix, version, recs, chunk=500)
-    serving.write_fallback(client, prefix, version, [1, 999])
+    publish.write_recommendations(client, prefix, version, recs, chunk=500)
+    publish.write_fallback(client, prefix, version, [1, 999])
 
-    with pytest.raises(serving.PublishError, match=f"incomplete: {USERS - 1} of {USERS}"):
-        serving.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
+    with pytest.raises(publish.PublishError, match=f"incomplete: {USERS - 1} of {USERS}"):
+        publish.finish_publication(client, prefix, version, expected_users=USERS, metadata=METADATA)
     assert client.get(serving.KeySpace(prefix).live) is None
 
 
@@ -248,7 +250,7 @@ def test_open_stores_builds_a_cluster_client_from_the_settings(cluster, private_
     with open_stores(Settings()) as stores:
         assert isinstance(stores.redis, redis.RedisCluster)
         assert len(stores.redis.get_primaries()) == 3
-        serving.publish_recommendations(stores.redis, "stores", AS_OF, recs_for(range(10), 1_000), [1], METADATA)
+        publish_recommendations(stores.redis, "stores", AS_OF, recs_for(range(10), 1_000), [1], METADATA)
         assert serving.get_recommendations(stores.redis, "stores", [4])[0].items == expected_items(4, 0)
 
 

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import redis
 
-from inference import serving
+from inference import publish, serving
 from tests.reliability.conftest import start_redis
 from tests.reliability.services import PrivateRedis
 
@@ -56,18 +56,18 @@ def test_redis_killed_between_any_two_round_trips_leaves_no_key_uncounted_and_th
 ):
     server = start_redis(redis_servers, tmp_path)  # AOF, fsync always: what was acknowledged survives
     recs = pl.DataFrame({"user_id": range(USERS)}).with_columns(items=pl.concat_list(pl.col("user_id"), pl.lit(7)))
-    version = serving.begin_publication(server.client(), PREFIX, date(2025, 3, 3))
+    version = publish.begin_publication(server.client(), PREFIX, date(2025, 3, 3))
 
-    with pytest.raises(serving.PublishError):
-        serving.write_recommendations(client_killing_server_after(server, replies), PREFIX, version, recs, chunk=10)
+    with pytest.raises(publish.PublishError):
+        publish.write_recommendations(client_killing_server_after(server, replies), PREFIX, version, recs, chunk=10)
     server.start()
     r = server.client()
     written = int(r.hget(serving.KeySpace(PREFIX).meta(version), "written_users") or 0)
     assert written == user_keys(r, version), f"killed after reply {replies}: user keys written but not counted"
 
     # The task retry writes the whole partition again, and the version goes live.
-    assert serving.write_recommendations(r, PREFIX, version, recs, chunk=100) == USERS
-    serving.write_fallback(r, PREFIX, version, [1, 2])
-    result = serving.finish_publication(r, PREFIX, version, expected_users=USERS, metadata=METADATA)
+    assert publish.write_recommendations(r, PREFIX, version, recs, chunk=100) == USERS
+    publish.write_fallback(r, PREFIX, version, [1, 2])
+    result = publish.finish_publication(r, PREFIX, version, expected_users=USERS, metadata=METADATA)
     assert result.version == r.get(serving.KeySpace(PREFIX).live) == version
     assert serving.get_recommendations(r, PREFIX, [42])[0].items == [42, 7]

@@ -15,8 +15,9 @@ import pytest
 import redis
 
 from flows import inference_flow as inference_module
-from inference import serving
+from inference import publish, serving
 from recsys.stores import connect_redis
+from tests.helpers import publish_recommendations
 from tests.reliability.conftest import AS_OF, start_redis
 from tests.reliability.services import dump_redis, free_port, redis_server_binary, wait_for
 
@@ -36,7 +37,7 @@ def acl_redis(redis_servers, tmp_path):
     recs = pl.DataFrame({"user_id": [1, 2]}).with_columns(items=pl.lit([7, 8, 9]).cast(pl.List(pl.Int64)))
     metadata = {"model_version": "ranker:3", "generated_at": "2025-03-03T05:00:00", "n": 3, "fallback_user_count": 0}
     for as_of in (AS_OF - timedelta(weeks=1), AS_OF):  # a previous version too, so rollback has a target
-        serving.publish_recommendations(admin, PREFIX, as_of, recs, [4, 5], metadata)
+        publish_recommendations(admin, PREFIX, as_of, recs, [4, 5], metadata)
     admin.set("billing:secret", "not for readers")
     return server
 
@@ -51,13 +52,13 @@ def test_reader_user_reads_recommendations_and_can_write_nothing(acl_redis):
     assert known.model_version == "ranker:3"
     recs = pl.DataFrame({"user_id": [1]}).with_columns(items=pl.lit([1]).cast(pl.List(pl.Int64)))
     metadata = {"model_version": "evil", "generated_at": "x", "n": 1, "fallback_user_count": 0}
-    with pytest.raises(serving.PublishError, match="no permissions"):
-        serving.publish_recommendations(reader, PREFIX, date(2025, 3, 10), recs, [1], metadata)
+    with pytest.raises(publish.PublishError, match="no permissions"):
+        publish_recommendations(reader, PREFIX, date(2025, 3, 10), recs, [1], metadata)
     writes = [
         lambda: reader.set(serving.KeySpace(PREFIX).live, "20250310-000009"),
         lambda: reader.delete(f"{PREFIX}:{known.version}:u:2"),
         lambda: reader.hset(serving.KeySpace(PREFIX).meta(known.version), "status", "removing"),
-        lambda: serving.rollback(reader, PREFIX),
+        lambda: publish.rollback(reader, PREFIX),
         reader.flushdb,
         lambda: reader.config_set("maxmemory", 1),
         lambda: reader.get("billing:secret"),
@@ -138,7 +139,7 @@ def tls_redis(tmp_path: Path, job_secrets) -> Iterator[tuple[int, dict[str, Path
     files = make_certificates(tmp_path)
     port = free_port()
     process = subprocess.Popen(
-        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        [redis_server_binary("tls-port"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
          "--tls-cert-file", str(files["server"]), "--tls-key-file", str(files["server-key"]),
          "--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "no",
          "--requirepass", job_secrets.redis, "--save", "", "--dir", str(tmp_path)],
@@ -165,7 +166,7 @@ def test_rediss_url_publishes_and_reads_over_verified_tls_and_refuses_an_unknown
     recs = pl.DataFrame({"user_id": [1, 2]}).with_columns(items=pl.lit([7, 8, 9]).cast(pl.List(pl.Int64)))
     metadata = {"model_version": "ranker:3", "generated_at": "2025-03-03T05:00:00", "n": 3, "fallback_user_count": 0}
 
-    result = serving.publish_recommendations(client, PREFIX, AS_OF, recs, [4, 5], metadata)
+    result = publish_recommendations(client, PREFIX, AS_OF, recs, [4, 5], metadata)
 
     known, unknown = serving.get_recommendations(client, PREFIX, [2, 99])
     assert (known.version, known.items, unknown.items, unknown.is_fallback) == (result.version, [7, 8, 9], [4, 5], True)

@@ -4,13 +4,20 @@ import polars as pl
 import pytest
 
 from features.synthetic import generate_log
-from training import pipeline
-from training.backtest import OVERALL, format_table, ndcg_ratios, run_backtest, weeks_between
+from flows.configs import backtest_options
+from recsys.settings import Settings
+from training import evaluation
+from training.backtest import OVERALL, format_table, ndcg_ratios, run_backtest
 from training.ranker import RankerParams
 
 END = date(2024, 3, 4)  # a Monday: the tiny log covers the 8 weeks before it
 WEEKS = [date(2024, 2, 19), date(2024, 2, 26)]
 FAST = RankerParams(n_estimators=30, num_leaves=4, min_child_samples=5, early_stopping_rounds=5, num_threads=1)
+
+
+def options(**overrides) -> dict:
+    """The training flow's default options (`recsys evaluate`), with some replaced."""
+    return backtest_options(Settings()) | {"params": FAST, "max_users": None} | overrides
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +29,11 @@ def raw():
 
 @pytest.fixture(scope="module")
 def result(raw):
-    return run_backtest(raw, WEEKS, params=FAST, training_weeks=2, seed=1)
+    return run_backtest(raw, WEEKS, **options(training_weeks=2, seed=1))
 
 
 def test_backtest_scores_the_model_and_every_baseline_on_each_week_and_overall(result):
-    expected = {(str(w), n) for w in [*WEEKS, OVERALL] for n in ["model", *pipeline.BASELINES]}
+    expected = {(str(w), n) for w in [*WEEKS, OVERALL] for n in ["model", *evaluation.BASELINES]}
     assert set(result.metrics.select("week", "recommender").iter_rows()) == expected
     per_week = result.metrics.filter(pl.col("week") != OVERALL, recommender="model")
     overall = result.metrics.filter(week=OVERALL, recommender="model").row(0, named=True)
@@ -46,7 +53,7 @@ def test_ratio_is_the_model_over_the_best_baseline_of_the_same_week(result):
     assert ratios["week"].to_list() == [*map(str, WEEKS), OVERALL]
     for row in ratios.iter_rows(named=True):
         baselines = result.metrics.filter(
-            pl.col("week") == row["week"], pl.col("recommender").is_in(pipeline.BASELINES)
+            pl.col("week") == row["week"], pl.col("recommender").is_in(evaluation.BASELINES)
         )
         best = baselines.sort("ndcg@10", descending=True).row(0, named=True)
         assert row["best_baseline_ndcg"] == pytest.approx(best["ndcg@10"])
@@ -57,7 +64,7 @@ def test_candidate_recall_is_a_share_per_source_and_all_sources_cover_each_one(r
     recall = result.candidate_recall
     assert recall["week"].to_list() == [*map(str, WEEKS), OVERALL]
     for row in recall.iter_rows(named=True):
-        shares = [row[key] for key in pipeline.RECALL_KEYS]
+        shares = [row[key] for key in evaluation.RECALL_KEYS]
         assert all(0.0 <= share <= 1.0 for share in shares)
         assert row["all"] >= max(shares[1:])
 
@@ -71,30 +78,21 @@ def test_format_table_shows_each_week_overall_every_recommender_and_the_ratio(re
     table = format_table(result)
     ratio = ndcg_ratios(result).filter(week=OVERALL)["ratio"][0]
     assert f"**{OVERALL}**" in table and f"{ratio:.2f}×" in table
-    for name in ["model", *pipeline.BASELINES, *map(str, WEEKS)]:
+    for name in ["model", *evaluation.BASELINES, *map(str, WEEKS)]:
         assert name in table
 
 
 def test_backtest_refuses_a_week_without_enough_earlier_labelled_weeks(raw):
     with pytest.raises(ValueError, match="validation week"):
-        run_backtest(raw, [date(2024, 1, 15)], params=FAST, training_weeks=2)
+        run_backtest(raw, [date(2024, 1, 15)], **options(training_weeks=2))
 
 
 def test_backtest_refuses_a_week_after_the_data(raw):
     with pytest.raises(ValueError, match="no events"):
-        run_backtest(raw, [END], params=FAST, training_weeks=2)
-
-
-def test_weeks_between_lists_mondays_and_refuses_other_days():
-    assert weeks_between("2024-02-19", "2024-03-04") == [date(2024, 2, 19), date(2024, 2, 26), date(2024, 3, 4)]
-    with pytest.raises(ValueError, match="Monday"):
-        weeks_between("2024-02-20", "2024-03-04")
+        run_backtest(raw, [END], **options(training_weeks=2))
 
 
 def test_backtest_takes_the_training_flows_sampling_settings(monkeypatch):
-    from flows.configs import backtest_options
-    from recsys.settings import Settings
-
     monkeypatch.setenv("RECSYS_NEGATIVES_PER_USER", "200")
     monkeypatch.setenv("RECSYS_TRAINING_USERS_PER_WEEK", "1234")
     options = backtest_options(Settings())

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.baselines import (
+from ranking.baselines import (
     recommend_all_time_popular,
     recommend_item_knn,
     recommend_recent_popular,
@@ -68,7 +68,7 @@ def test_popular_recommends_each_requested_user_once():
 
 
 def test_item_knn_sums_neighbour_scores_and_fills_from_recent_popularity():
-    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS)
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, recent_items=20, item_features=ITEMS)
     # User 1: item 5 scores 0.2 + 0.4, item 3 scores 0.5; then popular item 1.
     # User 2: neighbour 2 of item 1, then popular 3 and 4 (1 and 2 already used).
     # User 3 (cold): recent popularity only.
@@ -76,7 +76,7 @@ def test_item_knn_sums_neighbour_scores_and_fills_from_recent_popularity():
 
 
 def test_item_knn_without_item_features_returns_only_neighbours():
-    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=None)
+    recs = recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, recent_items=20, item_features=None)
     assert lists(recs) == {1: [5, 3], 2: [2]}
 
 
@@ -94,14 +94,14 @@ def test_item_knn_breaks_recency_ties_by_more_events():
 
 def test_item_knn_excludes_consumed_neighbours_unless_told_not_to():
     neighbours = NEIGHBOURS.vstack(pl.DataFrame({"item_id": [4], "neighbour_id": [2], "score": [9.0], "rank": [2]}))
-    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 3, item_features=None)) == {1: [5, 3]}
-    kept = recommend_item_knn(neighbours, HISTORY, [1], 3, item_features=None, exclude_consumed=False)
+    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 3, recent_items=20, item_features=None)) == {1: [5, 3]}
+    kept = recommend_item_knn(neighbours, HISTORY, [1], 3, recent_items=20, item_features=None, exclude_consumed=False)
     assert lists(kept) == {1: [2, 5, 3]}
 
 
 def test_item_knn_breaks_score_ties_by_item_id():
     neighbours = pl.DataFrame({"item_id": [4, 4], "neighbour_id": [9, 7], "score": [0.3, 0.3], "rank": [1, 2]})
-    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 2, item_features=None)) == {1: [7, 9]}
+    assert lists(recommend_item_knn(neighbours, HISTORY, [1], 2, recent_items=20, item_features=None)) == {1: [7, 9]}
 
 
 def test_baselines_do_not_depend_on_input_row_order():
@@ -111,8 +111,8 @@ def test_baselines_do_not_depend_on_input_row_order():
         "neighbours": NEIGHBOURS.reverse(),
     }
     assert recommend_item_knn(
-        shuffled["neighbours"], shuffled["history"], [3, 2, 1], 3, item_features=shuffled["items"]
-    ).equals(recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS))
+        shuffled["neighbours"], shuffled["history"], [3, 2, 1], 3, recent_items=20, item_features=shuffled["items"]
+    ).equals(recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, recent_items=20, item_features=ITEMS))
     assert recommend_recent_popular(shuffled["items"], shuffled["history"], [3, 1], 4).equals(
         recommend_recent_popular(ITEMS, HISTORY, [1, 3], 4)
     )
@@ -122,7 +122,7 @@ def test_baselines_return_rows_sorted_by_user_then_rank():
     users = [3, 1, 2]
     for recs in (
         recommend_recent_popular(ITEMS, HISTORY, users, 3),
-        recommend_item_knn(NEIGHBOURS, HISTORY, users, 3, item_features=ITEMS),
+        recommend_item_knn(NEIGHBOURS, HISTORY, users, 3, recent_items=20, item_features=ITEMS),
     ):
         assert recs.equals(recs.sort("user_id", "rank"))
 
@@ -145,7 +145,7 @@ def test_baselines_refuse_nonpositive_k():
 
 def test_baselines_leave_their_inputs_unchanged():
     before = (ITEMS.clone(), HISTORY.clone(), NEIGHBOURS.clone())
-    recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, item_features=ITEMS)
+    recommend_item_knn(NEIGHBOURS, HISTORY, [1, 2, 3], 3, recent_items=20, item_features=ITEMS)
     assert all(a.equals(b) for a, b in zip(before, (ITEMS, HISTORY, NEIGHBOURS), strict=True))
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ranking.metrics import rank_metrics
 from training.bootstrap import bootstrap_gain, bootstrap_gain_of_units, pair_units, per_user_ndcg
-from training.metrics import rank_metrics
 
 
 def synthetic(n: int, extra: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.metrics import combine_weeks, evaluation_truth, rank_metrics
+from ranking.metrics import combine_weeks, evaluation_truth, rank_metrics
 
 METRICS = ("recall@3", "ndcg@3", "hitrate@3", "map@3")
 

@@ -11,11 +11,12 @@ from features import transform
 from features.synthetic import generate_log
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from ranking.scoring import ScoringModel, user_batches
-from training import pipeline
+from training import evaluation, frames
 from training.ranker import RankerParams, train_ranker
 
 AS_OF = date(2024, 3, 4)
 CONFIG = CandidateConfig(recent_items=10)
+SAMPLING = {"negatives_per_user": 50, "seed": 42, "max_users": None}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,12 @@ def week() -> tuple[SnapshotTables, pl.DataFrame, list[str]]:
 
 def test_sample_users_is_a_fixed_subset_of_the_requested_size():
     users = pl.Series("user_id", range(1000), pl.Int64)
-    first = pipeline.sample_users(users, 100, seed=7)
+    first = frames.sample_users(users, 100, seed=7)
     assert first.len() == 100 and first.is_sorted() and first.is_in(users).all()
-    assert first.to_list() == pipeline.sample_users(users, 100, seed=7).to_list()
-    assert first.to_list() != pipeline.sample_users(users, 100, seed=8).to_list()
-    assert pipeline.sample_users(users, 5000, seed=7).to_list() == users.to_list()
-    assert pipeline.sample_users(users, None, seed=7).to_list() == users.to_list()
+    assert first.to_list() == frames.sample_users(users, 100, seed=7).to_list()
+    assert first.to_list() != frames.sample_users(users, 100, seed=8).to_list()
+    assert frames.sample_users(users, 5000, seed=7).to_list() == users.to_list()
+    assert frames.sample_users(users, None, seed=7).to_list() == users.to_list()
 
 
 def test_user_batches_cover_every_user_once_in_order():
@@ -58,13 +59,15 @@ def test_user_batches_cover_every_user_once_in_order():
 
 def test_labelled_frame_in_batches_equals_one_batch_and_respects_the_user_cap(week):
     tables, labels, categories = week
-    whole = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories, batch_users=10**6)
-    batched = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories, batch_users=17)
+    whole = frames.labelled_frame(tables, labels, AS_OF, CONFIG, categories, **SAMPLING, batch_users=10**6)
+    batched = frames.labelled_frame(tables, labels, AS_OF, CONFIG, categories, **SAMPLING, batch_users=17)
     assert whole.height > 0
     assert_frame_equal(batched, whole)
 
-    capped = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories, max_users=25, batch_users=10)
-    sample = set(pipeline.sample_users(pipeline.labelled_users(labels, tables), 25, seed=42))
+    capped = frames.labelled_frame(
+        tables, labels, AS_OF, CONFIG, categories, **(SAMPLING | {"max_users": 25}), batch_users=10
+    )
+    sample = set(frames.sample_users(frames.labelled_users(labels, tables), 25, seed=42))
     assert len(sample) == 25
     assert set(capped["user_id"]) == sample & set(whole["user_id"])
     assert_frame_equal(capped, whole.filter(pl.col("user_id").is_in(list(sample))))
@@ -72,12 +75,12 @@ def test_labelled_frame_in_batches_equals_one_batch_and_respects_the_user_cap(we
 
 def test_evaluation_in_batches_equals_one_batch(week):
     tables, labels, categories = week
-    frame = pipeline.labelled_frame(tables, labels, AS_OF, CONFIG, categories)
+    frame = frames.labelled_frame(tables, labels, AS_OF, CONFIG, categories, **SAMPLING, batch_users=5_000)
     trained = train_ranker(frame, frame, RankerParams(n_estimators=20, num_threads=1))
     model = ScoringModel(lgb.Booster(model_str=trained.model_text), trained.feature_names, categories)
 
-    whole = pipeline.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=10**6)
-    batched = pipeline.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=23)
+    whole = evaluation.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=10**6)
+    batched = evaluation.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=23)
 
     assert whole.metrics["model"]["users"] > 23, "the test needs several batches"
     assert batched.metrics.keys() == whole.metrics.keys()

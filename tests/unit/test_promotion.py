@@ -1,6 +1,6 @@
 import pytest
 
-from training.promotion import Decision, decide_promotion, pick_best_baseline
+from training.promotion import Decision, decide, decide_promotion, pick_best_baseline
 
 BASELINE = {"ndcg@10": 0.10, "recall@10": 0.20}
 
@@ -57,3 +57,16 @@ def test_pick_best_baseline_takes_the_highest_metric_and_first_name_on_ties():
     assert pick_best_baseline(baselines) == ("item_knn", {"ndcg@10": 0.2})
     with pytest.raises(ValueError, match="no baselines"):
         pick_best_baseline({})
+
+
+def test_decide_gates_the_model_on_the_best_reported_baseline_or_the_champion():
+    results = {
+        "model": {"ndcg@10": 0.15},
+        "recent_popular": {"ndcg@10": 0.12},
+        "all_time_popular": {"ndcg@10": 0.10},
+        "item_knn": {"ndcg@10": 0.05},
+    }
+    assert decide(results, metric="ndcg@10", margin=0.0) == Decision(
+        True, "no champion yet: candidate ndcg@10 0.1500 beats recent_popular 0.1200"
+    )
+    assert not decide(results | {"champion": {"ndcg@10": 0.15}}, metric="ndcg@10", margin=0.0).promote

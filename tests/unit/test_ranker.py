@@ -88,7 +88,7 @@ def test_same_data_and_seed_give_an_identical_model_text():
     train, valid = labelled_week(WEEK, 30, 20, 1), labelled_week(WEEK, 10, 20, 2)
     first = train_ranker(train, valid, TINY)
     again = train_ranker(train.sample(fraction=1.0, shuffle=True, seed=9), valid, TINY)
-    assert first.model_text == again.model_text and first.sha256 == again.sha256
+    assert first.model_text == again.model_text
 
 
 def test_training_refuses_an_empty_validation_week():

@@ -5,7 +5,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from recsys.clock import parse_as_of, week_floor, weeks_back
+from recsys.clock import mondays, parse_as_of, week_floor
 from recsys.settings import Settings
 from recsys.stores import libpq_url, sqlalchemy_url
 
@@ -33,8 +33,16 @@ def test_parse_as_of_accepts_a_monday_and_names_the_weekday_otherwise():
         parse_as_of("last monday")
 
 
-def test_weeks_back_lists_oldest_first_and_ends_at_as_of():
-    assert weeks_back(date(2026, 11, 23), 3) == [date(2026, 11, 9), date(2026, 11, 16), date(2026, 11, 23)]
+def test_mondays_lists_every_week_oldest_first_both_ends_included():
+    assert mondays(date(2026, 11, 9), "2026-11-23") == [date(2026, 11, 9), date(2026, 11, 16), date(2026, 11, 23)]
+    assert mondays("2026-11-23", "2026-11-23") == [date(2026, 11, 23)]
+
+
+def test_mondays_refuses_a_reversed_range_and_a_weekday():
+    with pytest.raises(ValueError, match="2026-11-23 is after the last week 2026-11-09"):
+        mondays("2026-11-23", "2026-11-09")
+    with pytest.raises(ValueError, match="Tuesday"):
+        mondays("2026-11-10", "2026-11-23")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from redis.connection import SSLConnection, UnixDomainSocketConnection
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.transform import build_feature_tables
-from inference import scoring, serving
+from inference import publish, scoring
 from ranking import registry
 from ranking.candidates import FEATURE_NAMES, CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.scoring import IncompatibleModelError, check_model, score
@@ -171,10 +171,10 @@ def test_model_on_a_subset_of_the_features_is_accepted():
     [
         (redis.ConnectionError("Connection reset by peer"), True),
         (redis.TimeoutError("Timeout reading from socket"), True),
-        (wrapped(serving.PublishError("writing user keys failed"), redis.ConnectionError("reset")), True),
+        (wrapped(publish.PublishError("writing user keys failed"), redis.ConnectionError("reset")), True),
         (redis.AuthenticationError("invalid username-password pair"), False),
-        (wrapped(serving.PublishError("writing user keys failed"), redis.ResponseError("OOM maxmemory")), False),
-        (serving.StalePublication("a newer publication won"), False),
+        (wrapped(publish.PublishError("writing user keys failed"), redis.ResponseError("OOM maxmemory")), False),
+        (publish.StalePublication("a newer publication won"), False),
         (registry.ModelIntegrityError("sha256 mismatch"), False),
         (IncompatibleModelError("unknown features"), False),
     ],
@@ -182,7 +182,7 @@ def test_model_on_a_subset_of_the_features_is_accepted():
 def test_only_lost_connections_are_retried(error, retried):
     from prefect.states import Failed
 
-    from flows.inference_flow import retry_if_transient
+    from flows.common import retry_if_transient
 
     assert retry_if_transient(None, None, Failed(data=error)) is retried
 

@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.sources import RawDataError, read_source, validate_events
+from features.raw import RawDataError, validate_events
+from features.sources import check_source_spec, read_source
 
 
 def _utc(*args: int) -> datetime:
@@ -313,3 +314,35 @@ def test_movielens_reader_applies_before(movielens_dir):
 
     assert 0 < raw.events.height < 100_000
     assert raw.events["ts"].max() < before
+
+
+def test_check_source_spec_accepts_what_it_can_check_without_reading(tmp_path, events_csv):
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text("1\t2\t3\t881250949\n")
+
+    ml = tmp_path / "ml"
+    for spec in ("synthetic", f"csv:{events_csv}", f"csv:{events_csv};items={events_csv}", f"movielens:{ml}",
+                 "sql:events", "sql:public.events;items=items"):  # fmt: skip
+        check_source_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("kafka:topic", "unknown source kind 'kafka'"),
+        ("csv:{tmp}/none*.csv", "no csv files match"),
+        ("csv:{tmp}/events.csv;items={tmp}/missing.csv", "items file .*missing.csv not found"),
+        ("csv:{tmp}/events.csv;genres=x", "unknown options"),
+        ("movielens:{tmp}", "u.data not found"),
+        ("sql:events--", "not an identifier"),
+        ("sql:events;items=a.b.c", "not an identifier"),
+        ("synthetic:x", "takes no target"),
+    ],
+)
+def test_check_source_spec_names_the_spec_and_the_problem(tmp_path, events_csv, spec, problem):
+    spec = spec.format(tmp=tmp_path)
+
+    with pytest.raises(RawDataError, match=problem) as error:
+        check_source_spec(spec)
+
+    assert spec in str(error.value)

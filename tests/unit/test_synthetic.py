@@ -1,14 +1,16 @@
 """The synthetic log: deterministic, point-in-time valid, and structured like real listening."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import polars as pl
 import pytest
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.sources import RawData, RawDataError, read_source
-from features.synthetic import generate_log, read_log, write_log
+from features.raw import RawData
+from features.sources import read_source
+from features.synthetic import SyntheticLogConfig, ensure_synthetic_log, generate_log, write_log
+from tests.helpers import read_log
 
 END = datetime(2024, 6, 3, tzinfo=UTC)  # a Monday
 WEEKS = 10
@@ -170,9 +172,17 @@ def test_synthetic_source_reads_the_written_log_and_applies_before(raw, tmp_path
     assert early.events.equals(raw.events.filter(pl.col("ts") < before))
 
 
-def test_read_log_before_generation_says_to_generate(tmp_path):
-    with pytest.raises(RawDataError, match="generate_log"):
-        read_log(tmp_path)
+def test_ensure_synthetic_log_draws_the_log_once(tmp_path):
+    config = SyntheticLogConfig(folder=tmp_path / "log", n_users=20, n_items=15, n_events=300, n_weeks=6, seed=3)
+    end = date(2024, 3, 4)
+
+    ensure_synthetic_log(config, end)
+    first = read_log(config.folder)
+    ensure_synthetic_log(SyntheticLogConfig(**{**vars(config), "seed": 4}), end)
+
+    assert first.events.height > 0
+    assert first.events["ts"].max() < datetime(2024, 3, 4, tzinfo=UTC)
+    assert read_log(config.folder).events.equals(first.events)  # kept, not redrawn with the new seed
 
 
 def test_sizes_must_be_positive():

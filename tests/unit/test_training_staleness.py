@@ -2,8 +2,7 @@
 
 from datetime import date, timedelta
 
-from flows.training_flow import staleness
-from training.pipeline import plan_weeks
+from training.plan import plan_weeks, staleness
 
 AS_OF = date(2026, 11, 23)
 WEEK = timedelta(weeks=1)

@@ -10,7 +10,7 @@ from polars.testing import assert_frame_equal
 
 from features import contracts, transform
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.sources import conform_items
+from features.raw import conform_items
 
 AS_OF = date(2024, 3, 4)  # a Monday
 START = datetime(2024, 3, 4, tzinfo=UTC)
@@ -58,7 +58,7 @@ HISTORY = build_events(
 
 
 def test_user_activity_counts_events_items_and_weight_per_window():
-    features = transform.build_user_features(HISTORY, ITEMS, AS_OF)
+    features = build_tables(HISTORY, ITEMS)["user_features"]
 
     assert features.to_dicts() == [
         {
@@ -85,7 +85,7 @@ def test_user_activity_counts_events_items_and_weight_per_window():
 def test_window_includes_an_event_exactly_its_length_before_as_of():
     events = build_events((1, 10, days_before(7), 1.0), (1, 10, days_before(7.001), 1.0))
 
-    features = row_of(transform.build_user_features(events, ITEMS, AS_OF), user_id=1)
+    features = row_of(build_tables(events, ITEMS)["user_features"], user_id=1)
 
     assert (features["events_1w"], features["events_4w"]) == (1, 2)
 
@@ -93,7 +93,7 @@ def test_window_includes_an_event_exactly_its_length_before_as_of():
 def test_users_are_computed_independently():
     other = build_events((2, 11, days_before(3), 5.0))
 
-    features = transform.build_user_features(pl.concat([HISTORY, other]), ITEMS, AS_OF)
+    features = build_tables(pl.concat([HISTORY, other]), ITEMS)["user_features"]
 
     assert features["user_id"].to_list() == [1, 2]
     assert row_of(features, user_id=2) | {"as_of": None} == {
@@ -126,7 +126,7 @@ def test_item_popularity_trend_and_age():
         (1, 11, days_before(15), 1.0),
     )
 
-    features = transform.build_item_features(events, ITEMS, AS_OF)
+    features = build_tables(events, ITEMS)["item_features"]
 
     assert features["item_id"].to_list() == [10, 11, 12]
     assert row_of(features, item_id=10) == {
@@ -163,7 +163,7 @@ def test_item_released_at_or_after_as_of_is_excluded_until_played():
         ]
     )
 
-    features = transform.build_item_features(HISTORY, items, AS_OF)
+    features = build_tables(HISTORY, items)["item_features"]
 
     assert features["item_id"].to_list() == [10, 11, 12]
 
@@ -171,7 +171,7 @@ def test_item_released_at_or_after_as_of_is_excluded_until_played():
 def test_item_without_metadata_is_as_old_as_its_first_play():
     events = build_events((1, 99, days_before(5), 1.0), (2, 99, days_before(2), 1.0))
 
-    features = row_of(transform.build_item_features(events, ITEMS, AS_OF), item_id=99)
+    features = row_of(build_tables(events, ITEMS)["item_features"], item_id=99)
 
     assert (features["category"], features["creator"]) == ("unknown", "unknown")
     assert features["days_since_release"] == features["days_since_first_event"] == 5.0
@@ -185,7 +185,7 @@ def test_popularity_rank_breaks_ties_by_total_plays_then_item_id():
         (1, 10, days_before(60), 1.0),
     )
 
-    features = transform.build_item_features(events, ITEMS, AS_OF)
+    features = build_tables(events, ITEMS)["item_features"]
 
     ranks = dict(zip(features["item_id"], features["popularity_rank_4w"], strict=True))
     assert ranks == {10: 1, 11: 2, 12: 3}
@@ -207,7 +207,7 @@ def scores_of(neighbours: pl.DataFrame) -> dict[tuple[int, int], float]:
 
 
 def test_neighbour_scores_are_cosine_of_shared_users():
-    neighbours = transform.build_item_neighbours(BASKETS, AS_OF, recent_items=20, top_k=50)
+    neighbours = build_tables(BASKETS, ITEMS, recent_items=20, neighbours=50)["item_neighbours"]
 
     assert scores_of(neighbours) == pytest.approx(
         {
@@ -231,7 +231,7 @@ def test_neighbour_scores_are_symmetric_and_within_unit_interval():
         ]
     )
 
-    scores = scores_of(transform.build_item_neighbours(many, AS_OF, recent_items=20, top_k=50))
+    scores = scores_of(build_tables(many, ITEMS, recent_items=20, neighbours=50)["item_neighbours"])
 
     assert all(0 < s <= 1 for s in scores.values())
     assert all(scores[(b, a)] == pytest.approx(s) for (a, b), s in scores.items())
@@ -246,7 +246,7 @@ def test_neighbours_keep_top_k_and_break_score_ties_by_id():
         (2, 12, days_before(2), 1.0),
     )
 
-    neighbours = transform.build_item_neighbours(events, AS_OF, recent_items=20, top_k=1)
+    neighbours = build_tables(events, ITEMS, recent_items=20, neighbours=1)["item_neighbours"]
 
     assert neighbours.filter(item_id=10).select("neighbour_id", "rank").rows() == [(11, 1)]
     assert neighbours.group_by("item_id").len()["len"].max() == 1
@@ -260,13 +260,13 @@ def test_neighbours_use_only_each_users_recent_items_of_the_last_12_weeks():
         (1, 13, days_before(90), 1.0),  # beyond 12 weeks
     )
 
-    neighbours = transform.build_item_neighbours(events, AS_OF, recent_items=2, top_k=50)
+    neighbours = build_tables(events, ITEMS, recent_items=2, neighbours=50)["item_neighbours"]
 
     assert set(scores_of(neighbours)) == {(10, 11), (11, 10)}
 
 
 def test_category_shares_of_each_user_sum_to_one():
-    affinity = transform.build_user_category_affinity(HISTORY, ITEMS, AS_OF)
+    affinity = build_tables(HISTORY, ITEMS)["user_category_affinity"]
 
     assert affinity.select("user_id", "category", "events_12w", "share_12w").rows() == [
         (1, "jazz", 1, 0.25),
@@ -280,7 +280,7 @@ def test_creator_affinity_keeps_each_users_20_favourite_creators():
     # Creator i gets i + 1 plays, so the 5 least played creators drop out.
     events = build_events(*[(1, i, days_before(1 + k), 1.0) for i in range(25) for k in range(i + 1)])
 
-    affinity = transform.build_user_creator_affinity(events, items, AS_OF)
+    affinity = build_tables(events, items)["user_creator_affinity"]
 
     assert affinity.height == 20
     assert affinity.sort("events_12w", descending=True)["creator"][0] == "artist_24"
@@ -291,13 +291,13 @@ def test_creator_affinity_keeps_each_users_20_favourite_creators():
 def test_affinity_ties_and_unknown_metadata():
     events = build_events((1, 10, days_before(1), 1.0), (1, 11, days_before(1), 1.0), (1, 77, days_before(1), 1.0))
 
-    affinity = transform.build_user_category_affinity(events, ITEMS, AS_OF)
+    affinity = build_tables(events, ITEMS)["user_category_affinity"]
 
     assert affinity.select("category", "share_12w").rows() == [("jazz", 1 / 3), ("rock", 1 / 3), ("unknown", 1 / 3)]
 
 
 def test_user_item_history_sums_events_and_weight_per_pair():
-    history = transform.build_user_item_history(HISTORY, AS_OF)
+    history = build_tables(HISTORY, ITEMS)["user_item_history"]
 
     assert history.select("user_id", "item_id", "events", "weight", "days_since_last_event").rows() == [
         (1, 10, 3, 4.0, 1.0),
@@ -323,6 +323,27 @@ def test_labels_are_the_weeks_pairs_marked_new_when_never_consumed_before():
         (2, 10, 1, 1.0, True),
     ]
     assert labels["as_of"].unique().to_list() == [AS_OF]
+
+
+def test_a_weeks_snapshot_holds_its_features_and_the_labels_of_the_week_that_closed():
+    last_week = build_events((1, 11, START - timedelta(days=3), 1.0))
+
+    tables = transform.build_week_tables(pl.concat([HISTORY, last_week]), ITEMS, AS_OF, recent_items=20, neighbours=50)
+
+    assert set(tables) == {*(c.name for c in contracts.FEATURE_TABLES), "labels"}
+    assert tables["labels"]["as_of"].unique().to_list() == [AS_OF - timedelta(weeks=1)]
+    assert tables["user_features"]["as_of"].unique().to_list() == [AS_OF]
+    assert {n: transform.assign_as_of(n, AS_OF) for n in tables} == {
+        n: frame["as_of"][0] for n, frame in tables.items()
+    }
+
+
+def test_a_week_without_events_before_it_has_no_labels_table():
+    quiet = HISTORY.filter(pl.col("ts") < START - timedelta(weeks=1))
+
+    tables = transform.build_week_tables(quiet, ITEMS, AS_OF, recent_items=20, neighbours=50)
+
+    assert "labels" not in tables
 
 
 def test_event_exactly_at_as_of_is_a_label_not_a_feature():

@@ -9,6 +9,7 @@ import pytest
 
 from features.contracts import (
     ALL_TABLES,
+    LABELS,
     USER_CATEGORY_AFFINITY,
     USER_FEATURES,
     USER_ITEM_HISTORY,
@@ -18,6 +19,8 @@ from features.contracts import (
 from features.validation import (
     ValidationFailed,
     build_expectation_suite,
+    build_reference_profile,
+    check_row_count,
     detect_drift,
     profile_table,
     validate_table,
@@ -149,14 +152,81 @@ def test_row_count_may_not_collapse_below_ratio_of_previous_snapshot():
     previous = {"row_count": 10, "columns": {}}
     frame = build_good_frame(USER_FEATURES, rows=4)
 
-    collapsed = validate(USER_FEATURES, frame, previous=previous, min_rows_ratio=0.5)
-    enough = validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=5), previous=previous)
+    collapsed = validate(USER_FEATURES, frame, previous=[previous], min_rows_ratio=0.5)
+    enough = validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=5), previous=[previous])
 
     failure = next(f for f in collapsed.failures if f["expectation"] == "expect_table_row_count_to_be_between")
     assert failure["expected"]["min_value"] == 5
     assert failure["observed"] == 4
     assert "observed 4" in str(ValidationFailed([collapsed]))
     assert enough.success
+
+
+def rows(*counts: int) -> list[dict]:
+    """Profiles of earlier snapshots with these row counts, newest first."""
+    return [{"row_count": n, "columns": {"events_4w": {"mean": float(n)}}} for n in counts]
+
+
+def test_reference_is_the_median_of_the_last_snapshots():
+    reference = build_reference_profile(rows(30, 10, 12, 9))
+
+    assert reference["row_count"] == 11
+    assert reference["snapshots"] == 4
+    assert reference["columns"]["events_4w"]["mean"] == 11
+    assert reference["columns"]["events_4w"]["p50"] is None
+
+
+def test_reference_with_fewer_earlier_snapshots_uses_those_there_are():
+    assert build_reference_profile(rows(10))["row_count"] == 10
+    assert build_reference_profile(rows(10, 20))["row_count"] == 15
+
+
+def test_without_an_earlier_snapshot_there_is_no_reference_and_no_row_count_bar():
+    assert build_reference_profile([]) is None
+    assert build_reference_profile(None) is None
+    assert check_row_count(USER_FEATURES, 1, None, 0.5) == (None, None)
+    assert validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=1), previous=[]).success
+
+
+def test_one_busy_week_does_not_raise_the_bar_for_the_next():
+    # The last snapshot alone (30 rows) would ask for 15; the median of four asks for 5.
+    report = validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=8), previous=rows(30, 10, 10, 10))
+
+    assert report.success, report.failures
+
+
+def test_a_feature_table_that_collapses_fails_naming_the_setting_that_relaxes_it():
+    report = validate(USER_FEATURES, build_good_frame(USER_FEATURES, rows=1), previous=rows(10, 10, 10, 10))
+
+    assert not report.success
+    failure = next(f for f in report.failures if f["expectation"] == "expect_table_row_count_to_be_between")
+    assert failure["expected"]["min_value"] == 5
+    message = str(ValidationFailed([report]))
+    assert "set RECSYS_MIN_ROWS_RATIO lower (now 0.5) to accept it" in message
+    assert "median 10 rows of the last 4 passed snapshot(s)" in message
+
+
+def test_labels_that_drop_only_warn_as_they_are_not_served():
+    report = validate(LABELS, build_good_frame(LABELS, rows=1), previous=rows(10, 10, 10, 10))
+
+    assert report.success, report.failures
+    assert "labels row count 1 is below 5" in report.row_count_warning
+    assert report.row_count_warning in report.to_markdown()
+    assert report.to_dict()["row_count_warning"] == report.row_count_warning
+
+
+def test_drift_in_a_table_that_is_not_served_never_blocks():
+    contract = TableContract(
+        name="unserved", key=("id",), columns=(Column("id", pl.Int64()), Column("score", pl.Float64())),
+        drift_columns=("score",), served=False,
+    )  # fmt: skip
+    frame = pl.DataFrame({"id": [1, 2], "score": [1.0, 1.0]}, schema=contract.schema)
+    previous = [profile_table(contract, frame.with_columns(pl.col("score") * 10))]
+
+    report = validate(contract, frame, previous=previous, drift_blocks=True)
+
+    assert report.success
+    assert any("unserved.score mean moved" in w for w in report.warnings)
 
 
 def test_empty_frame_fails_even_without_previous_snapshot():
@@ -168,7 +238,7 @@ def test_empty_frame_fails_even_without_previous_snapshot():
 def test_suite_uses_single_column_uniqueness_for_a_one_column_key():
     contract = TableContract(name="one", key=("id",), columns=(Column("id", pl.Int64()),))
 
-    suite = build_expectation_suite(contract, previous_row_count=None, min_rows_ratio=0.5)
+    suite = build_expectation_suite(contract)
 
     types = {e.expectation_type for e in suite.expectations}
     assert "expect_column_values_to_be_unique" in types
@@ -235,8 +305,8 @@ def test_drift_warns_by_default_and_fails_when_it_blocks():
     frame = build_good_frame(USER_FEATURES, rows=4)
     previous = profile_table(USER_FEATURES, frame.with_columns(pl.col("events_4w") * 10))
 
-    warned = validate(USER_FEATURES, frame, previous=previous)
-    blocked = validate(USER_FEATURES, frame, previous=previous, drift_blocks=True)
+    warned = validate(USER_FEATURES, frame, previous=[previous])
+    blocked = validate(USER_FEATURES, frame, previous=[previous], drift_blocks=True)
 
     assert warned.success
     assert any("events_4w" in w for w in warned.warnings)
@@ -267,3 +337,14 @@ def test_validation_failed_names_only_the_failing_tables():
     assert error.reports == [bad]
     assert "user_category_affinity" in str(error)
     assert "user_features" not in str(error)
+
+
+def test_blocking_drift_names_the_settings_that_relax_it():
+    frame = build_good_frame(USER_FEATURES, rows=4)
+    previous = [profile_table(USER_FEATURES, frame.with_columns(pl.col("events_4w") * 10))]
+
+    blocked = validate(USER_FEATURES, frame, previous=previous, drift_blocks=True)
+
+    assert "set RECSYS_DRIFT_THRESHOLD higher (now 0.25) or RECSYS_DRIFT_BLOCKS=false" in str(
+        ValidationFailed([blocked])
+    )

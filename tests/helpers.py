@@ -1,0 +1,79 @@
+"""Test helpers that set up data: a Postgres events table, a written synthetic log, a whole Redis publication."""
+
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import redis
+import sqlalchemy as sa
+
+from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
+from features.raw import RawData, RawDataError
+from features.sources import _quote_table  # the reader's own quoting: the names round-trip
+from inference import publish
+from inference.serving import check_recommendations, encode_items
+
+
+def write_events_table(engine: sa.Engine, table: str, raw: RawData, *, items_table: str | None = None) -> None:
+    """Replace Postgres table `table` with raw.events and `items_table` (default `<table>_items`) with raw.items.
+
+    Both are created, then filled with COPY, in one transaction: the tables a `sql:` source reads.
+    """
+    items_table = items_table or f"{table}_items"
+    events_name, items_name = _quote_table(engine, table), _quote_table(engine, items_table)
+    events = raw.events.cast(RAW_EVENTS_SCHEMA).select(list(RAW_EVENTS_SCHEMA))
+    items = raw.items.cast(RAW_ITEMS_SCHEMA).select(list(RAW_ITEMS_SCHEMA))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"drop table if exists {events_name}"))
+        conn.execute(sa.text(f"drop table if exists {items_name}"))
+        conn.execute(
+            sa.text(
+                f"create table {events_name} (user_id bigint not null, item_id bigint not null, "
+                "ts timestamptz not null, weight double precision not null)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"create table {items_name} (item_id bigint primary key, category text not null, "
+                "creator text not null, release_ts timestamptz)"
+            )
+        )
+        cursor = conn.connection.driver_connection.cursor()
+        for name, frame in ((events_name, events), (items_name, items)):
+            with cursor.copy(f"copy {name} ({', '.join(frame.columns)}) from stdin (format csv)") as copy:
+                copy.write(frame.write_csv(include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z"))
+        conn.execute(sa.text(f"create index on {events_name} (ts)"))
+
+
+def read_log(folder: Path) -> RawData:
+    """The log `features.synthetic.write_log` wrote under `folder`, as written."""
+    paths = [folder / "events.parquet", folder / "items.parquet"]
+    if not all(p.exists() for p in paths):
+        raise RawDataError(f"source synthetic: no generated log in {folder}; run generate_log + write_log first")
+    return RawData(events=pl.read_parquet(paths[0]), items=pl.read_parquet(paths[1]))
+
+
+def publish_recommendations(
+    r: redis.Redis,
+    prefix: str,
+    as_of: date,
+    recs: pl.DataFrame,
+    fallback: Sequence[int],
+    metadata: dict[str, Any],
+    *,
+    chunk: int = 2_000,
+    keep: int = 2,
+) -> publish.PublishResult:
+    """Publish a whole recommendations frame in one call: cleanup, begin, write, fallback, finish."""
+    check_recommendations(recs)
+    encode_items(fallback)
+    try:
+        publish.cleanup_stale_versions(r, prefix, keep=keep)
+    except redis.RedisError as exc:
+        raise publish.PublishError(f"publishing as_of {as_of}: removing stale versions failed: {exc}") from exc
+    version = publish.begin_publication(r, prefix, as_of)
+    publish.write_recommendations(r, prefix, version, recs, chunk=chunk)
+    publish.write_fallback(r, prefix, version, fallback)
+    return publish.finish_publication(r, prefix, version, expected_users=recs.height, metadata=metadata, keep=keep)

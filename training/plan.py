@@ -1,0 +1,47 @@
+"""Which weeks train, validate and evaluate a model: the one planning rule of the training
+flow and the backtest."""
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+WEEK = timedelta(weeks=1)
+
+
+@dataclass(frozen=True)
+class WeekPlan:
+    """Which labelled snapshots train, validate and evaluate a model trained at `as_of`."""
+
+    as_of: date
+    train: list[date]
+    validation: date
+    holdout: date
+
+    @property
+    def weeks(self) -> list[date]:
+        """Every week the model is built from, oldest first."""
+        return [*self.train, self.validation, self.holdout]
+
+
+def plan_weeks(labelled: list[date], as_of: date, training_weeks: int) -> WeekPlan:
+    """Latest labelled week before `as_of` is the holdout, the one before validates,
+    up to `training_weeks` earlier ones train. Only weeks whose labels are complete count."""
+    usable = sorted(d for d in set(labelled) if d + WEEK <= as_of)
+    if len(usable) < 3:
+        raise ValueError(
+            f"training as of {as_of} needs at least 3 weeks with labelled users before it (training weeks, "
+            f"a validation week, a holdout week); found {len(usable)}: {[str(d) for d in usable]}. "
+            "Compute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"
+        )
+    return WeekPlan(as_of=as_of, train=usable[-2 - training_weeks : -2], validation=usable[-2], holdout=usable[-1])
+
+
+def staleness(plan: WeekPlan) -> str | None:
+    """A warning when the newest labelled week is older than the week that closed at `as_of`."""
+    expected = plan.as_of - WEEK
+    if plan.holdout >= expected:
+        return None
+    return (
+        f"the newest labelled snapshot is {plan.holdout}, older than the expected {expected} "
+        f"({(expected - plan.holdout).days // 7} week(s) behind): training on what the feature flow last "
+        f"produced that passed; run the feature flow as of {plan.as_of} to catch up"
+    )

@@ -1,0 +1,93 @@
+"""Training's I/O: the labelled weeks and tables it reads from the feature store, and the
+registration (with lineage and the gate's decision) it writes to the model registry."""
+
+import logging
+from dataclasses import asdict
+from datetime import date
+from importlib.metadata import version as package_version
+
+import polars as pl
+import sqlalchemy as sa
+
+from features import contracts
+from features import store as feature_store
+from ranking import registry
+from ranking.candidates import CandidateConfig, SnapshotTables
+from training import plan, promotion
+from training.evaluation import WeekEvaluation
+from training.ranker import TrainedRanker
+
+log = logging.getLogger(__name__)
+
+
+def plan_training(engine: sa.Engine, as_of: date, training_weeks: int) -> plan.WeekPlan:
+    """The plan of a model trained at `as_of` over the weeks whose user features and labels passed
+    validation; warns when the newest of them is older than the week that just closed."""
+    features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
+    labelled = [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
+    week_plan = plan.plan_weeks(labelled, as_of, training_weeks)
+    if (stale := plan.staleness(week_plan)) is not None:
+        log.warning(stale)
+    return week_plan
+
+
+def read_tables(engine: sa.Engine, as_of: date) -> SnapshotTables:
+    """The six feature tables of one passed snapshot."""
+    return SnapshotTables.from_frames(
+        {t.name: feature_store.read_table(engine, t.name, as_of) for t in contracts.FEATURE_TABLES}
+    )
+
+
+def read_labels(engine: sa.Engine, as_of: date) -> pl.DataFrame:
+    return feature_store.read_table(engine, contracts.LABELS.name, as_of)
+
+
+def read_item_features(engine: sa.Engine, as_of: date) -> pl.DataFrame:
+    return feature_store.read_table(engine, contracts.ITEM_FEATURES.name, as_of)
+
+
+def snapshot_digests(engine: sa.Engine, weeks: list[date]) -> dict[str, str]:
+    """Lineage: the digest of every passed feature and label table of `weeks`, as `table@as_of`."""
+    summary = pl.concat(
+        [feature_store.snapshot_summary(engine, w).with_columns(pl.lit(w).alias("as_of")) for w in weeks]
+    )
+    return {f"{r['table_name']}@{r['as_of']}": r["digest"] for r in summary.iter_rows(named=True) if r["passed"]}
+
+
+def register_and_gate(
+    engine: sa.Engine,
+    name: str,
+    model: TrainedRanker,
+    week_plan: plan.WeekPlan,
+    evaluation: WeekEvaluation,
+    *,
+    categories: list[str],
+    config: CandidateConfig,
+    k: int,
+    margin: float,
+    flow_run_id: str | None,
+) -> tuple[int, promotion.Decision]:
+    """Register the model with its evaluation and lineage and, only if it passes the gate,
+    as champion (one transaction). Returns the new version and the gate's decision."""
+    decision = promotion.decide(evaluation.metrics, metric=f"ndcg@{k}", margin=margin)
+    version = registry.register_model(
+        engine,
+        name=name,
+        model_text=model.model_text,
+        feature_names=model.feature_names,
+        encodings={"category": categories},
+        params=model.params | {"best_iteration": model.best_iteration, "candidates": asdict(config)},
+        metrics=evaluation.metrics | {"candidate_recall": evaluation.candidate_recall},
+        as_of=week_plan.as_of,
+        training_as_ofs=week_plan.train,
+        validation_as_of=week_plan.validation,
+        holdout_as_of=week_plan.holdout,
+        feature_snapshots=snapshot_digests(engine, week_plan.weeks),
+        flow_run_id=flow_run_id,
+        code_version=package_version("weekly-recs"),
+        status="registered" if decision.promote else "rejected",
+        decision=decision,
+        promote_reason=decision.reason if decision.promote else None,
+        actor="training-flow",
+    )
+    return version, decision

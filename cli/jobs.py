@@ -133,6 +133,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
 def print_training(result: dict, settings: Settings) -> None:
     k = settings.eval_k
     print(f"model v{result['version']} ({'champion' if result['promote'] else 'rejected'}): {result['reason']}")
+    print(f"  champion now: {result['champion']}")
     print(f"  holdout metrics at K={k}:")
     for who, m in result["metrics"].items():
         print(
@@ -143,7 +144,7 @@ def print_training(result: dict, settings: Settings) -> None:
 
 def print_publication(result: dict) -> None:
     print(
-        f"published version {result['version']} for as_of {result['as_of']} with model v{result['model_version']}: "
+        f"published version {result['version']} for as_of {result['as_of']} with {result['model']}: "
         f"{result['personal']} users with personal lists, {result['fallback_users']} on the fallback, "
         f"{result['total_s']:.1f}s"
     )

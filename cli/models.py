@@ -35,9 +35,9 @@ def cmd_models(args, settings: Settings) -> int:
             rows = registry.list_models(stores.engine, name).to_dicts()
             k = settings.eval_k
             columns = [
-                ("version", "version"), ("status", "status"), ("is_champion", "champion"), ("as_of", "as_of"),
-                ("holdout_as_of", "holdout"), ("created_at", "created (UTC)"), (f"ndcg@{k}", f"ndcg@{k}"),
-                (f"recall@{k}", f"recall@{k}"), ("users", "holdout users"),
+                ("version", "version"), ("kind", "kind"), ("status", "status"), ("is_champion", "champion"),
+                ("as_of", "as_of"), ("holdout_as_of", "holdout"), ("created_at", "created (UTC)"),
+                (f"ndcg@{k}", f"ndcg@{k}"), (f"recall@{k}", f"recall@{k}"), ("users", "holdout users"),
             ]  # fmt: skip
             print_rows(rows, columns, as_json=args.json, title=f"model {name}")
         elif args.models_command == "show":

@@ -17,8 +17,11 @@ def add_commands(commands) -> None:
     actions = publish.add_subparsers(dest="publish_command", required=True, metavar="ACTION")
     rollback = actions.add_parser("rollback", help="point readers back to the previous version")
     rollback.add_argument("--reason", required=True)
+    approve = actions.add_parser("approve", help="make a held publication live anyway")
+    approve.add_argument("version", metavar="VERSION")
+    approve.add_argument("--reason", required=True)
     for action, text in (("list", "every publication recorded in Postgres"),
-                         ("history", "every move of the live pointer: publications and rollbacks")):  # fmt: skip
+                         ("history", "every move of the live pointer: publish, rollback, approve")):  # fmt: skip
         sub = actions.add_parser(action, help=text)
         sub.add_argument("--json", action="store_true", help="one JSON object per line")
     publish.set_defaults(handler=cmd_publish)
@@ -50,21 +53,23 @@ def cmd_recs(args, settings: Settings) -> int:
 
 def cmd_publish(args, settings: Settings) -> int:
     from cli.main import actor
-    from inference import publications, publish, serving
-    from recsys.stores import advisory_lock, open_stores
+    from inference import publications, publish
+    from recsys.stores import open_stores
 
     prefix = settings.redis_prefix
     with open_stores(settings) as stores:
         publications.ensure_schema(stores.engine)
         if args.publish_command == "rollback":
-            with advisory_lock(stores.engine, f"publish:{prefix}"):
-                version = publish.rollback(stores.redis, prefix)
-                before = serving.KeySpace(prefix).previous  # the swap made the old live version previous
-                publications.record_pointer_move(
-                    stores.engine, prefix=prefix, action="rollback", from_version=stores.redis.get(before),
-                    to_version=version, reason=args.reason, actor=actor(),
-                )  # fmt: skip
+            version = publish.rollback_publication(
+                stores.engine, stores.redis, prefix, reason=args.reason, actor=actor()
+            )
             print(f"readers now see version {version}")
+        elif args.publish_command == "approve":
+            result = publish.approve_publication(
+                stores.engine, stores.redis, prefix, args.version, reason=args.reason, actor=actor(),
+                keep=settings.keep_versions,
+            )  # fmt: skip
+            print(f"readers now see version {result.version} (approved; previous {result.previous})")
         elif args.publish_command == "list":
             rows = publications.list_publications(stores.engine).to_dicts()
             columns = [

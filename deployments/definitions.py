@@ -1,4 +1,5 @@
-"""The three weekly deployments, declared once: flow, cron schedule, defaults."""
+"""The deployments, declared once: the three weekly ones (flow, cron schedule, defaults) and the
+resolve ones (run on demand from the UI, a reason required)."""
 
 import importlib
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
 DEPLOYMENT_NAME = "weekly"
+RESOLVE_NAME = "on-demand"
 TIMEZONE = "UTC"
 
 
@@ -21,7 +23,7 @@ class DeploymentSpec:
 
     flow_name: str  # the name in @flow(name=...)
     flow_path: str  # "package.module:function"
-    cron_field: str  # the Settings field holding this deployment's cron
+    cron_field: str | None  # the Settings field holding this deployment's cron; None: on demand only
     cli_command: str
     description: str
     tags: tuple[str, ...]
@@ -40,6 +42,7 @@ SPECS: tuple[DeploymentSpec, ...] = (
         cli_command="recsys features",
         description="Build, validate and store the weekly feature snapshot and labels.",
         tags=("recsys", "features"),
+        parameters={"backfill_history": True},
         settings_parameters={"source": "source"},
     ),
     DeploymentSpec(
@@ -60,6 +63,29 @@ SPECS: tuple[DeploymentSpec, ...] = (
     ),
 )
 
+# The fixes, run from the UI or `prefect deployment run`: no schedule, the reason is a required parameter.
+RESOLVE_SPECS: tuple[DeploymentSpec, ...] = tuple(
+    DeploymentSpec(
+        flow_name=flow_name,
+        flow_path=f"flows.resolve:{function}",
+        cron_field=None,
+        cli_command=command,
+        description=description,
+        tags=("recsys", "resolve"),
+        name=RESOLVE_NAME,
+    )
+    for flow_name, function, command, description in (
+        ("publication-rollback", "publication_rollback_flow", "recsys publish rollback --reason ...",
+         "Point readers back to the previous publication."),
+        ("publication-approve", "publication_approve_flow", "recsys publish approve VERSION --reason ...",
+         "Make a publication held by the checks live."),
+        ("model-promote", "model_promote_flow", "recsys models promote VERSION --reason ... [--force]",
+         "Make a model version the champion."),
+        ("model-rollback", "model_rollback_flow", "recsys models rollback --reason ...",
+         "Give the champion alias back to its previous holder."),
+    )
+)  # fmt: skip
+
 
 def load_flow(flow_path: str) -> "Flow":
     """Import the flow object named by `module:attribute`."""
@@ -69,13 +95,13 @@ def load_flow(flow_path: str) -> "Flow":
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def cron_of(spec: DeploymentSpec, settings: Settings) -> str:
-    """The cron expression configured for one deployment."""
-    return getattr(settings, spec.cron_field)
+def cron_of(spec: DeploymentSpec, settings: Settings) -> str | None:
+    """The cron expression configured for one deployment (None: run on demand only)."""
+    return getattr(settings, spec.cron_field) if spec.cron_field else None
 
 
 def build_deployments(settings: Settings, specs: tuple[DeploymentSpec, ...] = SPECS) -> list["RunnerDeployment"]:
-    """One runner deployment per spec, scheduled in UTC, never two runs at once."""
+    """One runner deployment per spec, scheduled in UTC if it has a cron, never two runs at once."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
@@ -86,10 +112,14 @@ def build_deployments(settings: Settings, specs: tuple[DeploymentSpec, ...] = SP
             # The slug is what the UI shows on the deployment page: the cron and its time zone, explicitly.
             schedule=Cron(
                 cron_of(spec, settings), timezone=spec.timezone, slug=f"{cron_of(spec, settings)} ({spec.timezone})"
-            ),
+            )
+            if spec.cron_field
+            else None,
             parameters=parameters_of(spec, settings),
             tags=list(spec.tags),
-            description=f"{spec.description} Schedule: cron '{cron_of(spec, settings)}' in {spec.timezone}.",
+            description=f"{spec.description} Schedule: cron '{cron_of(spec, settings)}' in {spec.timezone}."
+            if spec.cron_field
+            else f"{spec.description} On demand; a reason is required. CLI: {spec.cli_command}",
             # A run that collides with a running one waits for it rather than overlapping.
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
             # Module paths resolve wherever the project is installed (venv or image).

@@ -1,4 +1,5 @@
-"""Serve the three deployments: to the configured Prefect server, or to a local one started here.
+"""Serve the deployments (three weekly, four on demand): to the configured Prefect server, or to a local
+one started here.
 
 `python -m deployments.serve` (or `recsys serve`) runs until Ctrl-C or SIGTERM and then
 stops everything it started: the runner, the local Prefect server, embedded stores.
@@ -20,6 +21,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from deployments.definitions import (
+    RESOLVE_SPECS,
     SPECS,
     build_deployments,
     cron_of,
@@ -37,7 +39,7 @@ SERVER_STOP_TIMEOUT_S = 20.0
 
 
 def serve_deployments(settings: Settings) -> None:
-    """Serve features/training/inference on their cron schedules until stopped."""
+    """Serve features/training/inference on their cron schedules, and the resolve flows on demand, until stopped."""
     from prefect import serve
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,
@@ -48,7 +50,7 @@ def serve_deployments(settings: Settings) -> None:
     )
 
     # Importing the flows first fails fast, before any server is started.
-    deployments = build_deployments(settings)
+    deployments = build_deployments(settings, SPECS + RESOLVE_SPECS)
     with ExitStack() as stack:
         stack.enter_context(_sigterm_exits())
         api_url = get_current_settings().api.url
@@ -85,7 +87,7 @@ def describe_serving(
     example_as_of: date,
     auth: bool = False,
 ) -> str:
-    """The banner: where the UI is, what is scheduled, how to run each flow now."""
+    """The banner: where the UI is, what is scheduled, how to run each flow now, and the fixes on demand."""
     api = redact_url(api_url, drop_credentials=True)
     ui = redact_url(ui_url, drop_credentials=True) if ui_url else api.removesuffix("/api")
     lines = [
@@ -104,11 +106,26 @@ def describe_serving(
         ),
         "or without Prefect:",
         *(f"  {spec.cli_command} --as-of {example_as_of.isoformat()}" for spec in SPECS),
+        "On demand, to resolve (a reason is required; the same as the CLI command after #):",
+        *(
+            f"  PREFECT_API_URL={api} prefect deployment run {full_name(spec)}"
+            + "".join(f" --param {name}={value}" for name, value in _EXAMPLE_PARAMETERS[spec.flow_name])
+            + f" --param reason='...'   # {spec.cli_command}"
+            for spec in RESOLVE_SPECS
+        ),
     ]
     if auth:
         lines.append("The API needs basic auth: export PREFECT_API_AUTH_STRING (see .env).")
     lines.append("Stop with Ctrl-C.")
     return "\n".join(lines)
+
+
+_EXAMPLE_PARAMETERS = {
+    "publication-rollback": (),
+    "publication-approve": (("version", "VERSION"),),
+    "model-promote": (("version", "VERSION"),),
+    "model-rollback": (),
+}
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 import polars as pl
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA, require_columns
+from recsys.errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ _TS_FORMATS = (
 )
 
 
-class RawDataError(ValueError):
+class RawDataError(ExpectedError, ValueError):
     """A raw source is missing, malformed or inconsistent; the message names source and column."""
 
 

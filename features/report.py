@@ -44,3 +44,16 @@ def render_failed(read: str, reports: dict[str, ValidationReport], written: list
     return "\n".join(
         ["# Feature validation FAILED", "", read, "", *(r.to_markdown() for r in reports.values()), *earlier]
     )
+
+
+def render_nothing_to_do(weeks: list[date], spec: str) -> str:
+    """The report of a run that found every requested week already passed: why the run wrote nothing."""
+    span = f"{weeks[0]} … {weeks[-1]}" if len(weeks) > 1 else str(weeks[0])
+    return "\n".join(
+        [
+            "# Feature validation: nothing to compute",
+            "",
+            f"All {len(weeks)} week(s) already passed validation: {span} (source `{spec}`); nothing was read or "
+            "written. `--force` (parameter `force=True`) recomputes them.",
+        ]
+    )

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 import polars as pl
@@ -23,6 +23,7 @@ from psycopg.copy import QueuedLibpqWriter
 from features.contracts import ALL_TABLES, CONTRACTS, FEATURE_TABLES, LABELS, USER_FEATURES, TableContract
 from features.transform import assign_as_of
 from features.validation import ValidationFailed, ValidationReport, is_sorted_by
+from recsys.errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ create table if not exists feature_snapshots (
     primary key (table_name, as_of)
 )"""
 
+# Lineage, added to stores created before it: the raw source spec and a digest of its window.
+_LINEAGE_DDL = (
+    "alter table feature_snapshots add column if not exists source text, add column if not exists raw_digest text"
+)
+
 _RUNS_DDL = """
 create table if not exists feature_validation_runs (
     id bigserial primary key,
@@ -60,14 +66,14 @@ create table if not exists feature_validation_runs (
 # so a failed re-run never hides a valid snapshot.
 _UPSERT_SNAPSHOT = sa.text("""
 insert into feature_snapshots
-    (table_name, as_of, row_count, passed, report, profile, digest, flow_run_id)
+    (table_name, as_of, row_count, passed, report, profile, digest, flow_run_id, source, raw_digest)
 values
     (:table, :as_of, :row_count, :passed, cast(:report as jsonb), cast(:profile as jsonb),
-     :digest, :flow_run_id)
+     :digest, :flow_run_id, :source, :raw_digest)
 on conflict (table_name, as_of) do update set
     row_count = excluded.row_count, passed = excluded.passed, report = excluded.report,
     profile = excluded.profile, digest = excluded.digest, flow_run_id = excluded.flow_run_id,
-    created_at = now()
+    source = excluded.source, raw_digest = excluded.raw_digest, created_at = now()
 where excluded.passed or not feature_snapshots.passed
 """)
 
@@ -77,8 +83,12 @@ values (:table, :as_of, :passed, cast(:report as jsonb), :flow_run_id)
 """)
 
 
-class SnapshotUnavailable(LookupError):
+class SnapshotUnavailable(ExpectedError, LookupError):
     """No snapshot that passed validation exists for the requested (table, as_of)."""
+
+
+class SourceMismatch(ExpectedError, ValueError):
+    """A week already has a passed snapshot computed from another raw source."""
 
 
 def ensure_schema(engine: sa.Engine) -> None:
@@ -90,6 +100,7 @@ def ensure_schema(engine: sa.Engine) -> None:
             conn.execute(sa.text(_table_ddl(contract)))
         conn.execute(sa.text(_SNAPSHOTS_DDL))
         conn.execute(sa.text(_RUNS_DDL))
+        conn.execute(sa.text(_LINEAGE_DDL))
         _check_columns(conn)
 
 
@@ -100,6 +111,8 @@ def write_snapshot(
     reports: dict[str, ValidationReport],
     *,
     flow_run_id: str | None,
+    source: str | None = None,
+    raw_digest: str | None = None,
 ) -> dict[str, str]:
     """Replace the as_of partition of each table in one transaction; return table -> digest.
 
@@ -107,9 +120,11 @@ def write_snapshot(
     partition, so a re-run writes as fast as the first run and leaves no dead rows.
     Refuses (writes nothing) unless every frame has a passed report for this as_of. The
     digest is the sha256 of the conformed frame, sorted by key, as CSV with its header:
-    the same rows give the same digest in any process.
+    the same rows give the same digest in any process. `source` and `raw_digest` (see
+    `digest_raw_window`) record what the tables were computed from.
     """
-    return write_snapshots(engine, {as_of: (frames, reports)}, flow_run_id=flow_run_id)[as_of]
+    snapshots = {as_of: (frames, reports)}
+    return write_snapshots(engine, snapshots, flow_run_id=flow_run_id, source=source, raw_digest=raw_digest)[as_of]
 
 
 def write_snapshots(
@@ -117,6 +132,8 @@ def write_snapshots(
     snapshots: dict[date, tuple[dict[str, pl.DataFrame], dict[str, ValidationReport]]],
     *,
     flow_run_id: str | None,
+    source: str | None = None,
+    raw_digest: str | None = None,
 ) -> dict[date, dict[str, str]]:
     """`write_snapshot` for several as_ofs (e.g. a week's features and last week's labels), all in one transaction."""
     if not snapshots:
@@ -143,7 +160,8 @@ def write_snapshots(
             reports = snapshots[as_of][1]
             for table, frame in conformed[as_of].items():
                 _swap_partition(conn, CONTRACTS[table], as_of)
-                _record_attempt(conn, reports[table], frame.height, digests[as_of][table], flow_run_id)
+                lineage = {"source": source, "raw_digest": raw_digest}
+                _record_attempt(conn, reports[table], frame.height, digests[as_of][table], flow_run_id, lineage)
     log.info(
         "wrote snapshot %s in %.2fs",
         "; ".join(
@@ -156,11 +174,17 @@ def write_snapshots(
 
 
 def write_week(
-    engine: sa.Engine, frames: dict[str, pl.DataFrame], reports: dict[str, ValidationReport], *, flow_run_id: str | None
+    engine: sa.Engine,
+    frames: dict[str, pl.DataFrame],
+    reports: dict[str, ValidationReport],
+    *,
+    flow_run_id: str | None,
+    source: str | None = None,
+    raw_digest: str | None = None,
 ) -> dict[str, str]:
     """Write one week's validated tables (features and the labels that closed) in one transaction; table -> digest."""
     snapshots = {as_of: ({t: frames[t] for t in same}, same) for as_of, same in _group_by_as_of(reports).items()}
-    written = write_snapshots(engine, snapshots, flow_run_id=flow_run_id)
+    written = write_snapshots(engine, snapshots, flow_run_id=flow_run_id, source=source, raw_digest=raw_digest)
     return {table: digest for digests in written.values() for table, digest in digests.items()}
 
 
@@ -313,6 +337,37 @@ def _snapshot_complete(engine: sa.Engine, week: date) -> bool:
     last_week = assign_as_of(LABELS.name, week)
     labels_due = snapshot_passed(engine, last_week, [USER_FEATURES.name])
     return not labels_due or snapshot_passed(engine, last_week, [LABELS.name])
+
+
+def snapshot_sources(engine: sa.Engine, as_ofs: Sequence[date]) -> dict[date, str | None]:
+    """Lineage: the raw source spec each as_of's passed feature snapshot was computed from (None: not recorded)."""
+    rows = _query(
+        engine,
+        "select as_of, source from feature_snapshots where table_name = :table and passed and as_of = any(:as_ofs)",
+        table=USER_FEATURES.name,
+        as_ofs=list(as_ofs),
+    )
+    return {as_of: source for as_of, source in rows}
+
+
+def check_source(engine: sa.Engine, weeks: Sequence[date], source: str) -> None:
+    """Refuse to reuse a passed snapshot computed from another source than `source` (SourceMismatch)."""
+    other = {
+        week: recorded for week, recorded in snapshot_sources(engine, weeks).items() if recorded not in (None, source)
+    }
+    if other:
+        weeks_text = ", ".join(f"{week} from {recorded!r}" for week, recorded in sorted(other.items()))
+        raise SourceMismatch(
+            f"feature snapshots already passed for week(s) {weeks_text}, not from the requested source {source!r}: "
+            f"pass --force (force=True) to recompute them from {source!r}, or run with the source they came from"
+        )
+
+
+def digest_raw_window(events: pl.DataFrame, before: datetime) -> str:
+    """Lineage: `<rows>:<sha256>` of the events before `before`, in any row order (same polars version)."""
+    window = events.filter(pl.col("ts") < before).select("user_id", "item_id", "ts", "weight")
+    hashes = window.hash_rows(seed=0).sort()
+    return f"{window.height}:{hashlib.sha256(hashes.to_numpy().tobytes()).hexdigest()}"
 
 
 def _group_by_as_of(reports: dict[str, ValidationReport]) -> dict[date, dict[str, ValidationReport]]:
@@ -480,6 +535,7 @@ def _record_attempt(
     row_count: int,
     digest: str | None,
     flow_run_id: str | None,
+    lineage: dict[str, str | None] | None = None,
 ) -> None:
     document = report.to_dict()
     params = {
@@ -491,7 +547,8 @@ def _record_attempt(
     }
     conn.execute(_APPEND_RUN, params)
     profile = json.dumps(document["profile"], allow_nan=False)
-    conn.execute(_UPSERT_SNAPSHOT, {**params, "row_count": row_count, "profile": profile, "digest": digest})
+    lineage = lineage or {"source": None, "raw_digest": None}
+    conn.execute(_UPSERT_SNAPSHOT, {**params, "row_count": row_count, "profile": profile, "digest": digest, **lineage})
 
 
 def _snapshot_state(conn: sa.Connection, table: str, as_of: date) -> bool | None:

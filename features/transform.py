@@ -13,6 +13,7 @@ import polars as pl
 
 from features import contracts
 from features.raw import UNKNOWN
+from recsys.clock import mondays
 
 DAY_US = 86_400 * 1_000_000
 WEEK = timedelta(days=7)
@@ -26,6 +27,13 @@ ENGINE = "in-memory"
 def week_start(as_of: date) -> datetime:
     """The instant `as_of` 00:00 UTC."""
     return datetime(as_of.year, as_of.month, as_of.day, tzinfo=UTC)
+
+
+def required_weeks(as_of: date, history_weeks: int, first_event: datetime | None = None) -> list[date]:
+    """The Mondays a run at `as_of` must have snapshots of so that training can run: `as_of` and the
+    `history_weeks` before it, without those before `first_event` (their snapshot would see no event)."""
+    weeks = mondays(as_of - timedelta(weeks=history_weeks), as_of)
+    return weeks if first_event is None else [week for week in weeks if week_start(week) > first_event]
 
 
 def events_before(events: pl.DataFrame, as_of: date) -> pl.DataFrame:

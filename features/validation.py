@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from features.contracts import CONTRACTS, TableContract
+from recsys.errors import ExpectedError
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -75,7 +76,7 @@ class ValidationReport:
         )
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(ExpectedError):
     """Raised when at least one table of a snapshot failed validation."""
 
     def __init__(self, reports: list[ValidationReport]) -> None:

@@ -6,6 +6,7 @@ evaluation and inference are configured alike.
 """
 
 from features.synthetic import SyntheticLogConfig
+from inference.checks import CheckBounds
 from ranking.candidates import CandidateConfig
 from recsys.settings import Settings
 from training.ranker import RankerParams
@@ -81,3 +82,30 @@ def sampling_options(settings: Settings) -> dict:
         "max_users": settings.training_users_per_week,
         "batch_users": settings.score_batch_users,
     }
+
+
+def quality_options(settings: Settings) -> dict:
+    """The keyword arguments of `inference.quality.measure_week` beyond the week: measured as training evaluates."""
+    return {
+        "prefix": settings.redis_prefix,
+        "config": candidate_config(settings),
+        "k": settings.eval_k,
+        "batch_users": settings.score_batch_users,
+    }
+
+
+def publication_bounds(settings: Settings) -> CheckBounds:
+    """What a new publication's lists may look like before it goes live (`inference.checks`)."""
+    return CheckBounds(
+        max_top_item_share=settings.publish_max_top_item_share,
+        max_unknown_items=settings.publish_max_unknown_items,
+        min_list_length=settings.publish_min_list_length,
+        max_fallback_share=settings.publish_max_fallback_share,
+        hold_unchanged=settings.publish_hold_unchanged,
+    )
+
+
+def history_weeks(settings: Settings) -> int:
+    """How many weeks before as_of a scheduled feature run makes sure exist: what training needs
+    (its training weeks, a validation week and a holdout week)."""
+    return settings.training_weeks + 2

@@ -10,13 +10,15 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from features import report, store, transform, validation
-from features.raw import RawData, RawDataError
+from features.raw import RawData
 from features.sources import read_source
 from features.synthetic import SyntheticLogConfig, ensure_synthetic_log
 from features.validation import ValidationFailed, ValidationReport
 from flows.common import IO, PURE, current_run_id, resolve_as_of, run_name
-from flows.configs import feature_options, synthetic_log_config, validation_options
+from flows.configs import feature_options, history_weeks, synthetic_log_config, validation_options
+from flows.runs import run_body
 from recsys.clock import mondays
+from recsys.errors import ExpectedError
 from recsys.settings import Settings
 from recsys.stores import open_stores
 
@@ -27,14 +29,17 @@ ARTIFACT_KEY = "feature-validation"
 
 def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry I/O failures; a source that is itself wrong fails the same way every time."""
-    return not isinstance(state.result(raise_on_failure=False), RawDataError)
+    return not isinstance(state.result(raise_on_failure=False), ExpectedError)
 
 
-@task(**IO)
-def plan_weeks(engine, weeks: list[date], force: bool) -> list[date]:
-    """The weeks to compute: all when forced, else those without a complete passed snapshot."""
+@task(**IO, retry_condition_fn=retry_unless_bad_input)
+def plan_weeks(engine, weeks: list[date], source: str, force: bool) -> list[date]:
+    """The weeks to compute: all when forced, else those without a complete passed snapshot (from this source)."""
     store.ensure_schema(engine)
-    return weeks if force else store.find_incomplete_weeks(engine, weeks)
+    if force:
+        return weeks
+    store.check_source(engine, weeks, source)
+    return store.find_incomplete_weeks(engine, weeks)
 
 
 @task(**IO, retry_condition_fn=retry_unless_bad_input)
@@ -69,9 +74,11 @@ def validate_snapshot(
 
 
 @task(**IO)
-def write_snapshot(engine, frames: dict[str, pl.DataFrame], reports: dict[str, ValidationReport]) -> dict[str, str]:
-    """Write the validated tables (features and labels) in one transaction; return table -> digest."""
-    return store.write_week(engine, frames, reports, flow_run_id=current_run_id())
+def write_snapshot(
+    engine, frames: dict[str, pl.DataFrame], reports: dict[str, ValidationReport], source: str, raw_digest: str
+) -> dict[str, str]:
+    """Write the validated tables (features and labels) and their lineage in one transaction; table -> digest."""
+    return store.write_week(engine, frames, reports, flow_run_id=current_run_id(), source=source, raw_digest=raw_digest)
 
 
 def fail_snapshot(engine, reports: dict[str, ValidationReport], markdown: str) -> None:
@@ -86,13 +93,18 @@ def fail_snapshot(engine, reports: dict[str, ValidationReport], markdown: str) -
 
 
 @flow(name="features", flow_run_name=run_name("features"), timeout_seconds=3 * 3600, log_prints=False)
+@run_body
 def feature_flow(
     as_of: date | None = None,
     source: str | None = None,
     backfill_from: date | None = None,
     force: bool = False,
+    backfill_history: bool = False,
 ) -> dict[str, dict[str, str]]:
-    """Compute, validate and store the feature snapshot(s) as of Monday `as_of` (and labels)."""
+    """Compute, validate and store the feature snapshot(s) as of Monday `as_of` (and labels).
+
+    With `backfill_history` (the scheduled run), also the missing weeks training needs before
+    `as_of`, from the source's first event on; `force` redoes only the weeks asked for."""
     settings = Settings()
     spec, synthetic = source or settings.source, synthetic_log_config(settings)
     compute_options, check_options = feature_options(settings), validation_options(settings)
@@ -102,20 +114,35 @@ def feature_flow(
     written: dict[str, dict[str, str]] = {}
     sections: list[str] = []
     with open_stores(settings) as stores:
-        todo = plan_weeks(stores.engine, mondays(backfill_from or as_of, as_of), force)
+        weeks = mondays(backfill_from or as_of, as_of)
+        todo = plan_weeks(stores.engine, weeks, spec, force)
+        if backfill_history:
+            needed = [w for w in transform.required_weeks(as_of, history_weeks(settings)) if w not in weeks]
+            todo = sorted({*todo, *plan_weeks(stores.engine, needed, spec, False)})
         log.info("feature snapshots to compute: %s", todo)
         if not todo:
+            create_markdown_artifact(
+                key=ARTIFACT_KEY, markdown=report.render_nothing_to_do(weeks, spec), description="Nothing to compute"
+            )
             return written
         raw = extract_events(stores.engine, spec, as_of, now, synthetic)
+        if backfill_history:
+            seen = transform.required_weeks(as_of, history_weeks(settings), raw.events.get_column("ts").min())
+            todo = [w for w in todo if w in weeks or w in seen]
+            if not todo:
+                log.info("the missing weeks before %s precede the source's first event: nothing to compute", as_of)
+                return written
         read = report.describe_read(raw, spec)
-        for week in todo:
+        for done, week in enumerate(todo, 1):
             frames = compute_snapshot(raw, week, compute_options)
             history = read_history(stores.engine, list(frames), week, settings.min_rows_weeks)
             reports = validate_snapshot(frames, week, history, check_options)
             if not all(r.success for r in reports.values()):
                 fail_snapshot(stores.engine, reports, report.render_failed(read, reports, sections))
-            written[str(week)] = write_snapshot(stores.engine, frames, reports)
+            raw_digest = store.digest_raw_window(raw.events, transform.week_start(week))
+            written[str(week)] = write_snapshot(stores.engine, frames, reports, spec, raw_digest)
             sections.append(report.summarise_week(week, reports))
+            log.info("feature week %s written", week, extra={"progress": ("feature weeks", done, len(todo))})
         create_markdown_artifact(
             key=ARTIFACT_KEY,
             markdown=report.render_passed(read, sections),

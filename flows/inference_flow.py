@@ -5,19 +5,23 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 import sqlalchemy as sa
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import wait
+from prefect.events import emit_event
+from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import SecretStr
 
+from features import store
 from flows import configs
 from flows.common import TRANSIENT_IO, current_run_id, resolve_as_of, run_name
-from inference import publications, publish, report, scoring, serving
+from flows.runs import run_body
+from inference import archive, charts, publications, publish, quality, report, scoring, serving
+from inference.checks import CheckBounds
 from ranking import registry
 from recsys.settings import Settings
 from recsys.stores import Stores, advisory_lock, connect_redis, open_stores, redact_url, sqlalchemy_url
@@ -64,15 +68,68 @@ def score_partition(
 
 
 @task(**TRANSIENT_IO)
-def publish_fallback(engine, client, snapshot: date, prefix: str, version: str, n: int) -> None:
-    """Write the list that users without a personal list get."""
-    publish.write_fallback(client, prefix, version, scoring.read_fallback_items(engine, snapshot, n))
+def publish_fallback(engine, client, snapshot: date, prefix: str, version: str, n: int) -> list[int]:
+    """Write the list that users without a personal list get; the list."""
+    items = scoring.read_fallback_items(engine, snapshot, n)
+    publish.write_fallback(client, prefix, version, items)
+    return items
 
 
 @task(**TRANSIENT_IO)
-def make_live(client, prefix: str, version: str, personal: int, metadata: dict, keep: int) -> publish.PublishResult:
-    """Verify every user key and the fallback are there, then compare-and-set the live pointer."""
-    return publish.finish_publication(client, prefix, version, expected_users=personal, metadata=metadata, keep=keep)
+def archive_publication(engine, client, prefix: str, version: str, fallback: list[int], keep_weeks: int) -> int:
+    """Copy the version's lists from Redis to the Postgres archive, then apply the retention; the list count."""
+    archived = archive.archive_lists(engine, version, archive.read_published_lists(client, prefix, version))
+    archive.archive_fallback(engine, version, fallback)
+    archive.drop_old(engine, keep_weeks)
+    return archived
+
+
+@task(**TRANSIENT_IO)
+def measure_quality(engine, week: date, options: dict) -> dict | None:
+    """The realized quality of what was served in `week`, stored; None (with a warning) if it cannot be measured yet."""
+    try:
+        return quality.measure_week(engine, week, **options)
+    except (archive.ArchiveMissing, store.SnapshotUnavailable) as missing:
+        log.warning("realized quality of week %s not measured: %s", week, missing)
+        return None
+
+
+def report_quality(engine, settings: Settings, row: dict) -> list[str]:
+    """The quality artifact with its trend chart and, if the measured week looks degraded, an event; the reasons."""
+    week = row["as_of"]
+    series = quality.quality_series(engine, max(settings.quality_trailing_weeks + 1, 12))
+    reasons = quality.degradation_reasons(
+        series, week, share=settings.quality_alert_share, trailing_weeks=settings.quality_trailing_weeks
+    )
+    create_markdown_artifact(
+        key="realized-quality",
+        markdown=quality.quality_markdown(series, reasons, charts.draw_quality_trend(series)),
+        description=f"Realized quality of the week {week}",
+    )
+    if reasons:
+        version = row["version"]
+        emit_event(
+            event="recsys.quality.degraded",
+            resource={"prefect.resource.id": f"recsys.publication.{version}", "prefect.resource.name": version},
+            payload={"week": str(week), "version": version, "model_version": row["model_version"],
+                     "reasons": reasons, "ndcg": row["ndcg"], "popular_ndcg": row["popular_ndcg"]},
+        )  # fmt: skip
+        log.warning("realized quality degraded: %s", "; ".join(reasons))
+    return reasons
+
+
+@task(**TRANSIENT_IO)
+def make_live(
+    engine, client, prefix: str, version: str, personal: int, metadata: dict, keep: int, bounds: CheckBounds
+) -> publish.PublishResult:
+    """Verify every user key and the fallback are there, hold lists out of `bounds`, then swap the pointer in."""
+    catalogue = publish.read_catalogue(engine, date.fromisoformat(metadata["feature_as_of"]))
+    result = publish.finish_publication(
+        client, prefix, version, expected_users=personal, metadata=metadata, keep=keep, bounds=bounds,
+        catalogue=catalogue,
+    )  # fmt: skip
+    publications.mark_abandoned(engine, list(result.removed))  # held versions a newer one replaced
+    return result
 
 
 @task(**TRANSIENT_IO)
@@ -123,12 +180,15 @@ def score_partitions(stores: Stores, settings: Settings, users: pl.Series, optio
             runner.submit(score_partition, parameters=connections | {"users": part, "options": options})
             for part in scoring.partition_users(users, settings.partitions)
         ]
-        wait(futures)  # every partition has stopped writing before a failure is handled
+        # Every partition has stopped writing before a failure is handled.
+        for done, _ in enumerate(as_completed(futures), 1):
+            log.info("partition finished", extra={"progress": ("scoring partitions", done, len(futures))})
         parts = [future.result() for future in futures]
     return scoring.combine_partition_stats(parts, len(users), time.perf_counter() - started)
 
 
 @flow(name="inference", flow_run_name=run_name("infer"), timeout_seconds=3 * 3600)
+@run_body
 def inference_flow(as_of: date | None = None) -> dict:
     """Score every user with the champion and publish the week's recommendations atomically."""
     settings = Settings()
@@ -139,25 +199,31 @@ def inference_flow(as_of: date | None = None) -> dict:
         engine, client = stores.engine, stores.redis
         log.info("publishing to %s under prefix %s", redact_url(stores.redis_url), prefix)
         publications.ensure_schema(engine)
+        archive.ensure_schema(engine)
+        quality.ensure_schema(engine)
         record = find_champion(engine, settings.model_name)
         snapshot = find_snapshot(engine, as_of)
+        source = store.snapshot_sources(engine, [snapshot]).get(snapshot)
         users = list_users(engine, snapshot)
         version = start_publication(engine, client, prefix, as_of, keep)
         record_publication(
             engine,
             {"version": version, "as_of": as_of, "model_name": record.name, "model_version": record.version,
-             "feature_as_of": snapshot, "n": n, "started_at": started_at, "status": "writing",
+             "model_kind": record.kind,
+             "feature_as_of": snapshot, "feature_source": source, "n": n, "started_at": started_at, "status": "writing",
              "flow_run_id": current_run_id()},
         )  # fmt: skip
         try:
             options = configs.scoring_options(settings) | {"record": record, "snapshot": snapshot, "version": version}
             stats = score_partitions(stores, settings, users, options)
-            publish_fallback(engine, client, snapshot, prefix, version, n)
+            fallback = publish_fallback(engine, client, snapshot, prefix, version, n)
+            archive_publication(engine, client, prefix, version, fallback, settings.archive_weeks)
             swap_started = time.perf_counter()
             metadata = publish.publication_metadata(
                 record, snapshot, n=n, fallback_users=stats["fallback_users"], generated_at=started_at
             )
-            result = make_live(client, prefix, version, stats["personal"], metadata, keep)
+            bounds = configs.publication_bounds(settings)
+            result = make_live(engine, client, prefix, version, stats["personal"], metadata, keep, bounds)
         except Exception as error:
             publish.abandon_publication(engine, client, prefix, version, error, keep=keep)
             raise
@@ -165,19 +231,26 @@ def inference_flow(as_of: date | None = None) -> dict:
         record_publication(
             engine,
             {"version": version, "user_count": stats["personal"], "fallback_user_count": stats["fallback_users"],
-             "finished_at": datetime.now(UTC), "timings": stats, "status": "live"},
+             "finished_at": datetime.now(UTC), "timings": stats, "status": "live", "checks": result.checks.as_dict()},
         )  # fmt: skip
         record_pointer_move(engine, prefix, result, as_of)
         samples = serving.get_recommendations(client, prefix, users.head(5).to_list())
     create_markdown_artifact(
         key="inference-publication",
-        markdown=report.publication_markdown(result, record, as_of, snapshot, stats, samples),
+        markdown=report.publication_markdown(result, record, as_of, snapshot, stats, samples, source=source),
         description=f"Recommendations {result.version}",
     )
+    # The week that just closed: its labels were written by this Monday's feature run.
+    with open_stores(settings) as stores:
+        measured = measure_quality(stores.engine, as_of - timedelta(weeks=1), configs.quality_options(settings))
+        alerts = report_quality(stores.engine, settings, measured) if measured else []
     return {
         "version": result.version,
         "as_of": str(as_of),
         "model_version": record.version,
+        "model": record.label,
         "feature_as_of": str(snapshot),
         **stats,
+        "realized_quality": measured,
+        "quality_alerts": alerts,
     }

@@ -3,8 +3,10 @@ expected failures (bad input, validation, nothing to serve) as a failed state wi
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from prefect.logging.handlers import APILogHandler
 from prefect.states import Failed
 
 from recsys.errors import ExpectedError
@@ -22,27 +24,45 @@ class _DropExpectedTracebacks(logging.Filter):
         return True
 
 
-def run_body(body: Callable) -> Callable:
-    """Decorate a flow's function (under `@flow`): logs and failures as described above.
+@contextmanager
+def _project_logs_to_run() -> Iterator[None]:
+    """The project's INFO lines reach Prefect's run-log (API) handler while the body runs.
 
-    Served flow runs are fresh processes whose root logger is at WARNING: the project's
-    loggers are set to INFO so their lines reach Prefect's handlers (added for the loggers
-    named in PREFECT_LOGGING_EXTRA_LOGGERS) and so the UI.
+    Served flow runs are fresh processes whose root logger is at WARNING, and only loggers
+    named in PREFECT_LOGGING_EXTRA_LOGGERS (set by the `recsys` command) get Prefect's API
+    handler; other entry points (`python -m deployments.serve`, a worker) do not set it.
+    The handler is removed afterwards: outside a run it has no run to send lines to.
     """
+    api_handlers = [h for h in logging.getLogger("prefect.extra").handlers if isinstance(h, APILogHandler)]
+    added: list[tuple[logging.Logger, logging.Handler]] = []
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        added += [(logger, h) for h in api_handlers if h not in logger.handlers]
+    for logger, handler in added:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, handler in added:
+            logger.removeHandler(handler)
+
+
+def run_body(body: Callable) -> Callable:
+    """Decorate a flow's function (under `@flow`): logs and failures as described above."""
 
     @functools.wraps(body)
     def wrapper(*args, **kwargs):
-        for name in PROJECT_LOGGERS:
-            if logging.getLogger(name).level == logging.NOTSET:
-                logging.getLogger(name).setLevel(logging.INFO)
         tracebacks = logging.getLogger("prefect.task_runs")
         if not any(isinstance(f, _DropExpectedTracebacks) for f in tracebacks.filters):
             tracebacks.addFilter(_DropExpectedTracebacks())
-        try:
-            return body(*args, **kwargs)
-        except ExpectedError as error:
-            message = f"{type(error).__name__}: {' '.join(str(error).split())}"
-            log.error(message)
-            return Failed(message=message, data=error)
+        with _project_logs_to_run():
+            try:
+                return body(*args, **kwargs)
+            except ExpectedError as error:
+                message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+                log.error(message)
+                return Failed(message=message, data=error)
 
     return wrapper

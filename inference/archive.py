@@ -265,12 +265,19 @@ def select_served_version(moves: pl.DataFrame, week: date) -> str | None:
     None unless a version of as_of `week` went live before the week ended: a week whose own
     publication never went live counts as never published, even if an older version stayed live.
     A mid-week rollback or re-publication means users saw two lists; the one live the longest
-    is what the week is measured on (on a tie, the first live).
+    is what the week is measured on (on a tie, the first live). A version that first went live
+    only after its own week ended (a replay of history, a late backfill) counts as live from its
+    Monday: it is what that week was served.
     """
     start = datetime.combine(week, time(), UTC)
     end = start + timedelta(days=7)
-    live, since, seconds, published = None, start, {}, False
+    timeline, seen = [], set()
     for at, version in moves.sort("at", maintain_order=True).select("at", "to_version").iter_rows():
+        monday = datetime.combine(version_as_of(version), time(), UTC)
+        timeline.append((monday if version not in seen and at >= monday + timedelta(days=7) else at, version))
+        seen.add(version)
+    live, since, seconds, published = None, start, {}, False
+    for at, version in sorted(timeline, key=lambda move: move[0]):
         if at >= end:
             break
         published = published or version_as_of(version) == week

@@ -1,12 +1,14 @@
 """The lineage of every Redis publication in Postgres: which model and snapshot produced it.
 
 Table `publications` (created by `ensure_schema`), one row per published version:
-version (the Redis version id), as_of, model_name, model_version, feature_as_of,
+version (the Redis version id), as_of, model_name, model_version, model_kind (ranker or baseline),
+feature_as_of, feature_source,
 user_count, fallback_user_count, n, started_at, finished_at, timings (seconds per step),
-status (writing, live, stale, failed or abandoned), error (why a run failed) and the flow run id.
+status (writing, live, held, stale, failed or abandoned), error (why a run failed or was held), the flow
+run id and checks (`inference.checks.CheckReport`: the lists' numbers before they went live or were held).
 
 Table `publication_history`, append-only: every move of a prefix's live pointer (a
-publication going live, a rollback) with the versions before and after, when, who and why.
+publication going live, a rollback, an approval of a held one) with the versions before and after, when, who and why.
 """
 
 import json
@@ -29,7 +31,9 @@ publications = sa.Table(
     sa.Column("as_of", sa.Date, nullable=False),
     sa.Column("model_name", sa.Text),
     sa.Column("model_version", sa.Integer),
+    sa.Column("model_kind", sa.Text),
     sa.Column("feature_as_of", sa.Date),
+    sa.Column("feature_source", sa.Text),
     sa.Column("user_count", sa.BigInteger),
     sa.Column("fallback_user_count", sa.BigInteger),
     sa.Column("n", sa.Integer),
@@ -39,6 +43,7 @@ publications = sa.Table(
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("flow_run_id", sa.Text),
     sa.Column("error", sa.Text),
+    sa.Column("checks", postgresql.JSONB),
 )
 
 history = sa.Table(
@@ -59,7 +64,9 @@ _SCHEMA = {
     "as_of": pl.Date,
     "model_name": pl.String,
     "model_version": pl.Int64,
+    "model_kind": pl.String,
     "feature_as_of": pl.Date,
+    "feature_source": pl.String,
     "user_count": pl.Int64,
     "fallback_user_count": pl.Int64,
     "n": pl.Int64,
@@ -69,6 +76,7 @@ _SCHEMA = {
     "status": pl.String,
     "flow_run_id": pl.String,
     "error": pl.String,
+    "checks": pl.String,
 }
 
 
@@ -77,6 +85,10 @@ def ensure_schema(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("select pg_advisory_xact_lock(hashtext(:space), 0)"), {"space": _LOCK_SPACE})
         _metadata.create_all(conn)
+        # Added after the first release: tables created before it get the column here.
+        conn.execute(sa.text("alter table publications add column if not exists feature_source text"))
+        conn.execute(sa.text("alter table publications add column if not exists model_kind text"))
+        conn.execute(sa.text("alter table publications add column if not exists checks jsonb"))
 
 
 def record_publication(engine: sa.Engine, **fields: Any) -> None:
@@ -101,16 +113,17 @@ def record_publication(engine: sa.Engine, **fields: Any) -> None:
 
 
 def mark_abandoned(engine: sa.Engine, versions: list[str]) -> int:
-    """Mark publications still `writing` whose keys were removed (their run was killed) `abandoned`."""
+    """Mark publications still `writing` (their run was killed) or `held` (never approved) whose keys were
+    removed `abandoned`."""
     if not versions:
         return 0
-    still_writing = publications.c.version.in_(versions) & (publications.c.status == "writing")
+    removed = publications.c.version.in_(versions) & publications.c.status.in_(("writing", "held"))
+    why = sa.case(
+        (publications.c.status == "held", "held, never approved; removed: " + publications.c.error),
+        else_="the run stopped before finishing; a later run removed its keys",
+    )
     with engine.begin() as conn:
-        marked = conn.execute(
-            sa.update(publications)
-            .where(still_writing)
-            .values(status="abandoned", error="the run stopped before finishing; a later run removed its keys")
-        ).rowcount
+        marked = conn.execute(sa.update(publications).where(removed).values(status="abandoned", error=why)).rowcount
     if marked:
         log.info("marked %d unfinished publications abandoned", marked)
     return marked
@@ -119,9 +132,9 @@ def mark_abandoned(engine: sa.Engine, versions: list[str]) -> int:
 def record_pointer_move(
     engine: sa.Engine, *, prefix: str, action: str, from_version: str | None, to_version: str, reason: str, actor: str
 ) -> None:
-    """Append one move of `prefix`'s live pointer (`publish` or `rollback`) to the history."""
-    if action not in ("publish", "rollback"):
-        raise ValueError(f"pointer move action must be publish or rollback, got {action!r}")
+    """Append one move of `prefix`'s live pointer (`publish`, `rollback` or `approve`) to the history."""
+    if action not in ("publish", "rollback", "approve"):
+        raise ValueError(f"pointer move action must be publish, rollback or approve, got {action!r}")
     values = {"prefix": prefix, "action": action, "from_version": from_version, "to_version": to_version}
     with engine.begin() as conn:
         conn.execute(sa.insert(history).values(**values, reason=reason, actor=actor))
@@ -145,7 +158,11 @@ def list_publications(engine: sa.Engine) -> pl.DataFrame:
     query = sa.select(publications).order_by(publications.c.as_of, publications.c.version)
     with engine.connect() as conn:
         rows = [
-            {**row._mapping, "timings": None if row.timings is None else json.dumps(row.timings)}
+            {
+                **row._mapping,
+                "timings": None if row.timings is None else json.dumps(row.timings),
+                "checks": None if row.checks is None else json.dumps(row.checks),
+            }
             for row in conn.execute(query)
         ]
     return pl.DataFrame(rows, schema=_SCHEMA)

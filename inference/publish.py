@@ -15,6 +15,11 @@ cluster pipeline), and transactions only ever span `{P}` keys.
 
 `start_publication` and `abandon_publication` keep each version's lineage row in Postgres
 (`inference.publications`) in step with its keys.
+
+Given bounds, `finish_publication` first checks the new lists against the live ones
+(`inference.checks`): out of bounds, the version is kept but not made live (status `held`)
+until `approve_publication` makes it live or a newer publication goes live; then the
+cleanup removes it.
 """
 
 import logging
@@ -29,7 +34,10 @@ import polars as pl
 import redis
 import sqlalchemy as sa
 
+from features import contracts, store
 from inference import publications
+from inference.archive import read_published_lists
+from inference.checks import CheckBounds, CheckReport, check_publication
 from inference.serving import (
     VERSION_PATTERN,
     KeySpace,
@@ -41,6 +49,8 @@ from inference.serving import (
     format_version,
 )
 from ranking.registry import ModelRecord
+from recsys.errors import ExpectedError
+from recsys.stores import advisory_lock
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +60,12 @@ _SCAN_BATCH = 1_000
 _CAS_ATTEMPTS = 5
 
 # KEYS: live, previous, new meta, live meta, previous meta.
-# ARGV: new version, live and previous as read by the caller ('' when unset).
+# ARGV: new version, live and previous as read by the caller ('' when unset), the new one's status now.
 _SWAP_POINTER = """
 local live = redis.call('GET', KEYS[1]) or ''
 local previous = redis.call('GET', KEYS[2]) or ''
 if live ~= ARGV[2] or previous ~= ARGV[3] then return 'changed' end
-if redis.call('HGET', KEYS[3], 'status') ~= 'writing' then return 'gone' end
+if redis.call('HGET', KEYS[3], 'status') ~= ARGV[4] then return 'gone' end
 if live ~= '' then
   local live_as_of = redis.call('HGET', KEYS[4], 'as_of')
   if live_as_of and live_as_of > redis.call('HGET', KEYS[3], 'as_of') then return 'stale' end
@@ -68,6 +78,13 @@ end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[3], 'status', 'live')
 return 'live'
+"""
+
+# KEYS: meta of the version. 1 = held (it was being written and nothing claimed it).
+_HOLD = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'writing' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'held')
+return 1
 """
 
 # KEYS: live, previous, live meta, previous meta. ARGV: live and previous as read.
@@ -115,8 +132,23 @@ class PublishError(RuntimeError):
     """A publication failed; the live and previous pointers are as they were."""
 
 
-class StalePublication(PublishError):
+class StalePublication(ExpectedError, PublishError):
     """A newer publication won: this one's as_of is older, or its namespace was removed."""
+
+
+class PublicationHeld(ExpectedError, PublishError):
+    """The new lists are out of bounds: the version is kept, not live, until approved."""
+
+    def __init__(self, version: str, report: CheckReport) -> None:
+        super().__init__(
+            f"publication {version} held, not made live: {'; '.join(report.reasons)}. Bounds are the "
+            f"RECSYS_PUBLISH_* settings; to serve it anyway: recsys publish approve {version} --reason '...'"
+        )
+        self.version, self.report = version, report
+
+
+class ApprovalRefused(ExpectedError, ValueError):
+    """`approve_publication` was asked for something it cannot do; nothing changed."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +160,7 @@ class PublishResult:
     previous: str | None
     user_count: int
     removed: tuple[str, ...]
+    checks: CheckReport | None = None
 
 
 @contextmanager
@@ -264,10 +297,14 @@ def finish_publication(
     expected_users: int,
     metadata: dict[str, Any],
     keep: int = 2,
+    bounds: CheckBounds | None = None,
+    catalogue: pl.Series | None = None,
 ) -> PublishResult:
-    """Verify the version is complete, make it live, and remove versions beyond `keep`.
+    """Verify the version is complete, check it against `bounds`, make it live, and remove versions beyond `keep`.
 
-    `metadata` must hold model_version, generated_at, n and fallback_user_count.
+    `metadata` must hold model_version, generated_at, n and fallback_user_count (and feature_as_of
+    for the checks). With `bounds`, `catalogue` (the snapshot's item ids, `read_catalogue`) is
+    required; lists out of bounds raise `PublicationHeld` and the pointer is not moved.
     """
     keys = client_keys(r, prefix)
     fields = _metadata_fields(metadata, expected_users)
@@ -296,7 +333,8 @@ def finish_publication(
         raise PublishError(f"version {version} has no fallback list: call write_fallback first")
     with _failing_as_publish_error(f"version {version}", "switching the live pointer"):
         r.hset(keys.meta(version), mapping=fields)
-        outcome, previous = _swap_pointer(r, keys, version)
+        report = None if bounds is None else _check_lists(r, keys, version, fields, bounds, catalogue)
+        outcome, previous = _swap_pointer(r, keys, version, "writing")
         if outcome != "live":
             _remove_namespace(r, keys, version)
             live_as_of = r.hget(keys.meta(previous), "as_of") if previous else None
@@ -316,7 +354,100 @@ def finish_publication(
         previous=previous,
         user_count=expected_users,
         removed=tuple(removed),
+        checks=report,
     )
+
+
+def read_catalogue(engine: sa.Engine, snapshot: date) -> pl.Series:
+    """The item ids of the snapshot's item table: what `finish_publication` checks the lists against."""
+    return store.read_table(engine, contracts.ITEM_FEATURES.name, snapshot, columns=["item_id"])["item_id"]
+
+
+def _check_lists(
+    r: redis.Redis,
+    keys: KeySpace,
+    version: str,
+    fields: dict[str, str],
+    bounds: CheckBounds,
+    catalogue: pl.Series | None,
+) -> CheckReport:
+    """Check the version's lists against the live version's and `bounds`; hold it (and raise) if out of bounds.
+
+    Reads both versions' lists in bulk: about 0.8 s per 100k users each.
+    """
+    if catalogue is None:
+        raise ValueError("finish_publication: checking the lists against bounds needs the catalogue")
+    started = time.perf_counter()
+    live = r.get(keys.live)
+    live_snapshot = r.hget(keys.meta(live), "feature_as_of") if live else None
+    report = check_publication(
+        read_published_lists(r, keys.prefix, version),
+        read_published_lists(r, keys.prefix, live) if live else None,
+        catalogue,
+        fallback_users=int(fields["fallback_user_count"]),
+        snapshot_changed=live_snapshot != fields.get("feature_as_of"),
+        bounds=bounds,
+    )
+    log.info("checked version %s against %s in %.2fs: %s", version, live, time.perf_counter() - started, report)
+    if not report.reasons:
+        return report
+    if not r.register_script(_HOLD)(keys=[keys.meta(version)]):
+        raise StalePublication(f"version {version} was removed by a concurrent publish")
+    raise PublicationHeld(version, report)
+
+
+def approve_publication(
+    engine: sa.Engine, r: redis.Redis, prefix: str, version: str, *, reason: str, actor: str, keep: int = 2
+) -> PublishResult:
+    """Make a held version live with the lock and compare-and-set of a publish; record the move as `approve`.
+
+    Refuses (`ApprovalRefused`, nothing changed) a missing reason, an unknown version, one that
+    is not held, and one older than the live version.
+    """
+    if not reason or not reason.strip():
+        raise ApprovalRefused(f"approving {version}: a reason is required (--reason)")
+    if not VERSION_PATTERN.match(version):
+        raise ApprovalRefused(f"{version!r} is not a publication version like '20261123-000007'")
+    keys = client_keys(r, prefix)
+    with advisory_lock(engine, f"publish:{prefix}"):
+        meta = r.hgetall(keys.meta(version))
+        status, live = meta.get("status"), r.get(keys.live)
+        if not meta:
+            raise ApprovalRefused(
+                f"no publication {version} under prefix {prefix!r} (unknown, or removed once a newer one went "
+                "live): `recsys publish list` shows the held ones"
+            )
+        if status != "held":
+            raise ApprovalRefused(f"publication {version} is {status}, not held: only a held publication is approved")
+        if live and _version_order(live) > _version_order(version):
+            raise ApprovalRefused(
+                f"held publication {version} is older than the live {live}: approving it would replace newer "
+                "lists; nothing changed"
+            )
+        outcome, previous = _swap_pointer(r, keys, version, "held")
+        if outcome != "live":
+            raise StalePublication(f"version {version} could not be made live ({outcome}); nothing changed")
+        removed = cleanup_stale_versions(r, prefix, keep=keep)
+        publications.mark_abandoned(engine, removed)
+        publications.record_publication(engine, version=version, status="live", finished_at=datetime.now(UTC))
+        publications.record_pointer_move(
+            engine, prefix=prefix, action="approve", from_version=previous, to_version=version, reason=reason,
+            actor=actor,
+        )  # fmt: skip
+    log.info("approved held version %s under prefix %s (previous %s)", version, prefix, previous)
+    return PublishResult(
+        version=version,
+        as_of=date.fromisoformat(meta["as_of"]),
+        previous=previous,
+        user_count=int(meta.get("user_count", 0)),
+        removed=tuple(removed),
+    )
+
+
+def _version_order(version: str) -> tuple[str, int]:
+    """Versions in publication order: by as_of, then by sequence number."""
+    as_of, seq = version.split("-")
+    return as_of, int(seq)
 
 
 def _count_user_keys(r: redis.RedisCluster, keys: KeySpace, version: str) -> int:
@@ -340,8 +471,8 @@ def _metadata_fields(metadata: dict[str, Any], expected_users: int) -> dict[str,
     return {**fields, "user_count": str(expected_users)}
 
 
-def _swap_pointer(r: redis.Redis, keys: KeySpace, version: str) -> tuple[str, str | None]:
-    """Compare-and-set live := version; return the script's outcome and the old live version."""
+def _swap_pointer(r: redis.Redis, keys: KeySpace, version: str, status: str) -> tuple[str, str | None]:
+    """Compare-and-set live := version if it is in `status`; the script's outcome and the old live version."""
     swap = r.register_script(_SWAP_POINTER)
     for _ in range(_CAS_ATTEMPTS):
         live, previous = _read_pointers(r, keys)
@@ -353,7 +484,7 @@ def _swap_pointer(r: redis.Redis, keys: KeySpace, version: str) -> tuple[str, st
                 keys.meta(live or version),
                 keys.meta(previous or version),
             ],
-            args=[version, live or "", previous or ""],
+            args=[version, live or "", previous or "", status],
         )
         if outcome != "changed":
             return outcome, live
@@ -369,7 +500,8 @@ def _read_pointers(r: redis.Redis, keys: KeySpace) -> tuple[str | None, str | No
 
 
 def cleanup_stale_versions(r: redis.Redis, prefix: str, *, keep: int = 2) -> list[str]:
-    """Remove every version but live, previous and the newest `keep - 2` retired ones.
+    """Remove every version but live, previous, the newest `keep - 2` retired ones and the newest held one
+    while it is newer than live.
 
     This includes the partial namespaces of killed or failed publishers. Returns the
     versions removed.
@@ -384,7 +516,8 @@ def cleanup_stale_versions(r: redis.Redis, prefix: str, *, keep: int = 2) -> lis
         pipe.hget(keys.meta(version), "status")
     statuses = dict(zip(versions, pipe.execute(), strict=True))
     retired = [v for v in versions if statuses[v] == "retired" and v not in (live, previous)]
-    kept = {live, previous, *retired[max(0, len(retired) - (keep - 2)) :]}
+    held = [v for v in versions if statuses[v] == "held" and (live is None or _version_order(v) > _version_order(live))]
+    kept = {live, previous, *retired[max(0, len(retired) - (keep - 2)) :], *held[-1:]}
     claim = r.register_script(_CLAIM_FOR_REMOVAL)
     removed = []
     for version in versions:
@@ -426,6 +559,20 @@ def _remove_namespace(r: redis.Redis, keys: KeySpace, version: str) -> None:
     log.info("unlinked %d keys of version %s in %.2fs", unlinked, version, time.perf_counter() - started)
 
 
+def rollback_publication(engine: sa.Engine, r: redis.Redis, prefix: str, *, reason: str, actor: str) -> str:
+    """`rollback` under the publish lock, recorded in the pointer history; the version live now."""
+    if not reason or not reason.strip():
+        raise ApprovalRefused(f"rolling back prefix {prefix!r}: a reason is required (--reason)")
+    with advisory_lock(engine, f"publish:{prefix}"):
+        version = rollback(r, prefix)
+        before = client_keys(r, prefix).previous  # the swap made the old live version previous
+        publications.record_pointer_move(
+            engine, prefix=prefix, action="rollback", from_version=r.get(before), to_version=version,
+            reason=reason, actor=actor,
+        )  # fmt: skip
+    return version
+
+
 def rollback(r: redis.Redis, prefix: str) -> str:
     """Swap live and previous atomically; return the version that is live now."""
     keys = client_keys(r, prefix)
@@ -451,15 +598,18 @@ def rollback(r: redis.Redis, prefix: str) -> str:
 def abandon_publication(
     engine: sa.Engine, r: redis.Redis, prefix: str, version: str, error: Exception, *, keep: int = 2
 ) -> None:
-    """Record why `version` failed (`stale` or `failed`) and remove its keys.
+    """Record why `version` failed (`stale`, `failed`, or `held` with its checks) and remove its keys (a held
+    version's stay, see `cleanup_stale_versions`).
 
     Called while `error` propagates: if a store fails here too, it is only logged, so the
     caller still raises the original error.
     """
-    status = "stale" if isinstance(error, StalePublication) else "failed"
+    held = isinstance(error, PublicationHeld)
+    status = "held" if held else "stale" if isinstance(error, StalePublication) else "failed"
+    report = {"checks": error.report.as_dict()} if held else {}
     try:
         publications.record_publication(
-            engine, version=version, status=status, finished_at=datetime.now(UTC), error=str(error)[:2000]
+            engine, version=version, status=status, finished_at=datetime.now(UTC), error=str(error)[:2000], **report
         )
         cleanup_stale_versions(r, prefix, keep=keep)
     except (redis.RedisError, sa.exc.SQLAlchemyError) as cleanup_error:
@@ -471,7 +621,7 @@ def publication_metadata(
 ) -> dict[str, Any]:
     """The metadata hash clients read next to the lists (see `inference.serving`)."""
     return {
-        "model_version": f"{record.name}:{record.version}",
+        "model_version": record.label,
         "generated_at": generated_at.isoformat(),
         "n": n,
         "fallback_user_count": fallback_users,

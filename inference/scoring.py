@@ -1,6 +1,7 @@
 """Batch scoring: which model, snapshot and users; each partition's top-N lists written to Redis; the fallback.
 
-The champion ranks the candidate × feature frame that training built (`ranking.candidates`).
+A trained champion ranks the candidate × feature frame that training built (`ranking.candidates`);
+a baseline champion (until a model wins the gate) recommends as `ranking.baselines` does.
 """
 
 import logging
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 from features import contracts, store
 from inference import publish
-from ranking import registry
+from ranking import baselines, registry
 from ranking.candidates import CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.scoring import check_model, score, top_n, user_batches
 
@@ -28,13 +29,33 @@ USER_TABLES = [c for c in contracts.FEATURE_TABLES if "user_id" in c.key]
 ITEM_TABLES = [c for c in contracts.FEATURE_TABLES if "user_id" not in c.key]
 
 
+DEFAULT_BASELINE = "recent_popular"
+
+
 def find_champion(engine: sa.Engine, model_name: str) -> registry.ModelRecord:
-    """The champion's record, after checking its text's sha256 and that this code can feed it."""
+    """The champion's record, after checking a ranker's text's sha256 and that this code can feed it.
+
+    Before any champion exists (no training run succeeded yet), a record of the default
+    baseline that is not in the registry: model name `baseline:recent_popular`, no version.
+    """
+    registry.ensure_schema(engine)  # a database no training run has touched yet has no registry
     if registry.get_champion(engine, model_name) is None:
-        raise registry.ModelNotFoundError(f"model {model_name} has no champion yet: run the training flow first")
+        log.warning("model %s has no champion yet: serving the baseline %s", model_name, DEFAULT_BASELINE)
+        return default_baseline_record()
     _, record = registry.load_model(engine, model_name)
-    check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
+    if record.kind == "ranker":
+        check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
     return record
+
+
+def default_baseline_record() -> registry.ModelRecord:
+    """What serves before any model version is champion: recent popularity, named as such in the lineage."""
+    return registry.ModelRecord(
+        name=f"baseline:{DEFAULT_BASELINE}", version=None, created_at=None, status="champion", as_of=None,
+        training_as_ofs=[], validation_as_of=None, holdout_as_of=None, feature_snapshots={}, feature_names=[],
+        encodings={}, params={"baseline": DEFAULT_BASELINE}, metrics={}, decision=None, model_sha256="",
+        flow_run_id=None, code_version=None, kind="baseline",
+    )  # fmt: skip
 
 
 def find_snapshot(engine: sa.Engine, as_of: date) -> date:
@@ -84,6 +105,28 @@ def recommend_users(
     return ranked.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
 
 
+def recommend_baseline(
+    baseline: str, tables: SnapshotTables, users: pl.Series, config: CandidateConfig, n: int
+) -> pl.DataFrame:
+    """Each user's top-n item ids by the named baseline, as `recommend_users` returns them (user_id, items)."""
+    history, exclude = tables.user_item_history, config.exclude_consumed
+    if baseline == "recent_popular":
+        top = baselines.recommend_recent_popular(tables.item_features, history, users, n, exclude_consumed=exclude)
+    elif baseline == "all_time_popular":
+        top = baselines.recommend_all_time_popular(tables.item_features, history, users, n, exclude_consumed=exclude)
+    elif baseline == "item_knn":
+        top = baselines.recommend_item_knn(
+            tables.item_neighbours, history, users, n, config.recent_items,
+            item_features=tables.item_features, exclude_consumed=exclude,
+        )  # fmt: skip
+    else:
+        raise ValueError(
+            f"unknown baseline {baseline!r}: expected recent_popular, all_time_popular or item_knn;"
+            " promote another model version"
+        )
+    return top.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
+
+
 def score_partition(
     engine: sa.Engine,
     client: redis.Redis,
@@ -98,23 +141,28 @@ def score_partition(
     prefix: str,
     chunk: int,
 ) -> dict:
-    """Score `users` with the model of `record` and write their keys of `version`; counts and seconds per step.
+    """Score `users` with the model of `record` (a ranker, or a baseline's rule) and write their keys of
+    `version`; counts and seconds per step.
 
     Reads the item tables once and the user tables `batch_users` users at a time, so memory
     follows the batch size, not the user count.
     """
     stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
     with _timing(stats, "read_s"):
-        booster, _ = registry.load_model(engine, record.name, record.version)
+        booster = None if record.kind == "baseline" else registry.load_model(engine, record.name, record.version)[0]
         items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
     for batch in user_batches(users, batch_users):
         with _timing(stats, "read_s"):
             tables = items | {c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES}
         with _timing(stats, "score_s"):
-            recs = recommend_users(
-                booster, record.feature_names, record.encodings["category"], SnapshotTables.from_frames(tables),
-                pl.Series("user_id", batch, pl.Int64), config, n,
-            )  # fmt: skip
+            snapshot_tables, batch_ids = SnapshotTables.from_frames(tables), pl.Series("user_id", batch, pl.Int64)
+            if booster is None:
+                recs = recommend_baseline(record.params["baseline"], snapshot_tables, batch_ids, config, n)
+            else:
+                recs = recommend_users(
+                    booster, record.feature_names, record.encodings["category"], snapshot_tables, batch_ids,
+                    config, n,
+                )  # fmt: skip
         with _timing(stats, "write_s"):
             stats["personal"] += publish.write_recommendations(client, prefix, version, recs, chunk=chunk)
     log.info(

@@ -46,12 +46,14 @@ from numbers import Integral
 import polars as pl
 import redis
 
+from recsys.errors import ExpectedError
+
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 VERSION_PATTERN = re.compile(r"^\d{8}-\d{6,}$")
 _READ_ATTEMPTS = 5
 
 
-class NoPublicationError(LookupError):
+class NoPublicationError(ExpectedError, LookupError):
     """Nothing is published (or nothing to roll back to) under a prefix."""
 
 

@@ -2,10 +2,10 @@
 
 Tables (created by `ensure_schema`):
 
-- `model_versions`: one row per (name, version): training window, feature snapshots
-  used (table -> digest), feature names and encodings (so inference encodes exactly as
-  training did), params, metrics, the promotion decision, the model as LightGBM text
-  with its sha256, the flow run and code version that produced it.
+- `model_versions`: one row per (name, version): its kind, training window, feature
+  snapshots used (table -> digest), feature names and encodings (so inference encodes
+  exactly as training did), params, metrics, the promotion decision, the model as
+  LightGBM text with its sha256, the flow run and code version that produced it.
 - `model_aliases`: (name, alias) -> version, e.g. `champion`.
 - `model_alias_history`: every alias change with who, when and why; append-only (a
   trigger refuses updates and deletes).
@@ -22,7 +22,9 @@ A version's status is one of:
 - `champion`: holds the champion alias now;
 - `retired`: held the champion alias before and was replaced (rollback can restore it).
 
-Models are stored and loaded as LightGBM text only, never pickled: `load_model` checks
+A version's kind is `ranker` (a LightGBM model) or `baseline` (params `{"baseline": name}`,
+one of `ranking.baselines`, served as champion until a model wins the gate; no model text).
+Rankers are stored and loaded as LightGBM text only, never pickled: `load_model` checks
 the sha256 and the text's shape before LightGBM parses anything.
 """
 
@@ -37,10 +39,13 @@ import lightgbm as lgb
 import polars as pl
 import sqlalchemy as sa
 
+from recsys.errors import ExpectedError
+
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 STATUSES = ("registered", "rejected", "champion", "retired")
+KINDS = ("ranker", "baseline")
 _REGISTRABLE = ("registered", "rejected")
 _LOCK_SPACE = "weekly-recs.registry"
 
@@ -90,6 +95,10 @@ _DDL = (
         actor text not null
     )
     """,
+    f"""
+    alter table model_versions add column if not exists kind text not null default 'ranker'
+        check (kind in ({", ".join(f"'{k}'" for k in KINDS)}))
+    """,
     """
     create index if not exists model_alias_history_by_alias
         on model_alias_history (name, alias, id)
@@ -114,23 +123,27 @@ class ModelIntegrityError(Exception):
     """A stored model text is not the one registered, or is not a LightGBM text model."""
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(ExpectedError, LookupError):
     """No such model version (or no champion) in the registry."""
 
 
-class AliasChangeError(ValueError):
+class AliasChangeError(ExpectedError, ValueError):
     """An alias change was refused: rejected version, or nothing to roll back to."""
 
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """Everything the registry knows about one model version, except the model text."""
+    """Everything the registry knows about one model version, except the model text.
+
+    Inference builds a record that is not in the registry (version None) for the default
+    baseline it serves before any training run succeeded.
+    """
 
     name: str
-    version: int
-    created_at: datetime
+    version: int | None
+    created_at: datetime | None
     status: str
-    as_of: date
+    as_of: date | None
     training_as_ofs: list[date]
     validation_as_of: date | None
     holdout_as_of: date | None
@@ -143,6 +156,16 @@ class ModelRecord:
     model_sha256: str
     flow_run_id: str | None
     code_version: str | None
+    kind: str = "ranker"
+
+    @property
+    def label(self) -> str:
+        """What served, as publications name it: `name:version`, plus the baseline a baseline serves."""
+        if self.kind == "ranker":
+            return f"{self.name}:{self.version}"
+        if self.version is None:
+            return f"{self.name} (no champion yet)"
+        return f"{self.name}:{self.version} (baseline {self.params['baseline']})"
 
 
 _RECORD_COLUMNS = ", ".join(f"v.{f.name}" for f in fields(ModelRecord))
@@ -176,11 +199,13 @@ def register_model(
     decision: Any = None,
     promote_reason: str | None = None,
     actor: str = "training-flow",
+    kind: str = "ranker",
 ) -> int:
     """Store a new version of model `name` and return its number (1 for the first).
 
     With `promote_reason`, the new version also becomes champion in the same transaction:
     a crash can leave no registered model that was meant to be champion and is not.
+    A `baseline` version has params `{"baseline": name}` and an empty model text.
     """
     if promote_reason is not None:
         _require_words(reason=promote_reason, actor=actor)
@@ -189,11 +214,11 @@ def register_model(
             f"register_model {name}: status must be one of {_REGISTRABLE}, got {status!r}"
             " (champion is set through promote)"
         )
-    problem = _model_text_problem(model_text, feature_names)
+    problem = _kind_problem(kind, model_text, feature_names, params)
     if problem:
-        raise ValueError(f"register_model {name}: model_text {problem}")
-    if is_dataclass(decision):  # the gate's Decision (training.promotion)
-        decision = asdict(decision)
+        raise ValueError(f"register_model {name}: {problem}")
+    if is_dataclass(decision):  # the gate's Decision (training.promotion); unset optional fields are left out
+        decision = {key: value for key, value in asdict(decision).items() if value is not None}
     documents = {
         "feature_snapshots": feature_snapshots,
         "feature_names": list(feature_names),
@@ -205,6 +230,7 @@ def register_model(
     values = {key: _to_json(name, key, value) for key, value in documents.items()}
     values |= {
         "name": name,
+        "kind": kind,
         "status": status,
         "as_of": as_of,
         "training_as_ofs": list(training_as_ofs),
@@ -225,11 +251,11 @@ def register_model(
             sa.text(
                 """
                 insert into model_versions (
-                    name, version, status, as_of, training_as_ofs, validation_as_of,
+                    name, version, kind, status, as_of, training_as_ofs, validation_as_of,
                     holdout_as_of, feature_snapshots, feature_names, encodings, params,
                     metrics, decision, model_text, model_sha256, flow_run_id, code_version)
                 values (
-                    :name, :version, :status, :as_of, cast(:training_as_ofs as date[]),
+                    :name, :version, :kind, :status, :as_of, cast(:training_as_ofs as date[]),
                     :validation_as_of, :holdout_as_of, cast(:feature_snapshots as jsonb),
                     cast(:feature_names as jsonb), cast(:encodings as jsonb),
                     cast(:params as jsonb), cast(:metrics as jsonb), cast(:decision as jsonb),
@@ -240,15 +266,15 @@ def register_model(
         )
         if promote_reason is not None:
             _move_alias(conn, name, CHAMPION, version, reason=promote_reason, actor=actor, force=False)
-    log.info("registered model %s v%d (%s, %d bytes)", name, version, status, len(model_text))
+    log.info("registered model %s v%d (%s %s, %d bytes)", name, version, kind, status, len(model_text))
     return version
 
 
-def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tuple[lgb.Booster, ModelRecord]:
-    """The booster and record of `name` at `version` (the champion when None).
+def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tuple[lgb.Booster | None, ModelRecord]:
+    """The booster and record of `name` at `version` (the champion when None); no booster for a baseline.
 
-    The stored text must hash to the registered sha256 and look like a LightGBM text
-    model before LightGBM parses it; otherwise ModelIntegrityError.
+    A ranker's stored text must hash to the registered sha256 and look like a LightGBM
+    text model before LightGBM parses it; otherwise ModelIntegrityError.
     """
     with engine.connect() as conn:
         row = _fetch_row(conn, name, version, with_text=True)
@@ -262,6 +288,9 @@ def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tupl
             f"model {name} v{record.version}: stored text hashes to sha256 {actual}, "
             f"registered sha256 is {record.model_sha256}; refusing to load it"
         )
+    if record.kind == "baseline":
+        log.info("loaded model %s v%d (baseline %s)", name, record.version, record.params["baseline"])
+        return None, record
     problem = _model_text_problem(text, record.feature_names)
     if problem:
         raise ModelIntegrityError(f"model {name} v{record.version}: text {problem}; refusing to load it")
@@ -287,14 +316,14 @@ def get_champion(engine: sa.Engine, name: str) -> ModelRecord | None:
 
 
 def list_models(engine: sa.Engine, name: str) -> pl.DataFrame:
-    """One row per version: version, created_at, status, as_of, holdout_as_of, is_champion,
+    """One row per version: version, created_at, kind, status, as_of, holdout_as_of, is_champion,
     then the model's own holdout metrics (metrics["model"]) as float columns."""
     with engine.connect() as conn:
         rows = (
             conn.execute(
                 sa.text(
                     """
-                select v.version, v.created_at, v.status, v.as_of, v.holdout_as_of,
+                select v.version, v.created_at, v.kind, v.status, v.as_of, v.holdout_as_of,
                        a.version is not null as is_champion, v.metrics
                 from model_versions v
                 left join model_aliases a
@@ -313,6 +342,7 @@ def list_models(engine: sa.Engine, name: str) -> pl.DataFrame:
     schema = {
         "version": pl.Int64,
         "created_at": pl.Datetime("us", "UTC"),
+        "kind": pl.Utf8,
         "status": pl.Utf8,
         "as_of": pl.Date,
         "holdout_as_of": pl.Date,
@@ -479,6 +509,18 @@ def _fetch_row(conn: sa.Connection, name: str, version: int | None, *, with_text
         conn.execute(sa.text(query), {"name": name, "version": version, "champion": CHAMPION}).mappings().one_or_none()
     )
     return None if row is None else dict(row)
+
+
+def _kind_problem(kind: str, text: str, feature_names: list[str], params: dict[str, Any]) -> str | None:
+    """Why a version of `kind` cannot have this text and params, or None if it can."""
+    if kind == "ranker":
+        problem = _model_text_problem(text, feature_names)
+        return None if problem is None else f"model_text {problem}"
+    if kind != "baseline":
+        return f"kind must be one of {KINDS}, got {kind!r}"
+    if text or not isinstance(params.get("baseline"), str):
+        return f"a baseline version has an empty model text and params {{'baseline': name}}, got params {params}"
+    return None
 
 
 def _model_text_problem(text: str, feature_names: list[str]) -> str | None:

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 
 from ranking.candidates import FEATURE_NAMES, PRIOR_FEATURE, CandidateConfig, SnapshotTables, build_ranking_frame
+from recsys.errors import ExpectedError
 
 TIE_BREAK = "item_popularity_rank_4w"
 
@@ -20,7 +21,7 @@ class ScoringModel:
     categories: list[str]
 
 
-class IncompatibleModelError(ValueError):
+class IncompatibleModelError(ExpectedError, ValueError):
     """The champion needs features or encodings that this code and snapshot cannot provide."""
 
 

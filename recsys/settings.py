@@ -83,6 +83,20 @@ class Settings(BaseSettings):
         default=5_000, ge=1, description="Users whose features one partition reads and scores at a time."
     )
     keep_versions: int = Field(default=2, ge=2)
+    # checks of a new publication before it goes live (inference.checks): out of bounds, it is held
+    publish_max_top_item_share: float = Field(
+        default=0.98, ge=0, le=1, description="Hold if more than this share of lists start with the same item."
+    )
+    publish_max_unknown_items: int = Field(
+        default=0, ge=0, description="Hold if more recommended items than this are not in the item table."
+    )
+    publish_min_list_length: int = Field(default=1, ge=1, description="Hold if a personal list is shorter.")
+    publish_max_fallback_share: float = Field(
+        default=0.9, ge=0, le=1, description="Hold if more than this share of scored users get the fallback."
+    )
+    publish_hold_unchanged: bool = Field(
+        default=True, description="Hold if no user's list changed although the feature snapshot did."
+    )
 
     # archive of published lists and their realized quality
     archive_weeks: int = Field(default=52, ge=1, description="Weeks of published lists kept in Postgres.")

@@ -4,6 +4,8 @@ flow and the backtest."""
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from recsys.errors import ExpectedError
+
 WEEK = timedelta(weeks=1)
 
 
@@ -22,12 +24,16 @@ class WeekPlan:
         return [*self.train, self.validation, self.holdout]
 
 
+class NotEnoughHistory(ExpectedError, ValueError):
+    """Fewer labelled snapshots before `as_of` than a model needs."""
+
+
 def plan_weeks(labelled: list[date], as_of: date, training_weeks: int) -> WeekPlan:
     """Latest labelled week before `as_of` is the holdout, the one before validates,
     up to `training_weeks` earlier ones train. Only weeks whose labels are complete count."""
     usable = sorted(d for d in set(labelled) if d + WEEK <= as_of)
     if len(usable) < 3:
-        raise ValueError(
+        raise NotEnoughHistory(
             f"training as of {as_of} needs at least 3 weeks with labelled users before it (training weeks, "
             f"a validation week, a holdout week); found {len(usable)}: {[str(d) for d in usable]}. "
             "Compute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"

@@ -6,8 +6,11 @@ from training.plan import WeekPlan, staleness
 from training.promotion import Decision
 
 
-def metrics_markdown(version: int, plan: WeekPlan, evaluation: WeekEvaluation, decision: Decision, k: int) -> str:
-    """Markdown: the decision, every recommender's metrics on the holdout, and candidate recall."""
+def metrics_markdown(
+    version: int, plan: WeekPlan, evaluation: WeekEvaluation, decision: Decision, k: int, champion: str
+) -> str:
+    """Markdown: the decision and the champion now live, every recommender's metrics on the holdout,
+    and candidate recall."""
     names = metrics.METRIC_NAMES
     ndcg = f"ndcg@{k}"
     results = evaluation.metrics
@@ -25,6 +28,8 @@ def metrics_markdown(version: int, plan: WeekPlan, evaluation: WeekEvaluation, d
             f"# Model v{version}: {verdict}",
             "",
             decision.reason,
+            "",
+            f"Champion now: {champion}",
             "",
             *([f"⚠️ {stale}", ""] if (stale := staleness(plan)) else []),
             f"Holdout week {plan.holdout}; validation {plan.validation}; trained on {', '.join(map(str, plan.train))}",

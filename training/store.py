@@ -47,11 +47,14 @@ def read_item_features(engine: sa.Engine, as_of: date) -> pl.DataFrame:
 
 
 def snapshot_digests(engine: sa.Engine, weeks: list[date]) -> dict[str, str]:
-    """Lineage: the digest of every passed feature and label table of `weeks`, as `table@as_of`."""
+    """Lineage: the digest of every passed feature and label table of `weeks`, as `table@as_of`,
+    and the raw source each week's features were computed from, as `source@as_of`."""
     summary = pl.concat(
         [feature_store.snapshot_summary(engine, w).with_columns(pl.lit(w).alias("as_of")) for w in weeks]
     )
-    return {f"{r['table_name']}@{r['as_of']}": r["digest"] for r in summary.iter_rows(named=True) if r["passed"]}
+    digests = {f"{r['table_name']}@{r['as_of']}": r["digest"] for r in summary.iter_rows(named=True) if r["passed"]}
+    sources = feature_store.snapshot_sources(engine, weeks)
+    return digests | {f"source@{w}": s for w, s in sources.items() if s is not None}
 
 
 def register_and_gate(
@@ -66,10 +69,30 @@ def register_and_gate(
     k: int,
     margin: float,
     flow_run_id: str | None,
-) -> tuple[int, promotion.Decision]:
+) -> tuple[int, promotion.Decision, registry.ModelRecord]:
     """Register the model with its evaluation and lineage and, only if it passes the gate,
-    as champion (one transaction). Returns the new version and the gate's decision."""
-    decision = promotion.decide(evaluation.metrics, metric=f"ndcg@{k}", margin=margin)
+    as champion (one transaction). When the gate leaves a baseline to serve, register that
+    baseline as a version and make it champion (one transaction).
+
+    Returns the model's version, the gate's decision and the champion live afterwards.
+    """
+    held = registry.get_champion(engine, name)
+    decision = promotion.decide(
+        evaluation.metrics,
+        metric=f"ndcg@{k}",
+        margin=margin,
+        champion_baseline=held.params["baseline"] if held is not None and held.kind == "baseline" else None,
+        holdout=week_plan.holdout,
+    )
+    lineage = {
+        "as_of": week_plan.as_of,
+        "validation_as_of": week_plan.validation,
+        "holdout_as_of": week_plan.holdout,
+        "feature_snapshots": snapshot_digests(engine, week_plan.weeks),
+        "flow_run_id": flow_run_id,
+        "code_version": package_version("weekly-recs"),
+        "actor": "training-flow",
+    }
     version = registry.register_model(
         engine,
         name=name,
@@ -78,16 +101,26 @@ def register_and_gate(
         encodings={"category": categories},
         params=model.params | {"best_iteration": model.best_iteration, "candidates": asdict(config)},
         metrics=evaluation.metrics | {"candidate_recall": evaluation.candidate_recall},
-        as_of=week_plan.as_of,
         training_as_ofs=week_plan.train,
-        validation_as_of=week_plan.validation,
-        holdout_as_of=week_plan.holdout,
-        feature_snapshots=snapshot_digests(engine, week_plan.weeks),
-        flow_run_id=flow_run_id,
-        code_version=package_version("weekly-recs"),
         status="registered" if decision.promote else "rejected",
         decision=decision,
         promote_reason=decision.reason if decision.promote else None,
-        actor="training-flow",
+        **lineage,
     )
-    return version, decision
+    if decision.serve_baseline is not None:
+        registry.register_model(
+            engine,
+            name=name,
+            kind="baseline",
+            model_text="",
+            feature_names=[],
+            encodings={},
+            params={"baseline": decision.serve_baseline, "candidates": asdict(config)},
+            # The version's own numbers under "model", as for a ranker; the rest is the same holdout.
+            metrics=evaluation.metrics | {"model": evaluation.metrics[decision.serve_baseline]},
+            training_as_ofs=[],
+            decision=decision,
+            promote_reason=decision.reason,
+            **lineage,
+        )
+    return version, decision, registry.get_champion(engine, name)

@@ -142,6 +142,22 @@ def wait_for_final_state(served: Served, run_id: UUID) -> "FlowRun":
     pytest.fail(f"run {run_id} not finished after {RUN_TIMEOUT_S:.0f} s\n{_tail(served.log_path)}")
 
 
+def wait_for_log_line(served: Served, run_id: UUID, text: str, timeout_s: float = 30.0) -> bool:
+    """Whether a log line of the run containing `text` reaches the API (runs send their logs in batches)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    run_lines = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+    started, seen = time.monotonic(), 0
+    while time.monotonic() - started < timeout_s:
+        page = served.client.read_logs(log_filter=run_lines, offset=seen, limit=200)
+        if any(text in entry.message for entry in page):
+            return True
+        seen += len(page)
+        if len(page) < 200:
+            time.sleep(0.5)
+    return False
+
+
 def running_interval(served: Served, run_id: UUID) -> tuple[float, float]:
     """When the run entered Running and when it left it, from its state history."""
     states = sorted(served.client.read_flow_run_states(run_id), key=lambda s: s.timestamp)
@@ -178,6 +194,8 @@ def test_ad_hoc_runs_in_order_publish_the_weeks_recommendations(served: Served, 
         assert {name: run.parameters[name] for name in parameters} == parameters
         if deployment == "features/weekly":  # the source is a deployment parameter, shown in the UI
             assert run.parameters["source"] == "synthetic"
+            # The project's own log lines reach the run's logs in the UI, not only Prefect's.
+            assert wait_for_log_line(served, run.id, "feature snapshots to compute"), _tail(served.log_path)
 
     keys = serving.KeySpace(REDIS_PREFIX)
     live = stores.redis.get(keys.live)

@@ -95,6 +95,9 @@ def test_champion_and_publication_carry_lineage(weekly_job):
     assert any(key.startswith("labels@") for key in champion.feature_snapshots)
     assert published.height == 1 and published["model_version"][0] == champion.version
     assert published["feature_as_of"][0] == AS_OF
+    # The raw source shows in both: the default synthetic log.
+    assert champion.feature_snapshots[f"source@{champion.holdout_as_of}"] == "synthetic"
+    assert published["feature_source"][0] == "synthetic"
 
 
 def test_unknown_user_gets_the_fallback_list_from_the_cli(weekly_job):

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.definitions import (
+    RESOLVE_SPECS,
     SPECS,
     build_deployments,
     full_name,
@@ -90,3 +91,31 @@ def test_banner_gives_ui_and_an_ad_hoc_command_per_deployment_without_secrets() 
     for spec in SPECS:
         assert f"{spec.cli_command} --as-of 2026-11-23" in banner
     assert "PREFECT_API_AUTH_STRING" in banner
+
+
+@pytest.fixture(scope="module")
+def resolve_deployments() -> dict:
+    return {f"{d.flow_name}/{d.name}": d for d in build_deployments(Settings(), RESOLVE_SPECS)}
+
+
+def test_resolve_deployments_run_on_demand_only_and_require_a_reason(resolve_deployments: dict) -> None:
+    assert sorted(resolve_deployments) == [
+        "model-promote/on-demand", "model-rollback/on-demand",
+        "publication-approve/on-demand", "publication-rollback/on-demand",
+    ]  # fmt: skip
+    for name, deployment in resolve_deployments.items():
+        assert deployment.schedules == [], name
+        assert deployment.concurrency_limit == 1, name
+    for spec in RESOLVE_SPECS:
+        assert "reason" in load_flow(spec.flow_path).parameters.required, spec.flow_path
+    assert load_flow("flows.resolve:publication_approve_flow").parameters.required == ["version", "reason"]
+    assert resolve_deployments["model-promote/on-demand"].entrypoint == "flows.resolve.model_promote_flow"
+
+
+def test_banner_gives_a_run_command_with_a_reason_for_each_resolve_deployment() -> None:
+    banner = describe_serving("http://127.0.0.1:4200/api", None, Settings(), example_as_of=date(2026, 11, 23))
+
+    for spec in RESOLVE_SPECS:
+        (line,) = [line for line in banner.splitlines() if f"prefect deployment run {full_name(spec)}" in line]
+        assert "--param reason=" in line and spec.cli_command in line
+    assert "publication-approve/on-demand --param version=VERSION --param reason=" in banner

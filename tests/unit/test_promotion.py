@@ -70,3 +70,48 @@ def test_decide_gates_the_model_on_the_best_reported_baseline_or_the_champion():
         True, "no champion yet: candidate ndcg@10 0.1500 beats recent_popular 0.1200"
     )
     assert not decide(results | {"champion": {"ndcg@10": 0.15}}, metric="ndcg@10", margin=0.0).promote
+
+
+HOLDOUT_RESULTS = {
+    "model": {"ndcg@10": 0.09},
+    "recent_popular": {"ndcg@10": 0.08},
+    "all_time_popular": {"ndcg@10": 0.05},
+    "item_knn": {"ndcg@10": 0.10},
+}
+
+
+def test_a_losing_model_without_champion_leaves_the_best_baseline_to_serve():
+    decision = decide(HOLDOUT_RESULTS, metric="ndcg@10", margin=0.0, holdout="1998-02-23")
+    assert decision == Decision(
+        False,
+        "no model has won the gate yet: serving the best baseline item_knn (ndcg@10 0.1000 on holdout 1998-02-23; "
+        "model 0.0900)",
+        serve_baseline="item_knn",
+    )
+
+
+def test_a_baseline_champion_that_is_still_the_best_is_kept():
+    decision = decide(HOLDOUT_RESULTS, metric="ndcg@10", margin=0.0, champion_baseline="item_knn")
+    assert not decision.promote and decision.serve_baseline is None
+    assert decision.reason.startswith("keeps the champion: candidate ndcg@10 0.0900 does not beat champion 0.1000")
+
+
+def test_a_baseline_champion_that_is_no_longer_the_best_is_switched_even_when_the_model_beats_it():
+    for model in (0.07, 0.09):  # below, then above the champion recent_popular; never above item_knn
+        results = HOLDOUT_RESULTS | {"model": {"ndcg@10": model}}
+        decision = decide(results, metric="ndcg@10", margin=0.0, champion_baseline="recent_popular")
+        assert not decision.promote and decision.serve_baseline == "item_knn"
+        assert decision.reason.startswith("the champion baseline recent_popular is no longer the best")
+
+
+def test_a_model_beating_every_baseline_replaces_a_baseline_champion():
+    results = HOLDOUT_RESULTS | {"model": {"ndcg@10": 0.2}}
+    decision = decide(results, metric="ndcg@10", margin=0.1, champion_baseline="item_knn")
+    assert decision.promote and decision.serve_baseline is None
+    assert decision.reason.startswith("promotes the candidate: candidate ndcg@10 0.2000 beats champion 0.1000")
+
+
+def test_a_trained_champion_is_kept_when_the_model_loses():
+    results = HOLDOUT_RESULTS | {"champion": {"ndcg@10": 0.095}}
+    decision = decide(results, metric="ndcg@10", margin=0.0)
+    assert not decision.promote and decision.serve_baseline is None

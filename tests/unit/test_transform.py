@@ -445,3 +445,15 @@ def test_events_at_or_after_as_of_never_change_a_snapshot(past, future, releases
 
     for name, frame in expected.items():
         assert_frame_equal(actual[name], frame, check_exact=True)
+
+
+def test_required_weeks_are_the_history_training_needs_and_as_of():
+    as_of = date(1998, 3, 2)
+    assert transform.required_weeks(as_of, 2) == [date(1998, 2, 16), date(1998, 2, 23), as_of]
+
+
+def test_required_weeks_skip_weeks_whose_snapshot_would_see_no_event():
+    as_of = date(1997, 10, 6)
+    first_event = datetime(1997, 9, 22, tzinfo=UTC)  # a Monday: the snapshot of that Monday sees nothing
+    assert transform.required_weeks(as_of, 6, first_event) == [date(1997, 9, 29), as_of]
+    assert transform.required_weeks(as_of, 6, datetime(1997, 10, 6, tzinfo=UTC)) == []

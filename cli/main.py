@@ -6,11 +6,11 @@ import logging
 import os
 import sys
 
-from cli import explain, jobs, models, publish, quality
+from cli import explain, jobs, models, publish, quality, replay
 from recsys.settings import Settings
 
 LIBRARY_LOGGERS = "recsys,features,ranking,training,inference,flows,deployments,cli"
-COMMAND_GROUPS = (jobs, publish, models, quality, explain)
+COMMAND_GROUPS = (jobs, replay, publish, models, quality, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

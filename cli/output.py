@@ -37,7 +37,8 @@ def print_rows(rows: Sequence[dict], columns: Sequence[tuple[str, str]], *, as_j
         table.add_column(header, justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         table.add_row(*(_cell(row.get(key)) for key, _ in columns))
-    Console(soft_wrap=False).print(table)
+    # A pipe or a file gets whole lines, not the 80 columns rich assumes without a terminal.
+    Console(soft_wrap=False, width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def _cell(value: Any) -> str:

@@ -33,11 +33,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightgbm as lgb
 import polars as pl
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
 
 from recsys.errors import ExpectedError
 
@@ -270,7 +272,7 @@ def register_model(
     return version
 
 
-def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tuple[lgb.Booster | None, ModelRecord]:
+def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tuple["lgb.Booster | None", ModelRecord]:
     """The booster and record of `name` at `version` (the champion when None); no booster for a baseline.
 
     A ranker's stored text must hash to the registered sha256 and look like a LightGBM
@@ -294,6 +296,8 @@ def load_model(engine: sa.Engine, name: str, version: int | None = None) -> tupl
     problem = _model_text_problem(text, record.feature_names)
     if problem:
         raise ModelIntegrityError(f"model {name} v{record.version}: text {problem}; refusing to load it")
+    import lightgbm as lgb  # here: the registry's read commands should not pay for importing it
+
     booster = lgb.Booster(model_str=text)
     log.info("loaded model %s v%d (%s)", name, record.version, record.status)
     return booster, record
@@ -450,7 +454,8 @@ def _move_alias(
     if target.status == "rejected" and not force:
         why = (target.decision or {}).get("reason", "no reason recorded")
         raise AliasChangeError(
-            f"model {name} v{version} was rejected ({why}); pass force=True to point {alias!r} at it anyway"
+            f"model {name} v{version} was rejected ({why}); "
+            f"pass --force (recsys models promote) or force=True to point {alias!r} at it anyway"
         )
     current = conn.execute(
         sa.text("select version from model_aliases where name = :name and alias = :alias"),

@@ -1,5 +1,6 @@
 """The CLI's contract: exit codes, one `error:` line on stderr, and checks before any server starts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,22 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+
+
+def test_tables_for_people_and_json_lines_for_scripts(capsys):
+    from datetime import date
+
+    from cli.output import print_rows
+
+    rows = [{"version": 2, "status": "champion", "as_of": date(1998, 3, 2), "ndcg@10": 0.16091}]
+    columns = [("version", "version"), ("status", "status"), ("as_of", "as_of"), ("ndcg@10", "ndcg@10")]
+    print_rows(rows, columns, as_json=False, title="model weekly-ranker")
+    table = capsys.readouterr().out
+    assert "shape:" not in table and "dtype" not in table  # not a raw polars frame
+    assert "model weekly-ranker" in table and "1998-03-02" in table and "0.1609" in table
+    print_rows(rows, columns, as_json=True)
+    assert json.loads(capsys.readouterr().out) == {
+        "version": 2, "status": "champion", "as_of": "1998-03-02", "ndcg@10": 0.16091
+    }  # fmt: skip
+    print_rows([], columns, as_json=False, title="publications")
+    assert capsys.readouterr().out == "publications: none\n"

@@ -90,8 +90,16 @@ def prefect_harness() -> Iterator[None]:
     """One temporary Prefect API for every flow test of the session."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
     with prefect_test_harness(server_startup_timeout=120):
         yield
+        # Deliver the events and logs still queued while the server is up: the harness's API is
+        # slower than the flows that emit them, and a worker left holding items for a stopped
+        # server keeps the test process from ever exiting.
+        EventsWorker.drain_all(timeout=300)
+        APILogWorker.drain_all(timeout=300)
 
 
 @pytest.fixture

@@ -120,6 +120,8 @@ def test_a_feature_flow_run_shows_its_validation_artifact(
     """A real feature flow run reported to this server: its Artifacts tab and the artifact's page."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from features.synthetic import ensure_synthetic_log
@@ -144,6 +146,10 @@ def test_a_feature_flow_run_shows_its_validation_artifact(
             artifacts = client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
             )
+        # Send this run's queued events and logs to this server now: once the module's server
+        # stops, workers still holding them would keep the test process from exiting.
+        EventsWorker.drain_all(timeout=60)
+        APILogWorker.drain_all(timeout=60)
     assert [a.key for a in artifacts] == ["feature-validation"]
 
     run_page = visible_text(ui.render(f"/runs/flow-run/{run_id}"))

@@ -88,10 +88,9 @@ def flow_env(clean_stores: Stores, settings: Settings, monkeypatch: pytest.Monke
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """One temporary Prefect API for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield

@@ -32,7 +32,11 @@ def cmd_models(args, settings: Settings) -> int:
     with open_stores(settings) as stores:
         registry.ensure_schema(stores.engine)
         if args.models_command == "list":
-            rows = registry.list_models(stores.engine, name).to_dicts()
+            # Counts come back as floats with the metrics; people read them as whole numbers.
+            rows = [
+                r | {"users": None if r.get("users") is None else int(r["users"])}
+                for r in registry.list_models(stores.engine, name).to_dicts()
+            ]
             k = settings.eval_k
             columns = [
                 ("version", "version"), ("kind", "kind"), ("status", "status"), ("is_champion", "champion"),

@@ -242,17 +242,11 @@ def _load_champion(engine: sa.Engine, model_name: str) -> tuple[ScoringModel | N
     if record is None:
         return None, None, [f"model {model_name} has no champion: no model has been trained yet (recsys train)"]
     info = {"name": record.name, "version": record.version, "status": record.status, "as_of": record.as_of}
-    if not is_lightgbm(record):
+    if record.kind != "ranker":
         return None, info, [f"champion {record.name} v{record.version} is not a LightGBM model: no scores to explain"]
     booster, record = registry.load_model(engine, model_name, record.version)
     check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
     return ScoringModel(booster, record.feature_names, record.encodings["category"]), info, []
-
-
-def is_lightgbm(record: registry.ModelRecord) -> bool:
-    """Whether a registered model is a LightGBM booster: the training flow records its `objective`
-    in the params; a model of another kind (e.g. a baseline champion) has none."""
-    return "objective" in record.params
 
 
 def _published_list(

@@ -5,7 +5,7 @@ where a test needs one, a champion trained on EARLIER, written directly (no flow
 """
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 import lightgbm as lgb
@@ -18,6 +18,7 @@ from features import store
 from features.synthetic import generate_log
 from features.transform import week_start
 from inference import explain
+from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.scoring import ScoringModel
 from recsys.settings import Settings
@@ -138,7 +139,13 @@ def test_without_a_champion_the_candidates_are_still_explained(seeded: Stores, s
 
 
 def test_a_champion_that_is_not_lightgbm_is_shown_without_scores(seeded: Stores, settings: Settings, seed: Seed):
-    register_champion(seeded.engine, settings.model_name, replace(seed.model, params={}), seed.categories, EARLIER)
+    registry.ensure_schema(seeded.engine)
+    registry.register_model(
+        seeded.engine, name=settings.model_name, model_text="", feature_names=[], encodings={},
+        params={"baseline": "recent_popular"}, metrics={}, as_of=EARLIER, training_as_ofs=[],
+        validation_as_of=None, holdout_as_of=None, feature_snapshots={}, kind="baseline",
+        promote_reason="a baseline champion, as before any model has won the gate", actor="test",
+    )  # fmt: skip
 
     explained = run_explain(seeded, settings, seed.user())
 

@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from training.collaborative import recommend_als, recommend_ease, score_als, score_ease
+from features.collaborative import recommend_als, recommend_ease, score_als, score_ease
 
 # Users 1-3 consume items 1 and 2 together; users 5-8 consume items 3 and 4 together (more
 # popular); user 4 has consumed only item 1, so item 2 is the one that goes with it.

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(result) + (
         f"\nSource `{args.source}`: {raw.events.height} events; backtest took {elapsed:.0f}s. "
         f"Overall model / best baseline ({overall['best_baseline']}): {overall['ratio']:.2f}× "
+        f"[{result.confidence:.0%} CI {overall['ratio_low']:.2f}×, {overall['ratio_high']:.2f}×] "
         f"(target ≥ {TARGET_RATIO:.2f}×).\n"
     )
     print(table)

@@ -241,6 +241,7 @@ TASK_STAGES = {
     "build_training_frame": "candidate build",
     "fit_ranker": "train",
     "evaluate_on_holdout": "evaluate",
+    "train_and_evaluate_week": "train",  # the gate: candidate build, training and evaluation of one week
     "score_partition": "partitions",
     "publish_fallback": "publish",
     "make_live": "publish",

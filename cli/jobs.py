@@ -134,11 +134,19 @@ def print_training(result: dict, settings: Settings) -> None:
     k = settings.eval_k
     print(f"model v{result['version']} ({'champion' if result['promote'] else 'rejected'}): {result['reason']}")
     print(f"  champion now: {result['champion']}")
-    print(f"  holdout metrics at K={k}:")
+    weeks = result.get("gate_weeks", [result["holdout"]])
+    print(f"  gate metrics at K={k}, pooled over {len(weeks)} week(s) {weeks[0]} … {weeks[-1]}:")
+    gains = result.get("gains", {})
     for who, m in result["metrics"].items():
+        gain = gains.get(who)
+        interval = (
+            ""
+            if gain is None or None in (gain["gain"], gain["low"], gain["high"])
+            else (f"  model gain {gain['gain']:+.1%} [{gain['low']:+.1%}, {gain['high']:+.1%}]")
+        )
         print(
             f"    {who:<17} ndcg {m[f'ndcg@{k}']:.4f}  recall {m[f'recall@{k}']:.4f}  "
-            f"hitrate {m[f'hitrate@{k}']:.4f}  map {m[f'map@{k}']:.4f}  users {m['users']}"
+            f"hitrate {m[f'hitrate@{k}']:.4f}  map {m[f'map@{k}']:.4f}  (user, week) units {m['users']}{interval}"
         )
 
 

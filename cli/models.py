@@ -69,7 +69,9 @@ def _describe(fields: dict) -> str:
         if key == "metrics" and isinstance(value, dict):
             lines.append("metrics:")
             for who, metrics in value.items():
-                if isinstance(metrics, dict):
+                if who == "gains" and isinstance(metrics, dict):
+                    lines += [_describe_gain(over, gain) for over, gain in metrics.items()]
+                elif isinstance(metrics, dict):
                     shown = "  ".join(
                         f"{m} {v:.4f}" if isinstance(v, float) else f"{m} {v}" for m, v in metrics.items()
                     )
@@ -79,3 +81,15 @@ def _describe(fields: dict) -> str:
         else:
             lines.append(f"{key}: {to_json(value) if isinstance(value, dict | list) else value}")
     return "\n".join(lines)
+
+
+def _describe_gain(over: str, gain: dict) -> str:
+    """'  model / ease        +24.0% [95% CI +2.7%, +51.2%] over 308 (user, week) units'."""
+
+    def percent(value: float | None) -> str:
+        return "unbounded" if value is None else f"{value:+.1%}"
+
+    return (
+        f"  {'model / ' + over:<18} {percent(gain['gain'])} [{gain['confidence']:.0%} CI {percent(gain['low'])}, "
+        f"{percent(gain['high'])}] over {gain['units']} (user, week) units"
+    )

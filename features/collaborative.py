@@ -6,6 +6,8 @@ before as_of, read as a binary user×item matrix) and follow the baselines' cont
 items already consumed excluded unless `exclude_consumed=False`, ties broken by item_id.
 `score_*` returns the same top-m lists with their scores, (user_id, item_id, score, rank),
 for use as a candidate source or ranker feature; `recommend_*` is built on it.
+`fit_ease`/`fit_als` fit once and return a `FittedScorer` that scores any batch of the
+snapshot's users: evaluation and serving fit once per snapshot, then score in batches.
 
 Users absent from the history (cold users) get no rows: fill them from a popularity
 baseline if they need a list.
@@ -54,7 +56,13 @@ def score_ease(
     max_items: int = 10_000,
     exclude_consumed: bool = True,
 ) -> pl.DataFrame:
-    """Top-m (user_id, item_id, score, rank) per user by EASE (Steck 2019).
+    """Top-m (user_id, item_id, score, rank) per user by EASE; see `fit_ease`."""
+    _require_positive(m=m)
+    return fit_ease(history, l2=l2, max_items=max_items).score(users, m, exclude_consumed=exclude_consumed)
+
+
+def fit_ease(history: pl.DataFrame, *, l2: float = 200.0, max_items: int = 10_000) -> "FittedScorer":
+    """EASE (Steck 2019) fitted once on one snapshot's history, to score any of its users.
 
     B = I - P / diag(P) with P = (XᵀX + l2·I)⁻¹ and diag(B) = 0; a user's scores are x_u·B.
     Memory grows with the square of the catalogue n: one dense float64 n×n matrix, 8·n²
@@ -63,7 +71,7 @@ def score_ease(
     `max_items` items consumed by the most users (ties by item_id); the others are neither
     learned from nor recommended.
     """
-    _require_positive(m=m, l2=l2, max_items=max_items)
+    _require_positive(l2=l2, max_items=max_items)
     started = time.perf_counter()
     matrix = _build_interactions(history, max_items=max_items)
     x = matrix.user_items
@@ -73,14 +81,11 @@ def score_ease(
     weights = scipy.linalg.inv(gram.T, overwrite_a=True, check_finite=False)
     weights /= -np.diag(weights)
     weights[np.diag_indices_from(weights)] = 0.0
-    fitted = time.perf_counter()
-    scored = _score_top(matrix, users, m, lambda rows: x[rows] @ weights, exclude_consumed)
     log.info(
-        "ease: %d users × %d items (of %d), l2 %g: fit %.2fs, scored %d users in %.2fs",
-        x.shape[0], x.shape[1], matrix.catalogue, l2, fitted - started,
-        scored[USER].n_unique(), time.perf_counter() - fitted,
+        "ease: %d users × %d items (of %d), l2 %g: fit %.2fs",
+        x.shape[0], x.shape[1], matrix.catalogue, l2, time.perf_counter() - started,
     )  # fmt: skip
-    return scored
+    return FittedScorer("ease", matrix, lambda rows: x[rows] @ weights)
 
 
 def recommend_als(
@@ -117,15 +122,35 @@ def score_als(
     threads: int = 1,
     exclude_consumed: bool = True,
 ) -> pl.DataFrame:
-    """Top-m (user_id, item_id, score, rank) per user by implicit's AlternatingLeastSquares (CPU).
+    """Top-m (user_id, item_id, score, rank) per user by implicit ALS; see `fit_als`."""
+    _require_positive(m=m)
+    fitted = fit_als(
+        history, factors=factors, regularization=regularization, iterations=iterations, alpha=alpha,
+        seed=seed, threads=threads,
+    )  # fmt: skip
+    return fitted.score(users, m, exclude_consumed=exclude_consumed)
+
+
+def fit_als(
+    history: pl.DataFrame,
+    *,
+    factors: int = 32,
+    regularization: float = 10.0,
+    iterations: int = 15,
+    alpha: float = 2.0,
+    seed: int = 42,
+    threads: int = 1,
+) -> "FittedScorer":
+    """implicit's AlternatingLeastSquares (CPU) fitted once on one snapshot's history.
 
     Every consumed pair has confidence `alpha`; a score is the dot product of the user's
     and the item's factors. The same seed and data give the same factors for any `threads`
     (each user's and item's solve is independent); BLAS runs on one thread during the fit.
+    Memory: (users + items) × factors float32, plus the sparse history.
     """
     from implicit.cpu.als import AlternatingLeastSquares  # heavy import, only when asked for
 
-    _require_positive(m=m, factors=factors, iterations=iterations, alpha=alpha, threads=threads)
+    _require_positive(factors=factors, iterations=iterations, alpha=alpha, threads=threads)
     if regularization < 0:
         raise ValueError(f"regularization must be >= 0, got {regularization}")
     started = time.perf_counter()
@@ -136,15 +161,18 @@ def score_als(
             random_state=seed, num_threads=threads,
         )  # fmt: skip
         model.fit(matrix.user_items.astype(np.float32), show_progress=False)
-    fitted = time.perf_counter()
     user_factors, item_factors = model.user_factors, model.item_factors
-    scored = _score_top(matrix, users, m, lambda rows: user_factors[rows] @ item_factors.T, exclude_consumed)
     log.info(
-        "als: %d users × %d items, %d factors, %d iterations: fit %.2fs, scored %d users in %.2fs",
-        *matrix.user_items.shape, factors, iterations, fitted - started,
-        scored[USER].n_unique(), time.perf_counter() - fitted,
+        "als: %d users × %d items, %d factors, %d iterations: fit %.2fs",
+        *matrix.user_items.shape, factors, iterations, time.perf_counter() - started,
     )  # fmt: skip
-    return scored
+    return FittedScorer("als", matrix, lambda rows: user_factors[rows] @ item_factors.T)
+
+
+def count_items(history: pl.DataFrame) -> int:
+    """Distinct items in a snapshot's history: the n of EASE's n×n memory (8·n² bytes)."""
+    require_columns(history.columns, (ITEM,), "history")
+    return history.get_column(ITEM).n_unique()
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,27 @@ class _Interactions:
     user_ids: np.ndarray
     item_ids: np.ndarray
     catalogue: int  # distinct items in the history, before any restriction
+
+
+@dataclass(frozen=True)
+class FittedScorer:
+    """A collaborative model fitted on one snapshot: scores any of the users it learned from."""
+
+    name: str
+    matrix: _Interactions
+    scores_of: Callable[[np.ndarray], np.ndarray]  # matrix rows -> dense scores over matrix.item_ids
+
+    def score(self, users: pl.Series | Sequence[int], m: int, *, exclude_consumed: bool = True) -> pl.DataFrame:
+        """Top-m (user_id, item_id, score, rank) of each known user in `users`; cold users get no rows."""
+        _require_positive(m=m)
+        started = time.perf_counter()
+        scored = _score_top(self.matrix, users, m, self.scores_of, exclude_consumed)
+        log.info("%s: scored %d users in %.2fs", self.name, scored[USER].n_unique(), time.perf_counter() - started)
+        return scored
+
+    def recommend(self, users: pl.Series | Sequence[int], k: int, *, exclude_consumed: bool = True) -> pl.DataFrame:
+        """Top-k (user_id, item_id, rank) of each known user in `users`."""
+        return self.score(users, k, exclude_consumed=exclude_consumed).select(USER, ITEM, RANK)
 
 
 def _build_interactions(history: pl.DataFrame, *, max_items: int | None) -> _Interactions:

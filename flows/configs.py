@@ -7,6 +7,7 @@ evaluation and inference are configured alike.
 
 from features.synthetic import SyntheticLogConfig
 from inference.checks import CheckBounds
+from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig
 from recsys.settings import Settings
 from training.ranker import RankerParams
@@ -22,14 +23,41 @@ def ranker_params(settings: Settings) -> RankerParams:
     return RankerParams(seed=settings.seed, num_threads=settings.num_threads)
 
 
+def collaborative_config(settings: Settings) -> CollaborativeConfig:
+    """EASE's and ALS's settings (baselines in evaluation, the gate and serving alike)."""
+    return CollaborativeConfig(
+        ease_l2=settings.ease_l2,
+        ease_max_items=settings.ease_max_items,
+        als_factors=settings.als_factors,
+        als_regularization=settings.als_regularization,
+        als_iterations=settings.als_iterations,
+        als_alpha=settings.als_alpha,
+        seed=settings.seed,
+        threads=settings.num_threads,
+    )
+
+
+def gate_options(settings: Settings) -> dict:
+    """The keyword arguments of `training.gate.compare` and `training.promotion.decide` that come from Settings."""
+    return {
+        "margin": settings.promotion_margin,
+        "confidence": settings.gate_confidence,
+        "resamples": settings.gate_resamples,
+        "seed": settings.seed,
+    }
+
+
 def backtest_options(settings: Settings) -> dict:
     """The keyword arguments of `training.backtest.run_backtest` that the training flow takes from Settings."""
     return (
         {
             "config": candidate_config(settings),
+            "collaborative": collaborative_config(settings),
             "params": ranker_params(settings),
             "training_weeks": settings.training_weeks,
             "k": settings.eval_k,
+            "confidence": settings.gate_confidence,
+            "resamples": settings.gate_resamples,
         }
         | feature_options(settings)
         | sampling_options(settings)
@@ -40,6 +68,7 @@ def scoring_options(settings: Settings) -> dict:
     """The keyword arguments of `inference.scoring.score_partition` that the inference flow takes from Settings."""
     return {
         "config": candidate_config(settings),
+        "collaborative": collaborative_config(settings),
         "n": settings.top_n,
         "batch_users": settings.score_batch_users,
         "prefix": settings.redis_prefix,
@@ -107,5 +136,5 @@ def publication_bounds(settings: Settings) -> CheckBounds:
 
 def history_weeks(settings: Settings) -> int:
     """How many weeks before as_of a scheduled feature run makes sure exist: what training needs
-    (its training weeks, a validation week and a holdout week)."""
-    return settings.training_weeks + 2
+    (its training weeks and a validation week before each of the gate's holdout weeks)."""
+    return settings.training_weeks + 1 + settings.gate_weeks

@@ -1,7 +1,10 @@
 """Batch scoring: which model, snapshot and users; each partition's top-N lists written to Redis; the fallback.
 
 A trained champion ranks the candidate × feature frame that training built (`ranking.candidates`);
-a baseline champion (until a model wins the gate) recommends as `ranking.baselines` does.
+a baseline champion (until a model wins the gate) recommends as `ranking.baselines` does. EASE
+and ALS learn from the snapshot's whole history: each partition reads it (user_id, item_id only)
+and fits once before scoring its users in batches; EASE above `ease_max_items` items is not
+fitted (memory 8·n² bytes) and recent popularity serves instead, with a logged reason.
 """
 
 import logging
@@ -18,8 +21,10 @@ import redis
 import sqlalchemy as sa
 
 from features import contracts, store
+from features.collaborative import FittedScorer
 from inference import publish
 from ranking import baselines, registry
+from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.scoring import check_model, score, top_n, user_batches
 
@@ -106,25 +111,39 @@ def recommend_users(
 
 
 def recommend_baseline(
-    baseline: str, tables: SnapshotTables, users: pl.Series, config: CandidateConfig, n: int
+    baseline: str,
+    tables: SnapshotTables,
+    users: pl.Series,
+    config: CandidateConfig,
+    n: int,
+    fitted: dict[str, FittedScorer] | None = None,
 ) -> pl.DataFrame:
-    """Each user's top-n item ids by the named baseline, as `recommend_users` returns them (user_id, items)."""
-    history, exclude = tables.user_item_history, config.exclude_consumed
-    if baseline == "recent_popular":
-        top = baselines.recommend_recent_popular(tables.item_features, history, users, n, exclude_consumed=exclude)
-    elif baseline == "all_time_popular":
-        top = baselines.recommend_all_time_popular(tables.item_features, history, users, n, exclude_consumed=exclude)
-    elif baseline == "item_knn":
-        top = baselines.recommend_item_knn(
-            tables.item_neighbours, history, users, n, config.recent_items,
-            item_features=tables.item_features, exclude_consumed=exclude,
-        )  # fmt: skip
-    else:
+    """Each user's top-n item ids by the named baseline, as `recommend_users` returns them (user_id, items).
+
+    EASE and ALS need `fitted` (`baselines.fit_collaborative` on the snapshot's whole history)."""
+    if baseline not in baselines.NAMES:
         raise ValueError(
-            f"unknown baseline {baseline!r}: expected recent_popular, all_time_popular or item_knn;"
+            f"unknown baseline {baseline!r}: expected one of {', '.join(baselines.NAMES)};"
             " promote another model version"
         )
+    top = baselines.recommend(baseline, tables, users, n, config, fitted or {})
     return top.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
+
+
+def fit_served_baseline(
+    engine: sa.Engine, baseline: str, snapshot: date, collaborative: CollaborativeConfig
+) -> tuple[str, dict[str, FittedScorer]]:
+    """The baseline to serve and its fitted model: EASE or ALS fitted on the snapshot's history;
+    recent popularity instead when EASE's catalogue bound refuses it (logged)."""
+    if baseline not in baselines.COLLABORATIVE:
+        return baseline, {}
+    history = store.read_table(engine, contracts.USER_ITEM_HISTORY.name, snapshot, columns=["user_id", "item_id"])
+    fitted = baselines.fit_collaborative(history, collaborative, names=[baseline])
+    if baseline not in fitted:
+        log.warning("champion baseline %s cannot be fitted on snapshot %s: serving %s", baseline, snapshot,
+                    DEFAULT_BASELINE)  # fmt: skip
+        return DEFAULT_BASELINE, {}
+    return baseline, fitted
 
 
 def score_partition(
@@ -136,6 +155,7 @@ def score_partition(
     snapshot: date,
     version: str,
     config: CandidateConfig,
+    collaborative: CollaborativeConfig,
     n: int,
     batch_users: int,
     prefix: str,
@@ -151,13 +171,16 @@ def score_partition(
     with _timing(stats, "read_s"):
         booster = None if record.kind == "baseline" else registry.load_model(engine, record.name, record.version)[0]
         items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
+    if booster is None:
+        with _timing(stats, "score_s"):
+            baseline, fitted = fit_served_baseline(engine, record.params["baseline"], snapshot, collaborative)
     for batch in user_batches(users, batch_users):
         with _timing(stats, "read_s"):
             tables = items | {c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES}
         with _timing(stats, "score_s"):
             snapshot_tables, batch_ids = SnapshotTables.from_frames(tables), pl.Series("user_id", batch, pl.Int64)
             if booster is None:
-                recs = recommend_baseline(record.params["baseline"], snapshot_tables, batch_ids, config, n)
+                recs = recommend_baseline(baseline, snapshot_tables, batch_ids, config, n, fitted)
             else:
                 recs = recommend_users(
                     booster, record.feature_names, record.encodings["category"], snapshot_tables, batch_ids,

@@ -4,17 +4,109 @@ Each takes one snapshot's feature frames and a list of users, and returns
 (user_id, item_id, rank) with rank 1 first, at most k rows per user. Items a user
 already consumed (in `history`) are excluded unless `exclude_consumed=False`. Ties are
 broken by item_id, so the output is deterministic.
+
+EASE and ALS (`features.collaborative`) learn from the snapshot's whole history: fit them
+once per snapshot with `fit_collaborative`, then `recommend` any batch of its users.
 """
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import polars as pl
 
+from features import collaborative
 from features.contracts import require_columns
 from ranking import candidates
 
 USER, ITEM, RANK = "user_id", "item_id", "rank"
 _RECS_COLUMNS = [pl.col(c).cast(pl.Int64) for c in (USER, ITEM, RANK)]
+COLLABORATIVE = ("ease", "als")
+NAMES = ("recent_popular", "all_time_popular", "item_knn", *COLLABORATIVE)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollaborativeConfig:
+    """EASE's and ALS's hyper-parameters and EASE's memory bound (defaults tuned on MovieLens 100K)."""
+
+    ease_l2: float = 200.0
+    # EASE holds one dense float64 items×items matrix, 8·n² bytes (10 000 items: 0.8 GB): above
+    # this many distinct items in the history it is not fitted at all.
+    ease_max_items: int = 10_000
+    als_factors: int = 32
+    als_regularization: float = 10.0
+    als_iterations: int = 15
+    als_alpha: float = 2.0
+    seed: int = 42
+    threads: int = 1
+
+
+def fit_collaborative(
+    history: pl.DataFrame, config: CollaborativeConfig, names: Sequence[str] = COLLABORATIVE
+) -> dict[str, collaborative.FittedScorer]:
+    """The collaborative baselines among `names` fitted on one snapshot's history, by name.
+
+    EASE is left out, with a logged reason, when the history holds more than
+    `config.ease_max_items` items; an empty history fits nothing.
+    """
+    unknown = sorted(set(names) - set(COLLABORATIVE))
+    if unknown:
+        raise ValueError(f"fit_collaborative: unknown collaborative baselines {unknown}; expected {COLLABORATIVE}")
+    history = _one_snapshot(history, "history")
+    if history.is_empty():
+        return {}
+    fitted = {}
+    if "ease" in names:
+        n_items = collaborative.count_items(history)
+        if n_items > config.ease_max_items:
+            log.warning(
+                "ease skipped: the history holds %d items, above RECSYS_EASE_MAX_ITEMS=%d "
+                "(EASE needs 8·n² bytes: %.1f GB)", n_items, config.ease_max_items, 8 * n_items**2 / 1e9,
+            )  # fmt: skip
+        else:
+            fitted["ease"] = collaborative.fit_ease(history, l2=config.ease_l2, max_items=config.ease_max_items)
+    if "als" in names:
+        fitted["als"] = collaborative.fit_als(
+            history, factors=config.als_factors, regularization=config.als_regularization,
+            iterations=config.als_iterations, alpha=config.als_alpha, seed=config.seed, threads=config.threads,
+        )  # fmt: skip
+    return fitted
+
+
+def recommend(
+    name: str,
+    tables: candidates.SnapshotTables,
+    users: pl.Series | Sequence[int],
+    k: int,
+    config: candidates.CandidateConfig,
+    fitted: dict[str, collaborative.FittedScorer],
+) -> pl.DataFrame:
+    """The named baseline's top-k (user_id, item_id, rank) for `users`, as evaluation and serving both run it.
+
+    Collaborative baselines come from `fitted` (`fit_collaborative` on the same snapshot);
+    their users without a full list (cold users) are filled with recent popularity.
+    """
+    history, exclude = tables.user_item_history, config.exclude_consumed
+    if name == "recent_popular":
+        return recommend_recent_popular(tables.item_features, history, users, k, exclude_consumed=exclude)
+    if name == "all_time_popular":
+        return recommend_all_time_popular(tables.item_features, history, users, k, exclude_consumed=exclude)
+    if name == "item_knn":
+        return recommend_item_knn(
+            tables.item_neighbours, history, users, k, config.recent_items,
+            item_features=tables.item_features, exclude_consumed=exclude,
+        )  # fmt: skip
+    if name not in NAMES:
+        raise ValueError(f"unknown baseline {name!r}: expected one of {', '.join(NAMES)}")
+    if name not in fitted:
+        raise ValueError(f"baseline {name!r} was not fitted on this snapshot (see fit_collaborative's log)")
+    _require_k(k)
+    wanted = _user_frame(users)
+    top = fitted[name].recommend(wanted[USER], k, exclude_consumed=exclude).select(_RECS_COLUMNS)
+    consumed = _consumed_pairs(history, wanted)
+    return _fill_with_recent_popular(top, wanted, tables.item_features, k, consumed if exclude else None)
 
 
 def recommend_recent_popular(
@@ -75,13 +167,20 @@ def recommend_item_knn(
     )
     if item_features is None:
         return knn.sort(USER, RANK)
+    return _fill_with_recent_popular(knn, wanted, item_features, k, consumed if exclude_consumed else None)
 
+
+def _fill_with_recent_popular(
+    recs: pl.DataFrame, users: pl.DataFrame, item_features: pl.DataFrame, k: int, consumed: pl.DataFrame | None
+) -> pl.DataFrame:
+    """`recs` with every user's list filled up to k by recent popularity (not already listed, nor consumed)."""
     short = (
-        wanted.join(knn.group_by(USER).agg(filled=pl.len()), on=USER, how="left")
+        users.join(recs.group_by(USER).agg(filled=pl.len()), on=USER, how="left")
         .with_columns(pl.col("filled").fill_null(0))
         .filter(pl.col("filled") < k)
     )
-    excluded = pl.concat([consumed, knn.select(USER, ITEM)] if exclude_consumed else [knn.select(USER, ITEM)])
+    listed = recs.select(USER, ITEM)
+    excluded = pl.concat([consumed, listed]) if consumed is not None else listed
     fill = (
         _popular_excluding(item_features, "plays_4w", short.select(USER), k, excluded)
         .join(short, on=USER)
@@ -89,7 +188,7 @@ def recommend_item_knn(
         .filter(pl.col(RANK) <= k)
         .select(_RECS_COLUMNS)
     )
-    return pl.concat([knn, fill]).sort(USER, RANK)
+    return pl.concat([recs, fill]).sort(USER, RANK)
 
 
 def _recommend_popular(

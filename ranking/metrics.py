@@ -108,6 +108,40 @@ def rank_metrics(recs: pl.DataFrame, truth: pl.DataFrame, *, k: int, n_catalogue
     return result
 
 
+def per_user_ndcg(recs: pl.DataFrame, truth: pl.DataFrame, k: int) -> pl.DataFrame:
+    """(user_id, ndcg) for every user in `truth`: NDCG@k exactly as `rank_metrics` defines it.
+
+    Its mean over users equals rank_metrics' ndcg@k; a user without recommendations scores 0.
+    """
+    if k < 1:
+        raise ValueError(f"per_user_ndcg: k must be >= 1, got {k}")
+    require_columns(recs.columns, (USER, ITEM, RANK), "recs")
+    require_columns(truth.columns, (USER, ITEM), "truth")
+    truth = truth.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64)).unique()
+    sizes = truth.group_by(USER).agg(n_truth=pl.len())
+    top = (
+        recs.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64), pl.col(RANK))
+        .filter(pl.col(RANK) <= k)
+        .join(sizes, on=USER, how="semi")
+        .sort(USER, RANK, ITEM)
+        .unique([USER, ITEM], keep="first", maintain_order=True)  # a repeated item counts at its best rank
+        .with_columns(position=pl.int_range(1, pl.len() + 1).over(USER))
+        .filter(pl.col("position") <= k)
+    )
+    dcg = (
+        top.join(truth, on=[USER, ITEM], how="semi")
+        .group_by(USER)
+        .agg(dcg=(1.0 / (pl.col("position") + 1).log(2)).sum())
+    )
+    return (
+        sizes.join(dcg, on=USER, how="left")
+        .with_columns(pl.col("dcg").fill_null(0.0), ideal_hits=pl.min_horizontal("n_truth", pl.lit(k)).cast(pl.Int64))
+        .join(_ideal_dcg_table(k), on="ideal_hits")
+        .select(USER, ndcg=pl.col("dcg") / pl.col("ideal_dcg"))
+        .sort(USER)
+    )
+
+
 def combine_weeks(per_week: list[dict]) -> dict:
     """Micro-average weekly results over (user, week): each week weighs by its user count.
 

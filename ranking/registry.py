@@ -10,10 +10,13 @@ Tables (created by `ensure_schema`):
 - `model_alias_history`: every alias change with who, when and why; append-only (a
   trigger refuses updates and deletes).
 
-`metrics` holds the numbers of one holdout week, one entry per recommender plus the
-candidates' recall: `{"model": {...}, "recent_popular": {...}, "all_time_popular": {...},
-"item_knn": {...}, "champion": {...} (only when there was one), "candidate_recall": {...}}`,
-each recommender's entry as `ranking.metrics.rank_metrics` returns it.
+`metrics` holds the gate's numbers pooled over its weeks (micro-averaged over (user, week)),
+one entry per recommender plus the candidates' recall, the model's gain over each other
+recommender with its bootstrap interval, and the weeks: `{"model": {...}, "recent_popular":
+{...}, "all_time_popular": {...}, "item_knn": {...}, "ease": {...}, "als": {...}, "champion":
+{...} (only when there was one), "candidate_recall": {...}, "gains": {"ease": {"gain", "low",
+"high", "units", "confidence", "model", "other"}, ...}, "gate_weeks": [...]}`, each
+recommender's entry as `ranking.metrics.rank_metrics` returns it (`users` counts (user, week) units).
 
 A version's status is one of:
 
@@ -23,7 +26,7 @@ A version's status is one of:
 - `retired`: held the champion alias before and was replaced (rollback can restore it).
 
 A version's kind is `ranker` (a LightGBM model) or `baseline` (params `{"baseline": name}`,
-one of `ranking.baselines`, served as champion until a model wins the gate; no model text).
+one of `ranking.baselines.NAMES`, served as champion until a model wins the gate; no model text).
 Rankers are stored and loaded as LightGBM text only, never pickled: `load_model` checks
 the sha256 and the text's shape before LightGBM parses anything.
 """

@@ -55,8 +55,34 @@ class Settings(BaseSettings):
     model_name: str = Field(default="weekly-ranker", pattern=r"^[A-Za-z0-9_.-]+$")
     training_weeks: int = Field(default=4, ge=1)
     promotion_margin: float = Field(
-        default=0.0, ge=0, description="Relative NDCG@10 gain needed to replace the champion."
+        default=0.0,
+        ge=0,
+        description="The lower bound of the relative NDCG@10 gain over the champion and the best baseline "
+        "(pooled over the gate weeks) must exceed this to promote a model.",
     )
+    gate_weeks: int = Field(
+        default=4,
+        ge=1,
+        description="Latest labelled weeks the gate pools: a model is trained as of each, on its past only, "
+        "and scored there with the champion and the baselines.",
+    )
+    gate_confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence of the gate's paired bootstrap intervals."
+    )
+    gate_resamples: int = Field(
+        default=1_000, ge=100, description="Bootstrap resamples of the (user, week) units behind each interval."
+    )
+    ease_l2: float = Field(default=200.0, gt=0, description="EASE baseline: L2 regularisation (lambda).")
+    ease_max_items: int = Field(
+        default=10_000,
+        ge=1,
+        description="EASE baseline: fitted only when the history holds at most this many items n; it holds a "
+        "dense float64 n×n matrix, 8·n² bytes (10 000 items: 0.8 GB, briefly twice that), so above it EASE is skipped.",
+    )
+    als_factors: int = Field(default=32, ge=1, description="ALS baseline (implicit): latent factors.")
+    als_regularization: float = Field(default=10.0, ge=0, description="ALS baseline: L2 regularisation.")
+    als_iterations: int = Field(default=15, ge=1, description="ALS baseline: alternating least-squares sweeps.")
+    als_alpha: float = Field(default=2.0, gt=0, description="ALS baseline: confidence of a consumed pair.")
     negatives_per_user: int = Field(
         default=50,
         ge=1,

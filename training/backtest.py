@@ -10,12 +10,14 @@ For each evaluated `as_of` T (a Monday):
   holdout is T, the model trains on T-14d, T-21d, ... (`training_weeks` of them, fewer
   when the data starts later) and early-stops on the validation week T-7d, so every
   label it learns from is complete before T;
-- the model and the three baselines are scored on the week [T, T+7d) (snapshot T,
-  labels of T) over the same evaluated users, by the protocol of design.md.
+- the model and every baseline (popularity, item-kNN, EASE, ALS) are scored on the week
+  [T, T+7d) (snapshot T, labels of T) over the same evaluated users, by the protocol of
+  design.md, with `training.gate.train_and_evaluate_week`: the training flow's own code.
 
 This is exactly the plan of the training flow run at T+7d, whose holdout is T: a
 backtest row and that run's holdout numbers agree. Overall rows micro-average over
-(user, week) with `metrics.combine_weeks`.
+(user, week) with `metrics.combine_weeks`; the model's gain over each baseline comes with
+a paired bootstrap interval over the same (user, week) units, as the gate computes it.
 """
 
 import logging
@@ -28,11 +30,12 @@ import polars as pl
 from features import transform
 from features.raw import RawData
 from ranking import metrics
+from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from recsys.clock import parse_as_of
-from training import evaluation, frames
+from training import evaluation, frames, gate
 from training.plan import WEEK, WeekPlan, plan_weeks
-from training.ranker import RankerParams, train_ranker
+from training.ranker import RankerParams
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,17 @@ class BacktestResult:
     - `candidate_recall`: one row per week and overall: share of the truth pairs among
       the candidates, for all sources together and for each one.
     - `timings`: one row per week: training rows, best iteration and seconds spent.
+    - `gains`: one row per baseline: the model's relative NDCG@k gain over it, overall, with
+      its paired bootstrap interval over (user, week) (`low`, `high`) and the units.
     """
 
     metrics: pl.DataFrame
     candidate_recall: pl.DataFrame
     timings: pl.DataFrame
+    gains: pl.DataFrame
     k: int
     training_weeks: int
+    confidence: float
 
 
 class _Snapshots:
@@ -99,6 +106,7 @@ def run_backtest(
     weeks: list[date],
     *,
     config: CandidateConfig,
+    collaborative: CollaborativeConfig,
     params: RankerParams,
     training_weeks: int,
     recent_items: int,
@@ -108,11 +116,13 @@ def run_backtest(
     k: int,
     max_users: int | None,
     batch_users: int,
+    confidence: float,
+    resamples: int,
 ) -> BacktestResult:
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
     The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
-    both the negative sampling and LightGBM (it replaces `params.seed`).
+    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap.
     """
     if not weeks:
         raise ValueError("run_backtest: no weeks given")
@@ -121,60 +131,62 @@ def run_backtest(
     weeks = sorted({parse_as_of(w) for w in weeks})
     params = replace(params, seed=seed)
     snapshots = _Snapshots(raw, recent_items, neighbours)
-    built: dict[tuple[date, tuple[str, ...]], pl.DataFrame] = {}
+    cache = gate.FrameCache(
+        lambda week, categories: frames.labelled_frame(
+            snapshots.tables(week),
+            snapshots.labels(week),
+            week,
+            config,
+            categories,
+            negatives_per_user=negatives_per_user,
+            seed=seed,
+            max_users=max_users,
+            batch_users=batch_users,
+        )  # fmt: skip
+    )
+    options = {"params": params, "config": config, "collaborative": collaborative, "k": k, "batch_users": batch_users}
 
-    def labelled_frame(week: date, categories: list[str]) -> pl.DataFrame:
-        key = (week, tuple(categories))
-        if key not in built:
-            built[key] = frames.labelled_frame(
-                snapshots.tables(week), snapshots.labels(week), week, config, categories,
-                negatives_per_user=negatives_per_user, seed=seed, max_users=max_users, batch_users=batch_users,
-            )  # fmt: skip
-        return built[key]
-
-    metric_rows, recall_rows, timing_rows = [], [], []
+    metric_rows, recall_rows, timing_rows, evaluations = [], [], [], {}
     for as_of in weeks:
         features_before = snapshots.seconds
-        started = time.perf_counter()
         plan = plan_backtest_week(snapshots, as_of, training_weeks)
-        holdout = snapshots.tables(as_of)
         # Known at as_of: the encoding is fixed from the snapshot the model will score.
-        categories = category_encoding(holdout.item_features)
-        train = pl.concat([labelled_frame(w, categories) for w in plan.train])
-        valid = labelled_frame(plan.validation, categories)
-        framed = time.perf_counter()
-        model = train_ranker(train, valid, params)
-        trained = time.perf_counter()
-        scored = evaluation.evaluate_model(
-            model, categories, holdout, snapshots.labels(as_of), config, k, batch_users=batch_users
-        )
-        done = time.perf_counter()
+        categories = category_encoding(snapshots.tables(as_of).item_features)
+        run = gate.train_and_evaluate_week(
+            plan, categories, frame_of=cache.get, holdout_of=lambda w: (snapshots.tables(w), snapshots.labels(w)),
+            champion=None, **options,
+        )  # fmt: skip
         features_s = snapshots.seconds - features_before
-        metric_rows += [{"week": str(as_of), "recommender": n, **m} for n, m in scored.metrics.items()]
-        recall_rows.append({"week": str(as_of), **scored.candidate_recall})
+        evaluations[as_of] = run.evaluation
+        metric_rows += [{"week": str(as_of), "recommender": n, **m} for n, m in run.evaluation.metrics.items()]
+        recall_rows.append({"week": str(as_of), **run.evaluation.candidate_recall})
         timing_rows.append(
             {
                 "week": str(as_of),
-                "train_rows": train.height,
-                "valid_rows": valid.height,
-                "best_iteration": model.best_iteration,
+                "train_rows": run.train_rows,
+                "valid_rows": run.valid_rows,
+                "best_iteration": run.model.best_iteration,
                 "features_s": features_s,
-                "frames_s": framed - started - features_s,
-                "train_s": trained - framed,
-                "evaluate_s": done - trained,
+                "frames_s": run.frames_s,  # the snapshots were built while planning: pure frame building
+                "train_s": run.train_s,
+                "evaluate_s": run.evaluate_s,
             }
         )
-        log.info(
-            "backtest %s: model ndcg@%d %.4f, %d training rows, fit %.1fs",
-            as_of, k, scored.metrics["model"][f"ndcg@{k}"], train.height, trained - framed,
-        )  # fmt: skip
 
+    pooled = gate.pool_weeks(evaluations, confidence=confidence, resamples=resamples, seed=seed)
+    gains = pl.DataFrame(
+        [{"recommender": n, **{c: v for c, v in g.items() if c in ("gain", "low", "high", "units")}}
+         for n, g in pooled.gains_record().items()],
+        schema={"recommender": pl.Utf8, "gain": pl.Float64, "low": pl.Float64, "high": pl.Float64, "units": pl.Int64},
+    )  # fmt: skip
     return BacktestResult(
         metrics=pl.DataFrame(metric_rows + _overall_metrics(metric_rows)),
         candidate_recall=pl.DataFrame(recall_rows + [{"week": OVERALL, **evaluation.combine_recall(recall_rows)}]),
         timings=pl.DataFrame(timing_rows),
+        gains=gains,
         k=k,
         training_weeks=training_weeks,
+        confidence=confidence,
     )
 
 
@@ -190,19 +202,27 @@ def _overall_metrics(rows: list[dict]) -> list[dict]:
 
 
 def ndcg_ratios(result: BacktestResult) -> pl.DataFrame:
-    """Per week and overall: the model's NDCG@k, the best baseline's, and their ratio."""
+    """Per week and overall: the model's NDCG@k, the best baseline's, their ratio, and (overall only)
+    the ratio's paired bootstrap interval over (user, week) (`ratio_low`, `ratio_high`)."""
     ndcg = f"ndcg@{result.k}"
     wide = result.metrics.pivot(on="recommender", index="week", values=ndcg, maintain_order=True)
     baseline_names = [n for n in evaluation.BASELINES if n in wide.columns]
     best_value = pl.max_horizontal(baseline_names)
     best_name = pl.coalesce([pl.when(pl.col(n) == best_value).then(pl.lit(n)) for n in baseline_names])
-    return wide.select(
+    bounds = result.gains.select(
+        pl.lit(OVERALL).alias("week"),
+        pl.col("recommender").alias("best_baseline"),
+        (1 + pl.col("low")).alias("ratio_low"),
+        (1 + pl.col("high")).alias("ratio_high"),
+    )
+    ratios = wide.select(
         "week",
         pl.col("model"),
         best_name.alias("best_baseline"),
         best_value.alias("best_baseline_ndcg"),
         (pl.col("model") / best_value).alias("ratio"),
     )
+    return ratios.join(bounds, on=["week", "best_baseline"], how="left", maintain_order="left")
 
 
 def format_table(result: BacktestResult) -> str:
@@ -219,7 +239,8 @@ def format_table(result: BacktestResult) -> str:
     lines = [
         f"Weekly backtest, {weeks[0]} … {weeks[-1]} ({len(weeks)} weeks): trained as of each week on up to "
         f"{result.training_weeks} labelled weeks (early stopping on the week before it), scored on the week that "
-        "follows; overall = micro-average over (user, week).",
+        f"follows; overall = micro-average over (user, week), with the {result.confidence:.0%} paired bootstrap "
+        "interval of the ratio over those units.",
         "",
         f"NDCG@{k}:",
         "",
@@ -231,17 +252,40 @@ def format_table(result: BacktestResult) -> str:
         cells = [
             week,
             str(row["users"]),
-            *[f"{row[n]:.4f}" for n in names],
+            *[_number(row[n]) for n in names],
             row["best_baseline"],
-            f"{row['ratio']:.2f}×",
+            f"{row['ratio']:.2f}×"
+            + ("" if row["ratio_low"] is None else f" [{row['ratio_low']:.2f}×, {row['ratio_high']:.2f}×]"),
         ]
         lines.append(_markdown_row(cells))
+
+    units = result.gains["units"].max() if result.gains.height else 0
+    lines += [
+        "",
+        f"The model against every baseline, {OVERALL}: NDCG@{k} ratio and relative gain with "
+        f"{result.confidence:.0%} paired bootstrap intervals over {units} (user, week) units:",
+        "",
+        _markdown_row(["baseline", "model / baseline", f"{result.confidence:.0%} interval", "gain", "interval"]),
+        _markdown_row(["---"] * 5),
+    ]
+    for row in result.gains.iter_rows(named=True):
+        lines.append(
+            _markdown_row(
+                [
+                    row["recommender"],
+                    f"{1 + row['gain']:.2f}×",
+                    f"[{1 + row['low']:.2f}×, {1 + row['high']:.2f}×]",
+                    f"{row['gain']:+.1%}",
+                    f"[{row['low']:+.1%}, {row['high']:+.1%}]",
+                ]
+            )
+        )
 
     metric_columns = [f"{m}@{k}" for m in metrics.METRIC_NAMES]
     lines += ["", f"All metrics, {OVERALL}:", "", _markdown_row(["recommender", *metric_columns])]
     lines.append(_markdown_row(["---"] * (len(metric_columns) + 1)))
     for row in result.metrics.filter(pl.col("week") == OVERALL).iter_rows(named=True):
-        lines.append(_markdown_row([row["recommender"], *[f"{row[c]:.4f}" for c in metric_columns]]))
+        lines.append(_markdown_row([row["recommender"], *[_number(row[c]) for c in metric_columns]]))
 
     recall_columns = list(evaluation.RECALL_KEYS)
     lines += [
@@ -262,6 +306,11 @@ def format_table(result: BacktestResult) -> str:
         cells = [row["week"], str(row["train_rows"]), str(row["best_iteration"])]
         lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[2:]]))
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    """A metric cell; '–' where the recommender did not run that week (EASE above its catalogue bound)."""
+    return "–" if value is None else f"{value:.4f}"
 
 
 def _markdown_row(cells: list[str]) -> str:

@@ -15,7 +15,6 @@ import polars as pl
 
 from features.contracts import require_columns
 
-USER, ITEM, RANK = "user_id", "item_id", "rank"
 # Resampled indices drawn at once (resamples in a chunk × units): about 8 MB of int64.
 _CHUNK_CELLS = 1 << 20
 
@@ -152,42 +151,6 @@ def pair_units(a: pl.DataFrame, b: pl.DataFrame, *, value: str) -> pl.DataFrame:
             f"pair_units: {unmatched} units appear in only one of a and b; evaluate both on the same units"
         )
     return paired.sort(keys)
-
-
-def per_user_ndcg(recs: pl.DataFrame, truth: pl.DataFrame, k: int) -> pl.DataFrame:
-    """(user_id, ndcg) for every user in `truth`: NDCG@k exactly as `metrics.rank_metrics` defines it.
-
-    Its mean over users equals rank_metrics' ndcg@k; a user without recommendations scores 0.
-    """
-    if k < 1:
-        raise ValueError(f"per_user_ndcg: k must be >= 1, got {k}")
-    require_columns(recs.columns, (USER, ITEM, RANK), "recs")
-    require_columns(truth.columns, (USER, ITEM), "truth")
-    truth = truth.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64)).unique()
-    sizes = truth.group_by(USER).agg(n_truth=pl.len())
-    top = (
-        recs.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64), pl.col(RANK))
-        .filter(pl.col(RANK) <= k)
-        .join(sizes, on=USER, how="semi")
-        .sort(USER, RANK, ITEM)
-        .unique([USER, ITEM], keep="first", maintain_order=True)  # a repeated item counts at its best rank
-        .with_columns(position=pl.int_range(1, pl.len() + 1).over(USER))
-        .filter(pl.col("position") <= k)
-    )
-    dcg = (
-        top.join(truth, on=[USER, ITEM], how="semi")
-        .group_by(USER)
-        .agg(dcg=(1.0 / (pl.col("position") + 1).log(2)).sum())
-    )
-    ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))
-    ideal_dcg = pl.DataFrame({"ideal_hits": np.arange(1, k + 1), "ideal_dcg": ideal})
-    return (
-        sizes.join(dcg, on=USER, how="left")
-        .with_columns(pl.col("dcg").fill_null(0.0), ideal_hits=pl.min_horizontal("n_truth", pl.lit(k)).cast(pl.Int64))
-        .join(ideal_dcg, on="ideal_hits")
-        .select(USER, ndcg=pl.col("dcg") / pl.col("ideal_dcg"))
-        .sort(USER)
-    )
 
 
 def _relative_gain(mean_a: np.ndarray, mean_b: np.ndarray) -> np.ndarray:

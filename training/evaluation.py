@@ -9,23 +9,30 @@ from dataclasses import dataclass
 import lightgbm as lgb
 import polars as pl
 
+from features.collaborative import FittedScorer
 from ranking import baselines, metrics
+from ranking.baselines import CollaborativeConfig
 from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.registry import ModelRecord
 from ranking.scoring import ScoringModel, recommend_with_model, user_batches
 from training.frames import labelled_users
 from training.ranker import TrainedRanker
 
-BASELINES = ("recent_popular", "all_time_popular", "item_knn")
+BASELINES = baselines.NAMES
 RECALL_KEYS = ("all", *SOURCES)
 
 
 @dataclass(frozen=True)
 class WeekEvaluation:
-    """Every recommender's metrics on one evaluated week, and the candidates' recall there."""
+    """Every recommender's metrics on one evaluated week, and the candidates' recall there.
+
+    `per_user` holds one row per evaluated user: user_id and each recommender's NDCG@k
+    (a column per name in `metrics`), the units the promotion gate resamples.
+    """
 
     metrics: dict[str, dict[str, float]]
     candidate_recall: dict[str, float]
+    per_user: pl.DataFrame
 
 
 def evaluate_model(
@@ -37,6 +44,7 @@ def evaluate_model(
     k: int,
     *,
     champion: tuple[lgb.Booster, ModelRecord] | None = None,
+    collaborative: CollaborativeConfig,
     batch_users: int,
 ) -> WeekEvaluation:
     """`evaluate_week` of a freshly trained model (with its category encoding) and the registry's champion."""
@@ -45,7 +53,9 @@ def evaluate_model(
     if champion is not None:
         booster, record = champion
         held = ScoringModel(booster, record.feature_names, record.encodings["category"])
-    return evaluate_week(scoring, tables, labels, config, k, champion=held, batch_users=batch_users)
+    return evaluate_week(
+        scoring, tables, labels, config, k, champion=held, collaborative=collaborative, batch_users=batch_users
+    )
 
 
 def evaluate_week(
@@ -56,21 +66,24 @@ def evaluate_week(
     k: int,
     *,
     champion: ScoringModel | None = None,
+    collaborative: CollaborativeConfig,
     batch_users: int,
 ) -> WeekEvaluation:
     """The model, the baselines and the champion (if any) on the same evaluated users,
     truth and catalogue of one week, with the recall of the model's candidates.
 
-    Users are scored `batch_users` at a time; only their top-k lists are kept.
+    EASE and ALS are fitted once on the week's snapshot; users are scored `batch_users`
+    at a time; only their top-k lists are kept.
     """
     users = labelled_users(labels, tables)
+    fitted = baselines.fit_collaborative(tables.user_item_history, collaborative)
     truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
     parts: dict[str, list[pl.DataFrame]] = {}
     recall: list[dict[str, float]] = []
     for batch in user_batches(users, batch_users) or [users]:  # no users: empty results, zero recall
         frame = build_ranking_frame(tables, batch, config, model.categories)
         recs = {"model": _recommend(model, tables, batch, config, k, frame)}
-        recs |= recommend_baselines(tables, batch, k, config)
+        recs |= recommend_baselines(tables, batch, k, config, fitted)
         if champion is not None:
             same_frame = frame if champion.categories == model.categories else None
             recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame)
@@ -79,7 +92,10 @@ def evaluate_week(
         batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
         recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
     recs = {name: pl.concat(frames) for name, frames in parts.items()}
-    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall))
+    per_user = truth.select("user_id").unique().sort("user_id")
+    for name, top in recs.items():
+        per_user = per_user.join(metrics.per_user_ndcg(top, truth, k).rename({"ndcg": name}), on="user_id")
+    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall), per_user)
 
 
 def _recommend(
@@ -96,22 +112,12 @@ def _recommend(
 
 
 def recommend_baselines(
-    tables: SnapshotTables, users: pl.Series, k: int, config: CandidateConfig
+    tables: SnapshotTables, users: pl.Series, k: int, config: CandidateConfig, fitted: dict[str, FittedScorer]
 ) -> dict[str, pl.DataFrame]:
-    """Every baseline's top-k for `users`, named as in reports: consumed items and recent items as the candidates."""
-    history, exclude = tables.user_item_history, config.exclude_consumed
-    return {
-        "recent_popular": baselines.recommend_recent_popular(
-            tables.item_features, history, users, k, exclude_consumed=exclude
-        ),
-        "all_time_popular": baselines.recommend_all_time_popular(
-            tables.item_features, history, users, k, exclude_consumed=exclude
-        ),
-        "item_knn": baselines.recommend_item_knn(
-            tables.item_neighbours, history, users, k, config.recent_items,
-            item_features=tables.item_features, exclude_consumed=exclude,
-        ),
-    }  # fmt: skip
+    """Every baseline's top-k for `users`, named as in reports: consumed items and recent items as the
+    candidates; EASE and ALS from `fitted` (`baselines.fit_collaborative`), left out when not fitted."""
+    names = [n for n in BASELINES if n not in baselines.COLLABORATIVE or n in fitted]
+    return {name: baselines.recommend(name, tables, users, k, config, fitted) for name in names}
 
 
 def evaluate_recommenders(

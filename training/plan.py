@@ -41,6 +41,24 @@ def plan_weeks(labelled: list[date], as_of: date, training_weeks: int) -> WeekPl
     return WeekPlan(as_of=as_of, train=usable[-2 - training_weeks : -2], validation=usable[-2], holdout=usable[-1])
 
 
+def plan_gate(labelled: list[date], as_of: date, training_weeks: int, gate_weeks: int) -> list[WeekPlan]:
+    """The plans of the gate's weeks, oldest first: the latest `gate_weeks` labelled weeks as holdouts,
+    each with the plan a run one week after it makes (trained on its past only). The last is the
+    plan at `as_of` (raises NotEnoughHistory like `plan_weeks`); earlier weeks with too little
+    history before them are left out."""
+    if gate_weeks < 1:
+        raise ValueError(f"plan_gate: gate_weeks must be >= 1, got {gate_weeks}")
+    latest = plan_weeks(labelled, as_of, training_weeks)
+    earlier = sorted(d for d in set(labelled) if d < latest.holdout)
+    plans = []
+    for holdout in earlier[max(0, len(earlier) - gate_weeks + 1) :]:
+        try:
+            plans.append(plan_weeks(labelled, holdout + WEEK, training_weeks))
+        except NotEnoughHistory:
+            continue
+    return [*plans, latest]
+
+
 def staleness(plan: WeekPlan) -> str | None:
     """A warning when the newest labelled week is older than the week that closed at `as_of`."""
     expected = plan.as_of - WEEK

@@ -1,10 +1,19 @@
 """The promotion gate: does a newly trained model replace the champion, and until a model has
-won it, which baseline is served as champion?"""
+won it, which baseline is served as champion?
+
+The evidence is pooled over several weeks (`training.gate`): each comparison is the paired
+bootstrap interval of the model's relative gain over (user, week) units. A model is promoted
+only when the interval's lower bound clears the margin over the best baseline and, when a
+trained model holds the champion alias, over that champion too: a point estimate that
+looks better on a few dozen users is not enough.
+"""
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 
+from training.bootstrap import GainEstimate
 from training.evaluation import BASELINES
 
 
@@ -18,66 +27,85 @@ class Decision:
     serve_baseline: str | None = None
 
 
-def decide_promotion(
-    candidate: dict,
-    champion: dict | None,
-    best_baseline: dict,
-    *,
-    metric: str = "ndcg@10",
-    margin: float,
-    baseline_name: str = "the best baseline",
-) -> Decision:
-    """Promote when the candidate beats the champion by `margin` (relative), or, with no
-    champion yet, when it beats the best baseline. All metrics come from the same holdout."""
-    if not margin >= 0:
-        raise ValueError(f"decide_promotion: margin must be >= 0, got {margin}")
-    score = _metric_of(candidate, metric, "candidate")
-    if champion is None:
-        bar = _metric_of(best_baseline, metric, baseline_name)
-        context, against = "no champion yet", f"{baseline_name} {bar:.4f}"
-    else:
-        held = _metric_of(champion, metric, "champion")
-        bar = held * (1 + margin)
-        context = "promotes the candidate" if score > bar else "keeps the champion"
-        against = f"champion {held:.4f} × (1 + margin {margin:.2%}) = {bar:.4f}"
-    verb = "beats" if score > bar else "does not beat"
-    return Decision(score > bar, f"{context}: candidate {metric} {score:.4f} {verb} {against}")
-
-
 def decide(
     results: dict[str, dict],
+    gains: dict[str, GainEstimate],
     *,
     metric: str,
     margin: float,
     champion_baseline: str | None = None,
-    holdout: date | None = None,
+    weeks: Sequence[date] = (),
 ) -> Decision:
-    """The gate on one holdout's results (`WeekEvaluation.metrics`): the model against the
-    champion when there is one, otherwise against the best of the reported baselines.
+    """The gate on pooled results: `results` holds each recommender's pooled metrics ("model",
+    the baselines, "champion" when a trained model holds the alias), `gains` the model's gain
+    over each of them.
 
-    A baseline champion (`champion_baseline`, scored by its own entry in `results`) is a
-    stand-in: the model must also beat the best baseline. A model that does not win while
-    no model holds the champion alias leaves the best baseline to serve (`serve_baseline`).
+    A baseline champion (`champion_baseline`) is a stand-in: the model must clear the best
+    baseline. A model that does not win while no model holds the champion alias leaves the
+    best baseline (by pooled point estimate) to serve (`serve_baseline`).
     """
+    if not margin >= 0:
+        raise ValueError(f"decide: margin must be >= 0, got {margin}")
     best_name, best = pick_best_baseline({n: results[n] for n in BASELINES if n in results}, metric=metric)
-    champion = results[champion_baseline] if champion_baseline else results.get("champion")
-    decision = decide_promotion(results["model"], champion, best, metric=metric, margin=margin, baseline_name=best_name)
-    score, best_score = _metric_of(results["model"], metric, "candidate"), _metric_of(best, metric, best_name)
-    if decision.promote and (champion_baseline is None or score > best_score):
-        return decision
-    if champion is not None and champion_baseline in (None, best_name):
-        return decision  # a trained champion, or the baseline champion that is still the best, stays
+    trained_champion = champion_baseline is None and "champion" in results
+    bars = (["champion"] if trained_champion else []) + [best_name]
+    missing = [b for b in bars if b not in gains]
+    score = _metric_of(results["model"], metric, "candidate")
+    span = _describe_weeks(weeks)
+    if missing:
+        cleared, reason = False, f"no evaluated (user, week) units to compare the candidate with {missing}{span}"
+    else:
+        cleared = all(gains[b].clears(margin) for b in bars)
+        reason = _compare(bars, best_name, gains, metric, margin, cleared) + span
+    if trained_champion:
+        return Decision(cleared, f"{'promotes the candidate' if cleared else 'keeps the champion'}: {reason}")
+    if cleared:
+        context = "no champion yet" if champion_baseline is None else "promotes the candidate"
+        return Decision(True, f"{context}: {reason}")
+    if champion_baseline == best_name:
+        return Decision(False, f"keeps the champion: {reason}")  # the baseline champion is still the best
     why = (
         "no model has won the gate yet"
         if champion_baseline is None
-        else f"the champion baseline {champion_baseline} is no longer the best and no model beats {best_name}"
+        else f"the champion baseline {champion_baseline} is no longer the best and no model clears {best_name}"
     )
-    on = f" on holdout {holdout}" if holdout else ""
+    best_score = _metric_of(best, metric, best_name)
     return Decision(
         False,
-        f"{why}: serving the best baseline {best_name} ({metric} {best_score:.4f}{on}; model {score:.4f})",
+        f"{why}: serving the best baseline {best_name} ({metric} {best_score:.4f}; model {score:.4f}): {reason}",
         serve_baseline=best_name,
     )
+
+
+def _compare(
+    bars: list[str], best_name: str, gains: dict[str, GainEstimate], metric: str, margin: float, cleared: bool
+) -> str:
+    """'candidate ndcg@10 vs X: gain +5.0% [95% CI +1.0%, +9.0%] ...: the lower bound clears the margin'."""
+    parts = []
+    for bar in bars:
+        who = f"{best_name} (the best baseline)" if bar == best_name else "the champion"
+        parts.append(f"vs {who}: {gains[bar].describe()}")
+    text = f"candidate {metric} " + "; ".join(parts)
+    if cleared:
+        bounds = "the lower bounds clear" if len(bars) > 1 else "the lower bound clears"
+        return f"{text}: {bounds} the margin {margin:.2%}"
+    failing = [b for b in bars if not gains[b].clears(margin)]
+    over = " and ".join("the champion" if b == "champion" else b for b in failing)
+    text += f": the lower bound over {over} does not clear the margin {margin:.2%}"
+    if noisy := [b for b in failing if gains[b].relative_gain > margin]:
+        text += (
+            f" (the point estimate does, but the interval is too wide: {gains[noisy[0]].units} (user, week) units "
+            "cannot tell that gain from noise)"
+        )
+    return text
+
+
+def _describe_weeks(weeks: Sequence[date]) -> str:
+    if not weeks:
+        return ""
+    if len(weeks) == 1:
+        return f" (holdout {weeks[0]})"
+    return f" (pooled over {len(weeks)} weeks {min(weeks)} … {max(weeks)})"
 
 
 def pick_best_baseline(baselines: dict[str, dict], *, metric: str = "ndcg@10") -> tuple[str, dict]:

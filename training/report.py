@@ -1,28 +1,51 @@
-"""The training run's report: the gate's decision, every recommender on the holdout, candidate recall."""
+"""The training run's report: the gate's decision, every recommender pooled over the gate weeks
+with the model's gain over it and its interval, per-week NDCG, candidate recall."""
+
+import polars as pl
 
 from ranking import metrics
-from training.evaluation import RECALL_KEYS, WeekEvaluation
+from training.bootstrap import GainEstimate
+from training.evaluation import RECALL_KEYS
+from training.gate import MODEL, PooledEvaluation
 from training.plan import WeekPlan, staleness
 from training.promotion import Decision
 
 
+def format_gain(gain: GainEstimate | None) -> str:
+    """'+12.3% [-4.1%, +30.2%]': the model's relative gain and its interval, or '–' without one."""
+    if gain is None:
+        return "–"
+    return f"{gain.relative_gain:+.1%} [{gain.relative_gain_low:+.1%}, {gain.relative_gain_high:+.1%}]"
+
+
 def metrics_markdown(
-    version: int, plan: WeekPlan, evaluation: WeekEvaluation, decision: Decision, k: int, champion: str
+    version: int, plans: list[WeekPlan], pooled: PooledEvaluation, decision: Decision, k: int, champion: str
 ) -> str:
-    """Markdown: the decision and the champion now live, every recommender's metrics on the holdout,
-    and candidate recall."""
+    """Markdown: the decision and the champion now live, every recommender's pooled metrics with the
+    model's gain over it, NDCG per week, and candidate recall."""
     names = metrics.METRIC_NAMES
-    ndcg = f"ndcg@{k}"
-    results = evaluation.metrics
-    model = results["model"][ndcg]
-    header = "| recommender | " + " | ".join(f"{n}@{k}" for n in names) + " | users | model / this |"
+    confidence = next(iter(pooled.gains.values())).confidence if pooled.gains else 0.95
+    header = (
+        "| recommender | " + " | ".join(f"{n}@{k}" for n in names)
+        + f" | (user, week) units | model's gain over this [{confidence:.0%} CI] |"
+    )  # fmt: skip
     rows = [
         f"| {who} | " + " | ".join(f"{m[f'{n}@{k}']:.4f}" for n in names)
-        + f" | {m['users']} | " + (f"{model / m[ndcg]:.2f}×" if m[ndcg] else "–") + " |"
-        for who, m in results.items()
+        + f" | {m['users']} | " + ("" if who == MODEL else format_gain(pooled.gains.get(who))) + " |"
+        for who, m in pooled.metrics.items()
     ]  # fmt: skip
-    recall = evaluation.candidate_recall
+    ndcg = f"ndcg@{k}"
+    recommenders = list(pooled.metrics)
+    per_week = pooled.units.group_by("week", maintain_order=True).agg(
+        pl.len().alias("users"), *[pl.col(n).mean() for n in recommenders]
+    )
+    week_rows = [
+        f"| {r['week']} | {r['users']} | " + " | ".join(f"{r[n]:.4f}" for n in recommenders) + " |"
+        for r in per_week.iter_rows(named=True)
+    ]
+    recall = pooled.candidate_recall
     verdict = "promoted to champion" if decision.promote else "rejected"
+    latest = plans[-1]
     return "\n".join(
         [
             f"# Model v{version}: {verdict}",
@@ -31,14 +54,23 @@ def metrics_markdown(
             "",
             f"Champion now: {champion}",
             "",
-            *([f"⚠️ {stale}", ""] if (stale := staleness(plan)) else []),
-            f"Holdout week {plan.holdout}; validation {plan.validation}; trained on {', '.join(map(str, plan.train))}",
+            *([f"⚠️ {stale}", ""] if (stale := staleness(latest)) else []),
+            f"Gate weeks {', '.join(map(str, pooled.weeks))}: a model trained as of each on its past only, scored "
+            "there with the champion and every baseline; metrics micro-averaged over (user, week), intervals by "
+            f"paired bootstrap over those units. The registered model: holdout {latest.holdout}, validation "
+            f"{latest.validation}, trained on {', '.join(map(str, latest.train))}.",
             "",
             header,
             "|---" * (len(names) + 3) + "|",
             *rows,
             "",
-            f"Candidate recall on the holdout ({recall['truth_items']} new items, "
+            f"{ndcg} per gate week:",
+            "",
+            "| week | users | " + " | ".join(recommenders) + " |",
+            "|---" * (len(recommenders) + 2) + "|",
+            *week_rows,
+            "",
+            f"Candidate recall over the gate weeks ({recall['truth_items']} new items, "
             f"{recall['candidates_per_user']:.0f} candidates per user):",
             "",
             "| " + " | ".join(RECALL_KEYS) + " |",

@@ -14,21 +14,22 @@ from features import store as feature_store
 from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables
 from training import plan, promotion
-from training.evaluation import WeekEvaluation
+from training.gate import PooledEvaluation
 from training.ranker import TrainedRanker
 
 log = logging.getLogger(__name__)
 
 
-def plan_training(engine: sa.Engine, as_of: date, training_weeks: int) -> plan.WeekPlan:
-    """The plan of a model trained at `as_of` over the weeks whose user features and labels passed
-    validation; warns when the newest of them is older than the week that just closed."""
+def plan_training(engine: sa.Engine, as_of: date, training_weeks: int, gate_weeks: int) -> list[plan.WeekPlan]:
+    """The gate's plans (`plan.plan_gate`) over the weeks whose user features and labels passed
+    validation, the model trained at `as_of` last; warns when the newest of them is older than the
+    week that just closed."""
     features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
     labelled = [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
-    week_plan = plan.plan_weeks(labelled, as_of, training_weeks)
-    if (stale := plan.staleness(week_plan)) is not None:
+    plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks)
+    if (stale := plan.staleness(plans[-1])) is not None:
         log.warning(stale)
-    return week_plan
+    return plans
 
 
 def read_tables(engine: sa.Engine, as_of: date) -> SnapshotTables:
@@ -61,8 +62,8 @@ def register_and_gate(
     engine: sa.Engine,
     name: str,
     model: TrainedRanker,
-    week_plan: plan.WeekPlan,
-    evaluation: WeekEvaluation,
+    plans: list[plan.WeekPlan],
+    pooled: PooledEvaluation,
     *,
     categories: list[str],
     config: CandidateConfig,
@@ -70,29 +71,33 @@ def register_and_gate(
     margin: float,
     flow_run_id: str | None,
 ) -> tuple[int, promotion.Decision, registry.ModelRecord]:
-    """Register the model with its evaluation and lineage and, only if it passes the gate,
-    as champion (one transaction). When the gate leaves a baseline to serve, register that
-    baseline as a version and make it champion (one transaction).
+    """Register the model (trained on the last of `plans`) with the gate's pooled evaluation and its
+    lineage and, only if it passes the gate, as champion (one transaction). When the gate leaves a
+    baseline to serve, register that baseline as a version and make it champion (one transaction).
 
     Returns the model's version, the gate's decision and the champion live afterwards.
     """
     held = registry.get_champion(engine, name)
     decision = promotion.decide(
-        evaluation.metrics,
+        pooled.metrics,
+        pooled.gains,
         metric=f"ndcg@{k}",
         margin=margin,
         champion_baseline=held.params["baseline"] if held is not None and held.kind == "baseline" else None,
-        holdout=week_plan.holdout,
+        weeks=pooled.weeks,
     )
+    week_plan = plans[-1]
     lineage = {
         "as_of": week_plan.as_of,
         "validation_as_of": week_plan.validation,
         "holdout_as_of": week_plan.holdout,
-        "feature_snapshots": snapshot_digests(engine, week_plan.weeks),
+        "feature_snapshots": snapshot_digests(engine, sorted({w for p in plans for w in p.weeks})),
         "flow_run_id": flow_run_id,
         "code_version": package_version("weekly-recs"),
         "actor": "training-flow",
     }
+    gate = {"candidate_recall": pooled.candidate_recall, "gains": pooled.gains_record(),
+            "gate_weeks": [str(w) for w in pooled.weeks]}  # fmt: skip
     version = registry.register_model(
         engine,
         name=name,
@@ -100,7 +105,7 @@ def register_and_gate(
         feature_names=model.feature_names,
         encodings={"category": categories},
         params=model.params | {"best_iteration": model.best_iteration, "candidates": asdict(config)},
-        metrics=evaluation.metrics | {"candidate_recall": evaluation.candidate_recall},
+        metrics=pooled.metrics | gate,
         training_as_ofs=week_plan.train,
         status="registered" if decision.promote else "rejected",
         decision=decision,
@@ -116,8 +121,8 @@ def register_and_gate(
             feature_names=[],
             encodings={},
             params={"baseline": decision.serve_baseline, "candidates": asdict(config)},
-            # The version's own numbers under "model", as for a ranker; the rest is the same holdout.
-            metrics=evaluation.metrics | {"model": evaluation.metrics[decision.serve_baseline]},
+            # The version's own numbers under "model", as for a ranker; the rest is the same pooled evaluation.
+            metrics=pooled.metrics | gate | {"model": pooled.metrics[decision.serve_baseline]},
             training_as_ofs=[],
             decision=decision,
             promote_reason=decision.reason,

@@ -19,13 +19,15 @@ from flows.inference_flow import inference_flow
 from flows.training_flow import training_flow
 from inference import publications, scoring, serving
 from ranking import registry
+from ranking.baselines import CollaborativeConfig, fit_collaborative
 from ranking.candidates import CandidateConfig, SnapshotTables
 from recsys.clock import mondays
 from recsys.settings import Settings
 from recsys.stores import open_stores
 from tests.conftest import SMALL_JOB
+from tests.evidence import evidence
 from training import store as training_store
-from training.evaluation import WeekEvaluation
+from training.gate import PooledEvaluation
 from training.plan import WeekPlan
 
 pytestmark = pytest.mark.integration
@@ -67,14 +69,15 @@ def published(settings: Settings, result: dict, frames: dict[str, pl.DataFrame])
 
 def expected_lists(baseline: str, frames: dict[str, pl.DataFrame], n: int) -> dict[int, list[int]]:
     users = frames["user_features"]["user_id"]
-    recs = scoring.recommend_baseline(baseline, SnapshotTables.from_frames(frames), users, CandidateConfig(), n)
+    tables = SnapshotTables.from_frames(frames)
+    fitted = fit_collaborative(tables.user_item_history, CollaborativeConfig())
+    recs = scoring.recommend_baseline(baseline, tables, users, CandidateConfig(), n, fitted)
     return dict(zip(recs["user_id"].to_list(), recs["items"].to_list(), strict=True))
 
 
-def evaluation(model: float) -> WeekEvaluation:
-    """Holdout results where item_knn is the best baseline and the model scores `model`."""
-    scores = {"model": model, "recent_popular": 0.08, "all_time_popular": 0.05, "item_knn": 0.10}
-    return WeekEvaluation({name: {"ndcg@10": s, "users": 50} for name, s in scores.items()}, {"all": 0.5})
+def evaluation(model: float) -> PooledEvaluation:
+    """Gate evidence where item_knn is the best baseline and the model's NDCG is about `model`."""
+    return evidence(500, {"model": model, "recent_popular": 0.08, "all_time_popular": 0.05, "item_knn": 0.10})
 
 
 def test_inference_without_any_registry_publishes_recent_popularity(stored: Settings, snapshots):
@@ -98,7 +101,7 @@ def test_a_losing_model_leaves_the_best_baseline_as_champion_until_a_model_wins(
     with open_stores(stored) as stores:
         registry.ensure_schema(stores.engine)
         version, decision, live = training_store.register_and_gate(
-            stores.engine, stored.model_name, model, plan, evaluation(0.09), **gate
+            stores.engine, stored.model_name, model, [plan], evaluation(0.09), **gate
         )
         rejected = registry.get_model(stores.engine, stored.model_name, version)
         changes = registry.history(stores.engine, stored.model_name)
@@ -132,14 +135,42 @@ def test_a_losing_model_leaves_the_best_baseline_as_champion_until_a_model_wins(
 
     with open_stores(stored) as stores:
         won, decision, live = training_store.register_and_gate(
-            stores.engine, stored.model_name, model, plan, evaluation(0.2), **gate
+            stores.engine, stored.model_name, model, [plan], evaluation(0.2), **gate
         )
         retired = registry.get_model(stores.engine, stored.model_name, version + 1)
     assert decision.promote and (live.version, live.kind) == (won, "ranker") and retired.status == "retired"
 
 
+@pytest.mark.parametrize("baseline", ["ease", "als"])
+def test_a_collaborative_baseline_champion_is_served_and_ease_above_its_bound_falls_back(
+    stored: Settings, snapshots, baseline: str, monkeypatch
+):
+    with open_stores(stored) as stores:
+        registry.ensure_schema(stores.engine)
+        registry.register_model(
+            stores.engine, name=stored.model_name, kind="baseline", model_text="", feature_names=[], encodings={},
+            params={"baseline": baseline}, metrics={}, training_as_ofs=[], as_of=AS_OF, validation_as_of=None,
+            holdout_as_of=None, feature_snapshots={}, promote_reason=f"{baseline} won the gate", actor="test",
+        )  # fmt: skip
+    result = inference_flow(as_of=AS_OF)
+    lists, meta = published(stored, result, snapshots[AS_OF])
+    personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}
+    assert personal == expected_lists(baseline, snapshots[AS_OF], stored.top_n)
+    assert personal != expected_lists("recent_popular", snapshots[AS_OF], stored.top_n)
+    assert meta["model_version"].endswith(f"(baseline {baseline})")
+
+    if baseline == "ease":  # a catalogue above RECSYS_EASE_MAX_ITEMS: never fitted, popularity serves instead
+        monkeypatch.setenv("RECSYS_EASE_MAX_ITEMS", "10")
+        monkeypatch.setenv("RECSYS_PUBLISH_HOLD_UNCHANGED", "false")
+        result = inference_flow(as_of=AS_OF)
+        lists, _ = published(stored, result, snapshots[AS_OF])
+        personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}
+        assert personal == expected_lists("recent_popular", snapshots[AS_OF], stored.top_n)
+
+
 def test_a_fresh_deployment_publishes_from_its_first_scheduled_runs(flow_env: Settings, monkeypatch):
-    # Six weeks of history wanted, six weeks of log: the oldest wanted week sees no event and is skipped.
+    # Seven weeks of history wanted (4 training weeks, a validation week, 2 gate weeks), six weeks of log:
+    # the oldest wanted weeks see no event and are skipped.
     monkeypatch.setenv("RECSYS_TRAINING_WEEKS", "4")
     monkeypatch.setenv("RECSYS_SYNTHETIC_WEEKS", "6")
 

@@ -1,8 +1,10 @@
 """The training flow on real Postgres and Prefect: train, evaluate, register, gate.
 
-One backfill of the feature flow (tiny synthetic log of `flow_env`), then two training
-runs as of the same week: the first model beats the baselines and becomes champion;
-the identical retrain is not strictly better, so it is registered as rejected.
+One backfill of the feature flow (tiny synthetic log of `flow_env`), then training runs
+as of the same week, each training a model per gate week and pooling them: the first
+model clears the best baseline's interval and becomes champion; the identical retrain's
+gain over it is zero, so it is registered as rejected; a margin set in the environment
+reaches the gate's sentence.
 """
 
 from datetime import date, timedelta
@@ -30,25 +32,37 @@ def train() -> tuple[dict, str]:
     return state.result(), artifact_text(state, ARTIFACT_KEY)
 
 
-def test_first_model_becomes_champion_and_an_identical_retrain_is_rejected(flow_env: Settings):
-    first_week = AS_OF - timedelta(weeks=flow_env.training_weeks + 2)
+def test_first_model_becomes_champion_and_an_identical_retrain_is_rejected(flow_env: Settings, monkeypatch):
+    first_week = AS_OF - timedelta(weeks=flow_env.training_weeks + 1 + flow_env.gate_weeks)
     feature_flow(as_of=AS_OF, source="synthetic", backfill_from=first_week)
 
     first, first_artifact = train()
-    metrics = first["metrics"]
-    best = max(metrics[name]["ndcg@10"] for name in BASELINES)
-    assert metrics["model"]["ndcg@10"] > best, "the tiny demo model should beat every baseline"
-    assert first["promote"] is True and "no champion yet" in first["reason"]
-    assert first["holdout"] == str(AS_OF - timedelta(weeks=1)) and first["stale_upstream"] is None
+    metrics, gains = first["metrics"], first["gains"]
+    gate_weeks = [str(AS_OF - timedelta(weeks=n)) for n in range(flow_env.gate_weeks, 0, -1)]
+    assert first["gate_weeks"] == gate_weeks and first["holdout"] == gate_weeks[-1]
+    assert set(gains) == set(BASELINES) and metrics["model"]["users"] == gains["ease"]["units"]
+    best = max(BASELINES, key=lambda name: metrics[name]["ndcg@10"])
+    assert gains[best]["low"] > 0, "the tiny demo model should clearly beat every baseline"
+    assert first["promote"] is True
+    assert first["reason"].startswith(f"no champion yet: candidate ndcg@10 vs {best} (the best baseline): gain")
+    assert "[95% CI" in first["reason"] and f"pooled over 2 weeks {gate_weeks[0]}" in first["reason"]
+    assert first["stale_upstream"] is None
     assert 0 < first["candidate_recall"]["all"] <= 1
     assert "promoted to champion" in first_artifact and "Candidate recall" in first_artifact
-    assert all(name in first_artifact for name in ["model", *BASELINES])
+    assert all(name in first_artifact for name in ["model", *BASELINES, *gate_weeks])
+    interval = f"{gains[best]['gain']:+.1%} [{gains[best]['low']:+.1%}, {gains[best]['high']:+.1%}]"
+    assert interval in first_artifact
 
     second, second_artifact = train()
     assert second["version"] == first["version"] + 1
     assert second["metrics"]["champion"]["ndcg@10"] == second["metrics"]["model"]["ndcg@10"]
-    assert second["promote"] is False and "keeps the champion" in second["reason"]
+    assert second["gains"]["champion"]["gain"] == 0
+    assert second["promote"] is False and second["reason"].startswith("keeps the champion: ")
     assert "rejected" in second_artifact and "champion" in second_artifact
+
+    monkeypatch.setenv("RECSYS_PROMOTION_MARGIN", "5")
+    third, _ = train()
+    assert third["promote"] is False and "does not clear the margin 500.00%" in third["reason"]
 
     with open_stores(flow_env) as stores:
         champion = registry.get_champion(stores.engine, flow_env.model_name)
@@ -58,6 +72,7 @@ def test_first_model_becomes_champion_and_an_identical_retrain_is_rejected(flow_
     assert champion.version == first["version"] and rejected.status == "rejected"
     assert rejected.decision["reason"] == second["reason"]
     assert texts[0] == texts[1], "same snapshots and seed must give the same model"
+    assert champion.metrics["gains"] == first["gains"] and champion.metrics["gate_weeks"] == gate_weeks
 
     # Lineage: the snapshots, weeks, features and encodings the model was built from.
     weeks = [AS_OF - timedelta(weeks=n) for n in range(flow_env.training_weeks + 2, 0, -1)]

@@ -76,10 +76,24 @@ def test_timings_cover_each_week(result):
 
 def test_format_table_shows_each_week_overall_every_recommender_and_the_ratio(result):
     table = format_table(result)
-    ratio = ndcg_ratios(result).filter(week=OVERALL)["ratio"][0]
-    assert f"**{OVERALL}**" in table and f"{ratio:.2f}×" in table
+    overall = ndcg_ratios(result).filter(week=OVERALL).row(0, named=True)
+    assert f"**{OVERALL}**" in table
+    assert f"{overall['ratio']:.2f}× [{overall['ratio_low']:.2f}×, {overall['ratio_high']:.2f}×]" in table
+    assert all(f"| {name} |" in table for name in evaluation.BASELINES)
     for name in ["model", *evaluation.BASELINES, *map(str, WEEKS)]:
         assert name in table
+
+
+def test_backtest_gives_the_models_gain_over_every_baseline_with_an_interval_over_user_weeks(result):
+    gains = result.gains
+    assert set(gains["recommender"]) == set(evaluation.BASELINES)
+    overall = result.metrics.filter(week=OVERALL)
+    model = overall.filter(recommender="model")["ndcg@10"][0]
+    for row in gains.iter_rows(named=True):
+        baseline = overall.filter(recommender=row["recommender"])["ndcg@10"][0]
+        assert row["gain"] == pytest.approx(model / baseline - 1)
+        assert row["low"] <= row["gain"] <= row["high"]
+        assert row["units"] == overall.filter(recommender="model")["users"][0]
 
 
 def test_backtest_refuses_a_week_without_enough_earlier_labelled_weeks(raw):

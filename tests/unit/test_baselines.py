@@ -1,13 +1,19 @@
+from types import SimpleNamespace
+
 import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ranking.baselines import (
+    CollaborativeConfig,
+    fit_collaborative,
+    recommend,
     recommend_all_time_popular,
     recommend_item_knn,
     recommend_recent_popular,
 )
+from ranking.candidates import CandidateConfig
 
 ITEMS = pl.DataFrame(
     {
@@ -33,6 +39,10 @@ NEIGHBOURS = pl.DataFrame(
         "rank": [1, 2, 1, 1],
     }
 )
+
+
+# What the collaborative baselines read of a snapshot (SnapshotTables' attributes).
+TABLES = SimpleNamespace(user_item_history=HISTORY, item_features=ITEMS, item_neighbours=NEIGHBOURS)
 
 
 def lists(recs: pl.DataFrame) -> dict[int, list[int]]:
@@ -205,3 +215,25 @@ def test_baselines_match_a_per_user_reference(plays, history, neighbours, k, rec
         recs = recommend_recent_popular(items, history_frame, users, k)
     expected = reference_recs(plays, history, neighbours, users, k, recent_items, use_knn)
     assert lists(recs) == expected
+
+
+def test_ease_is_not_fitted_above_its_catalogue_bound_and_says_why(caplog):
+    small = CollaborativeConfig(ease_max_items=2, als_factors=2, als_iterations=2)
+    with caplog.at_level("WARNING"):
+        fitted = fit_collaborative(HISTORY, small)
+    assert set(fitted) == {"als"}
+    assert "ease skipped: the history holds 3 items, above RECSYS_EASE_MAX_ITEMS=2" in caplog.text
+    assert set(fit_collaborative(HISTORY, CollaborativeConfig(als_factors=2, als_iterations=2))) == {"ease", "als"}
+    with pytest.raises(ValueError, match="was not fitted"):
+        recommend("ease", TABLES, [1], 3, CandidateConfig(), fitted)
+    with pytest.raises(ValueError, match="unknown baseline 'svd'"):
+        recommend("svd", TABLES, [1], 3, CandidateConfig(), fitted)
+
+
+@pytest.mark.parametrize("name", ["ease", "als"])
+def test_collaborative_baselines_skip_consumed_items_and_fill_cold_users_with_recent_popularity(name):
+    fitted = fit_collaborative(HISTORY, CollaborativeConfig(als_factors=2, als_iterations=2))
+    recs = lists(recommend(name, TABLES, [1, 2, 3], 3, CandidateConfig(), fitted))
+    assert recs[3] == [2, 3, 1]  # cold: recent popularity
+    assert not {2, 4} & set(recs[1]) and 1 not in recs[2]
+    assert all(len(items) == 3 == len(set(items)) for items in recs.values())

@@ -4,8 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ranking.metrics import rank_metrics
-from training.bootstrap import bootstrap_gain, bootstrap_gain_of_units, pair_units, per_user_ndcg
+from training.bootstrap import bootstrap_gain, bootstrap_gain_of_units, pair_units
 
 
 def synthetic(n: int, extra: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -13,16 +12,6 @@ def synthetic(n: int, extra: float, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng(seed)
     b = rng.random(n)
     return b + rng.normal(extra, 0.2, n), b
-
-
-def recs_of(lists: dict[int, list[int]]) -> pl.DataFrame:
-    rows = [(u, item, r) for u, items in lists.items() for r, item in enumerate(items, start=1)]
-    return pl.DataFrame(rows, schema=["user_id", "item_id", "rank"], orient="row")
-
-
-def truth_of(sets: dict[int, list[int]]) -> pl.DataFrame:
-    rows = [(u, item) for u, items in sets.items() for item in items]
-    return pl.DataFrame(rows, schema=["user_id", "item_id"], orient="row")
 
 
 def test_interval_contains_the_true_gain_on_synthetic_data():
@@ -152,22 +141,3 @@ def test_pair_units_rejects_units_evaluated_for_only_one_recommender():
     b = pl.DataFrame({"user_id": [1], "ndcg": [0.25]})
     with pytest.raises(ValueError, match="1 units appear in only one"):
         pair_units(a, b, value="ndcg")
-
-
-def test_per_user_ndcg_averages_to_rank_metrics_ndcg():
-    recs = recs_of({1: [5, 6, 7, 6], 2: [1, 2, 3], 3: [9, 8], 9: [1]})
-    truth = truth_of({1: [6, 8], 2: [3], 3: [4], 4: [1]})
-    per_user = per_user_ndcg(recs, truth, 3)
-    assert per_user["user_id"].to_list() == [1, 2, 3, 4]
-    assert per_user["ndcg"].mean() == pytest.approx(rank_metrics(recs, truth, k=3, n_catalogue=10)["ndcg@3"])
-
-
-def test_per_user_ndcg_scores_a_perfect_list_one_and_a_user_without_recommendations_zero():
-    per_user = per_user_ndcg(recs_of({1: [4, 5]}), truth_of({1: [5, 4], 2: [7]}), 10)
-    assert per_user["user_id"].to_list() == [1, 2]
-    assert per_user["ndcg"].to_list() == pytest.approx([1.0, 0.0])
-
-
-def test_per_user_ndcg_rejects_k_below_one():
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        per_user_ndcg(recs_of({1: [1]}), truth_of({1: [1]}), 0)

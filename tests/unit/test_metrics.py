@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranking.metrics import combine_weeks, evaluation_truth, rank_metrics
+from ranking.metrics import combine_weeks, evaluation_truth, per_user_ndcg, rank_metrics
 
 METRICS = ("recall@3", "ndcg@3", "hitrate@3", "map@3")
 
@@ -187,3 +187,22 @@ def test_combine_weeks_refuses_no_weeks_and_mismatched_keys():
         combine_weeks([])
     with pytest.raises(ValueError, match="same metric keys"):
         combine_weeks([{"recall@10": 1.0, "users": 1}, {"ndcg@10": 1.0, "users": 1}])
+
+
+def test_per_user_ndcg_averages_to_rank_metrics_ndcg():
+    recs = recs_of({1: [5, 6, 7, 6], 2: [1, 2, 3], 3: [9, 8], 9: [1]})
+    truth = truth_of({1: [6, 8], 2: [3], 3: [4], 4: [1]})
+    per_user = per_user_ndcg(recs, truth, 3)
+    assert per_user["user_id"].to_list() == [1, 2, 3, 4]
+    assert per_user["ndcg"].mean() == pytest.approx(rank_metrics(recs, truth, k=3, n_catalogue=10)["ndcg@3"])
+
+
+def test_per_user_ndcg_scores_a_perfect_list_one_and_a_user_without_recommendations_zero():
+    per_user = per_user_ndcg(recs_of({1: [4, 5]}), truth_of({1: [5, 4], 2: [7]}), 10)
+    assert per_user["user_id"].to_list() == [1, 2]
+    assert per_user["ndcg"].to_list() == pytest.approx([1.0, 0.0])
+
+
+def test_per_user_ndcg_rejects_k_below_one():
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        per_user_ndcg(recs_of({1: [1]}), truth_of({1: [1]}), 0)

@@ -9,6 +9,7 @@ from polars.testing import assert_frame_equal
 
 from features import transform
 from features.synthetic import generate_log
+from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from ranking.scoring import ScoringModel, user_batches
 from training import evaluation, frames
@@ -79,11 +80,21 @@ def test_evaluation_in_batches_equals_one_batch(week):
     trained = train_ranker(frame, frame, RankerParams(n_estimators=20, num_threads=1))
     model = ScoringModel(lgb.Booster(model_str=trained.model_text), trained.feature_names, categories)
 
-    whole = evaluation.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=10**6)
-    batched = evaluation.evaluate_week(model, tables, labels, CONFIG, 10, champion=model, batch_users=23)
+    small = CollaborativeConfig(als_factors=4, als_iterations=3)
+    whole = evaluation.evaluate_week(
+        model, tables, labels, CONFIG, 10, champion=model, collaborative=small, batch_users=10**6
+    )
+    batched = evaluation.evaluate_week(
+        model, tables, labels, CONFIG, 10, champion=model, collaborative=small, batch_users=23
+    )
 
     assert whole.metrics["model"]["users"] > 23, "the test needs several batches"
     assert batched.metrics.keys() == whole.metrics.keys()
     for name, metrics in whole.metrics.items():
         assert batched.metrics[name] == pytest.approx(metrics), name
     assert batched.candidate_recall == pytest.approx(whole.candidate_recall)
+    assert {"ease", "als"} <= whole.metrics.keys()
+    assert_frame_equal(batched.per_user, whole.per_user)
+    # The gate's units average to the reported NDCG of every recommender.
+    for name, metrics in whole.metrics.items():
+        assert whole.per_user[name].mean() == pytest.approx(metrics["ndcg@10"]), name

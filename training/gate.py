@@ -1,0 +1,167 @@
+"""The promotion gate's evidence, pooled over several weeks.
+
+For each of the latest labelled weeks a model is trained on that week's past only (the plan
+a training run one week later would make), then scored there with the champion and every
+baseline on the same users (`train_and_evaluate_week`: the training flow and the weekly
+backtest both run it, so their numbers agree). `pool_weeks` stacks the weeks' per-user
+NDCG into (user, week) units, micro-averages the metrics and gives the paired bootstrap
+interval of the model's relative gain over every other recommender.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date
+
+import lightgbm as lgb
+import polars as pl
+
+from ranking import metrics
+from ranking.baselines import CollaborativeConfig
+from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.registry import ModelRecord
+from training import evaluation
+from training.bootstrap import GainEstimate, bootstrap_gain_of_units
+from training.evaluation import WeekEvaluation
+from training.plan import WeekPlan
+from training.ranker import RankerParams, TrainedRanker, train_ranker
+
+log = logging.getLogger(__name__)
+
+MODEL = "model"
+
+
+@dataclass(frozen=True)
+class WeekRun:
+    """A model trained for one gate (or backtest) week and its evaluation on that week's holdout."""
+
+    plan: WeekPlan
+    model: TrainedRanker
+    categories: list[str]
+    evaluation: WeekEvaluation
+    train_rows: int
+    valid_rows: int
+    frames_s: float
+    train_s: float
+    evaluate_s: float
+
+
+class FrameCache:
+    """Labelled training frames built once per (week, category encoding); `keep` drops the rest."""
+
+    def __init__(self, build: Callable[[date, list[str]], pl.DataFrame]) -> None:
+        self._build = build
+        self._frames: dict[tuple[date, tuple[str, ...]], pl.DataFrame] = {}
+
+    def get(self, week: date, categories: list[str]) -> pl.DataFrame:
+        key = (week, tuple(categories))
+        if key not in self._frames:
+            self._frames[key] = self._build(week, categories)
+        return self._frames[key]
+
+    def keep(self, weeks: Iterable[date]) -> None:
+        """Forget every frame of a week not in `weeks` (bounds memory to what later plans need)."""
+        wanted = set(weeks)
+        self._frames = {key: frame for key, frame in self._frames.items() if key[0] in wanted}
+
+
+def train_and_evaluate_week(
+    plan: WeekPlan,
+    categories: list[str],
+    *,
+    frame_of: Callable[[date, list[str]], pl.DataFrame],
+    holdout_of: Callable[[date], tuple[SnapshotTables, pl.DataFrame]],
+    params: RankerParams,
+    config: CandidateConfig,
+    collaborative: CollaborativeConfig,
+    k: int,
+    champion: tuple[lgb.Booster, ModelRecord] | None,
+    batch_users: int,
+) -> WeekRun:
+    """Train on `plan`'s training weeks (early stopping on its validation week), then score the model,
+    the champion and every baseline on its holdout week.
+
+    `frame_of(week, categories)` gives a week's labelled frame, `holdout_of(week)` its snapshot
+    tables and labels; the training frames are released before the holdout is read.
+    """
+    started = time.perf_counter()
+    train = pl.concat([frame_of(w, categories) for w in plan.train])
+    valid = frame_of(plan.validation, categories)
+    framed = time.perf_counter()
+    model = train_ranker(train, valid, params)
+    trained = time.perf_counter()
+    train_rows, valid_rows = train.height, valid.height
+    del train, valid
+    tables, labels = holdout_of(plan.holdout)
+    scored = evaluation.evaluate_model(
+        model, categories, tables, labels, config, k, champion=champion, collaborative=collaborative,
+        batch_users=batch_users,
+    )  # fmt: skip
+    done = time.perf_counter()
+    log.info(
+        "week %s: model ndcg@%d %.4f on %d users, %d training rows, fit %.1fs, evaluated in %.1fs",
+        plan.holdout, k, scored.metrics[MODEL][f"ndcg@{k}"], scored.metrics[MODEL]["users"], train_rows,
+        trained - framed, done - trained,
+    )  # fmt: skip
+    return WeekRun(plan, model, categories, scored, train_rows, valid_rows, framed - started, trained - framed,
+                   done - trained)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PooledEvaluation:
+    """Several weeks' evaluations as one: metrics micro-averaged over (user, week), the units, and the
+    model's gain over every other recommender with its paired bootstrap interval."""
+
+    weeks: list[date]
+    metrics: dict[str, dict[str, float]]
+    candidate_recall: dict[str, float]
+    units: pl.DataFrame  # week, user_id, then each recommender's NDCG@k
+    gains: dict[str, GainEstimate]
+
+    def gains_record(self) -> dict[str, dict[str, float]]:
+        """The gains as the registry stores them (JSON): per recommender the gain, its interval and the
+        units; an unbounded value (one unit, or a recommender scoring 0) is None."""
+        return {
+            name: {
+                "gain": _finite(g.relative_gain),
+                "low": _finite(g.relative_gain_low),
+                "high": _finite(g.relative_gain_high),
+                "units": g.units,
+                "confidence": g.confidence,
+                "model": g.mean_a,
+                "other": g.mean_b,
+            }  # fmt: skip
+            for name, g in self.gains.items()
+        }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def pool_weeks(
+    evaluations: dict[date, WeekEvaluation], *, confidence: float, resamples: int, seed: int
+) -> PooledEvaluation:
+    """Pool weekly evaluations into (user, week) units; recommenders missing from a week (e.g. EASE
+    above its catalogue bound) are left out of the pool, so every comparison is paired."""
+    if not evaluations:
+        raise ValueError("pool_weeks: no weekly evaluations to pool")
+    weeks = sorted(evaluations)
+    names = [n for n in evaluations[weeks[0]].metrics if all(n in evaluations[w].metrics for w in weeks)]
+    if MODEL not in names:
+        raise ValueError(f"pool_weeks: every week needs the model's results, got {names}")
+    units = pl.concat([evaluations[w].per_user.select(pl.lit(w).alias("week"), "user_id", *names) for w in weeks]).sort(
+        "week", "user_id"
+    )
+    pooled = {n: metrics.combine_weeks([evaluations[w].metrics[n] for w in weeks]) for n in names}
+    recall = evaluation.combine_recall([evaluations[w].candidate_recall for w in weeks])
+    gains = {}
+    if units.height:
+        for name in names:
+            if name == MODEL:
+                continue
+            pair = units.select("week", "user_id", a=pl.col(MODEL), b=pl.col(name))
+            gains[name] = bootstrap_gain_of_units(pair, confidence=confidence, resamples=resamples, seed=seed)
+    return PooledEvaluation(weeks, pooled, recall, units, gains)

@@ -55,8 +55,9 @@ def test_first_model_becomes_champion_and_an_identical_retrain_is_rejected(flow_
 
     second, second_artifact = train()
     assert second["version"] == first["version"] + 1
-    assert second["metrics"]["champion"]["ndcg@10"] == second["metrics"]["model"]["ndcg@10"]
-    assert second["gains"]["champion"]["gain"] == 0
+    # The newest week's model is the champion itself (same model text, below); on the older gate weeks
+    # the retrain's models know less than the champion did, so the pooled gain cannot clear the margin.
+    assert second["gains"]["champion"]["low"] <= flow_env.promotion_margin
     assert second["promote"] is False and second["reason"].startswith("keeps the champion: ")
     assert "rejected" in second_artifact and "champion" in second_artifact
 

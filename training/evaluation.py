@@ -12,7 +12,7 @@ import polars as pl
 from ranking import baselines, metrics
 from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.registry import ModelRecord
-from ranking.scoring import ScoringModel, recommend_with_model, user_batches
+from ranking.scoring import ScoringModel, recommend_with_model, timed, user_batches
 from training.frames import labelled_users
 from training.ranker import TrainedRanker
 
@@ -57,29 +57,35 @@ def evaluate_week(
     *,
     champion: ScoringModel | None = None,
     batch_users: int,
+    steps: dict[str, float] | None = None,
 ) -> WeekEvaluation:
     """The model, the baselines and the champion (if any) on the same evaluated users,
     truth and catalogue of one week, with the recall of the model's candidates.
 
-    Users are scored `batch_users` at a time; only their top-k lists are kept.
+    Users are scored `batch_users` at a time; only their top-k lists are kept. `steps` adds
+    each step's seconds (frame, predict, top_n, baselines, recall, metrics).
     """
     users = labelled_users(labels, tables)
     truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
     parts: dict[str, list[pl.DataFrame]] = {}
     recall: list[dict[str, float]] = []
     for batch in user_batches(users, batch_users) or [users]:  # no users: empty results, zero recall
-        frame = build_ranking_frame(tables, batch, config, model.categories)
-        recs = {"model": _recommend(model, tables, batch, config, k, frame)}
-        recs |= recommend_baselines(tables, batch, k, config)
+        with timed(steps, "frame"):
+            frame = build_ranking_frame(tables, batch, config, model.categories)
+        recs = {"model": _recommend(model, tables, batch, config, k, frame, steps)}
+        with timed(steps, "baselines"):
+            recs |= recommend_baselines(tables, batch, k, config)
         if champion is not None:
             same_frame = frame if champion.categories == model.categories else None
-            recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame)
+            recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame, steps)
         for name, top in recs.items():
             parts.setdefault(name, []).append(top)
-        batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
-        recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
-    recs = {name: pl.concat(frames) for name, frames in parts.items()}
-    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall))
+        with timed(steps, "recall"):
+            batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
+            recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
+    with timed(steps, "metrics"):
+        recs = {name: pl.concat(frames) for name, frames in parts.items()}
+        return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall))
 
 
 def _recommend(
@@ -89,9 +95,10 @@ def _recommend(
     config: CandidateConfig,
     k: int,
     frame: pl.DataFrame | None,
+    steps: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     return recommend_with_model(
-        model.booster, model.feature_names, tables, users, config, model.categories, k, frame=frame
+        model.booster, model.feature_names, tables, users, config, model.categories, k, frame=frame, steps=steps
     )
 
 

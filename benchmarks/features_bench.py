@@ -43,6 +43,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from benchmarks import cpu_model, save_result
+from benchmarks.reference import ReferenceRun, reference_line
 from features import contracts, store, transform, validation
 from features.raw import RawData
 from features.synthetic import generate_log
@@ -286,6 +287,10 @@ def format_table(result: dict[str, Any]) -> str:
         f"(re-run: {write['flow_rewrite_rows_per_s'] / write['plain_copy_rows_per_s']:.2f}×); "
         f"peak RSS {result['peak_rss_mb']:,.0f} MB; total {result['total_s']:.0f} s.",
     ]
+    if "reference" in result:
+        lines += ["", reference_line(result, {
+            "compute": compute["seconds"], "validation": big["seconds"], "write": write["flow_first_s"],
+        })]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -307,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     # GX sets its own loggers' levels on import.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="features-bench-", ignore_cleanup_errors=True) as folder:
-        result = measure(args, Path(folder), Settings())
+        with ReferenceRun() as reference:
+            result = measure(args, Path(folder), Settings())
+        result |= reference.result()
         table = format_table(result)
         print(table, flush=True)
         log.info("wrote %s", save_result("features", result, table))

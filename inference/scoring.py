@@ -25,8 +25,8 @@ from features.collaborative import FittedScorer
 from inference import publish
 from ranking import baselines, registry
 from ranking.baselines import CollaborativeConfig
-from ranking.candidates import CandidateConfig, SnapshotTables, build_ranking_frame
-from ranking.scoring import check_model, score, top_n, user_batches
+from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.scoring import check_model, recommend_with_model, timed, user_batches
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,21 @@ def recommend_users(
     users: pl.Series,
     config: CandidateConfig,
     n: int,
+    *,
+    steps: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     """Each user's top-n item ids as one list per user (user_id, items), best first.
 
-    Users without any candidate (e.g. every item already consumed) get no row.
+    Users without any candidate (e.g. every item already consumed) get no row. `steps`
+    adds each step's seconds (frame, predict, top_n, lists).
     """
-    ranked = top_n(score(booster, build_ranking_frame(tables, users, config, categories), feature_names), n)
-    return ranked.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
+    ranked = recommend_with_model(booster, feature_names, tables, users, config, categories, n, steps=steps)
+    with timed(steps, "lists"):
+        return (
+            ranked.sort("user_id", "rank")
+            .group_by("user_id", maintain_order=True)
+            .agg(pl.col("item_id").alias("items"))
+        )
 
 
 def recommend_baseline(
@@ -168,6 +176,7 @@ def score_partition(
     follows the batch size, not the user count.
     """
     stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
+    steps: dict[str, float] = {}
     with _timing(stats, "read_s"):
         booster = None if record.kind == "baseline" else registry.load_model(engine, record.name, record.version)[0]
         items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
@@ -184,15 +193,16 @@ def score_partition(
             else:
                 recs = recommend_users(
                     booster, record.feature_names, record.encodings["category"], snapshot_tables, batch_ids,
-                    config, n,
+                    config, n, steps=steps,
                 )  # fmt: skip
         with _timing(stats, "write_s"):
             stats["personal"] += publish.write_recommendations(client, prefix, version, recs, chunk=chunk)
     log.info(
-        "partition of %d users: %d personal lists; read %.1fs, score %.1fs, write %.1fs",
-        len(users), stats["personal"], stats["read_s"], stats["score_s"], stats["write_s"],
+        "partition of %d users: %d personal lists; read %.1fs, score %.1fs (%s), write %.1fs",
+        len(users), stats["personal"], stats["read_s"], stats["score_s"],
+        ", ".join(f"{step} {seconds:.1f}s" for step, seconds in steps.items()), stats["write_s"],
     )  # fmt: skip
-    return stats
+    return stats | {"score_steps": steps}
 
 
 def combine_partition_stats(parts: list[dict], users: int, seconds: float) -> dict:
@@ -201,7 +211,12 @@ def combine_partition_stats(parts: list[dict], users: int, seconds: float) -> di
     Scored users who got no personal list (no candidate left) read the fallback.
     """
     stats = {key: sum(part[key] for part in parts) for key in ("personal", "read_s", "score_s", "write_s")}
+    steps: dict[str, float] = {}
+    for part in parts:
+        for step, step_s in part.get("score_steps", {}).items():
+            steps[step] = steps.get(step, 0.0) + step_s
     return stats | {
+        "score_steps": steps,
         "users": users,
         "fallback_users": users - stats["personal"],
         "partitions_s": seconds,

@@ -14,7 +14,7 @@ from ranking import baselines, metrics
 from ranking.baselines import CollaborativeConfig
 from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.registry import ModelRecord
-from ranking.scoring import ScoringModel, recommend_with_model, user_batches
+from ranking.scoring import ScoringModel, recommend_with_model, timed, user_batches
 from training.frames import labelled_users
 from training.ranker import TrainedRanker
 
@@ -68,12 +68,14 @@ def evaluate_week(
     champion: ScoringModel | None = None,
     collaborative: CollaborativeConfig,
     batch_users: int,
+    steps: dict[str, float] | None = None,
 ) -> WeekEvaluation:
     """The model, the baselines and the champion (if any) on the same evaluated users,
     truth and catalogue of one week, with the recall of the model's candidates.
 
     EASE and ALS are fitted once on the week's snapshot; users are scored `batch_users`
-    at a time; only their top-k lists are kept.
+    at a time; only their top-k lists are kept. `steps` adds each step's seconds (frame,
+    predict, top_n, baselines, recall, metrics).
     """
     users = labelled_users(labels, tables)
     fitted = baselines.fit_collaborative(tables.user_item_history, collaborative)
@@ -81,21 +83,27 @@ def evaluate_week(
     parts: dict[str, list[pl.DataFrame]] = {}
     recall: list[dict[str, float]] = []
     for batch in user_batches(users, batch_users) or [users]:  # no users: empty results, zero recall
-        frame = build_ranking_frame(tables, batch, config, model.categories)
-        recs = {"model": _recommend(model, tables, batch, config, k, frame)}
-        recs |= recommend_baselines(tables, batch, k, config, fitted)
+        with timed(steps, "frame"):
+            frame = build_ranking_frame(tables, batch, config, model.categories)
+        recs = {"model": _recommend(model, tables, batch, config, k, frame, steps)}
+        with timed(steps, "baselines"):
+            recs |= recommend_baselines(tables, batch, k, config, fitted)
         if champion is not None:
             same_frame = frame if champion.categories == model.categories else None
-            recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame)
+            recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame, steps)
         for name, top in recs.items():
             parts.setdefault(name, []).append(top)
-        batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
-        recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
-    recs = {name: pl.concat(frames) for name, frames in parts.items()}
-    per_user = truth.select("user_id").unique().sort("user_id")
-    for name, top in recs.items():
-        per_user = per_user.join(metrics.per_user_ndcg(top, truth, k).rename({"ndcg": name}), on="user_id")
-    return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall), per_user)
+        with timed(steps, "recall"):
+            batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
+            recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
+    with timed(steps, "metrics"):
+        recs = {name: pl.concat(frames) for name, frames in parts.items()}
+        per_user = truth.select("user_id").unique().sort("user_id")
+        for name, top in recs.items():
+            per_user = per_user.join(metrics.per_user_ndcg(top, truth, k).rename({"ndcg": name}), on="user_id")
+        return WeekEvaluation(
+            evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall), per_user
+        )
 
 
 def _recommend(
@@ -105,9 +113,10 @@ def _recommend(
     config: CandidateConfig,
     k: int,
     frame: pl.DataFrame | None,
+    steps: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     return recommend_with_model(
-        model.booster, model.feature_names, tables, users, config, model.categories, k, frame=frame
+        model.booster, model.feature_names, tables, users, config, model.categories, k, frame=frame, steps=steps
     )
 
 

@@ -204,7 +204,7 @@ def test_write_that_fails_midway_rolls_back_every_table(engine):
     duplicated = pl.concat([build_affinity(AS_OF, [1]), build_affinity(AS_OF, [1])])
 
     # The duplicate key slipped past validation: the primary key stops it inside the write.
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(sa.exc.IntegrityError, match=r"(?s)user_category_affinity.*is duplicated"):
         write(
             engine,
             AS_OF,

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -33,6 +34,8 @@ from ranking.scoring import IncompatibleModelError
 from recsys.settings import Settings
 from recsys.stores import connect_redis, open_stores
 from tests.conftest import SMALL_JOB
+from tests.reliability.observe import new_writing_version
+from tests.reliability.services import wait_for, waiting_on_lock
 from training.ranker import TrainedRanker
 
 pytestmark = pytest.mark.integration
@@ -167,6 +170,22 @@ def test_every_user_gets_the_models_top_n_without_consumed_items_and_lineage_is_
     assert timings["partitions_s"] > 0 and timings["users_per_s"] > 0
 
 
+def test_a_past_week_is_served_from_its_own_snapshot_although_a_newer_one_exists(seeded: Settings, seed: Seed):
+    result = inference_flow(as_of=EARLIER)  # the store also holds AS_OF's snapshot, a week later
+
+    frames = seed.snapshots[EARLIER]
+    expected = scoring.recommend_users(
+        lgb.Booster(model_str=seed.model.model_text), seed.model.feature_names, seed.categories,
+        SnapshotTables.from_frames(frames), frames["user_features"]["user_id"], CandidateConfig(), seeded.top_n,
+    )  # fmt: skip
+    with open_stores(seeded) as stores:
+        found = serving.get_recommendations(stores.redis, seeded.redis_prefix, expected["user_id"].to_list())
+        meta = stores.redis.hgetall(serving.KeySpace(seeded.redis_prefix).meta(result["version"]))
+    assert result["feature_as_of"] == str(EARLIER) and meta["feature_as_of"] == str(EARLIER)
+    assert [rec.items for rec in found] == expected["items"].to_list()
+    assert publication_rows(seeded)["feature_as_of"].to_list() == [EARLIER]
+
+
 def test_partitions_are_separate_prefect_task_runs(seeded: Settings):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -279,8 +298,9 @@ def test_publish_rollback_from_the_cli_points_readers_back(seeded: Settings, cap
     second = inference_flow(as_of=AS_OF)
     assert {rec.version for rec in live_lists(seeded).values()} == {second["version"]}
 
-    with pytest.raises(SystemExit):  # a rollback says why
+    with pytest.raises(SystemExit) as usage:  # a rollback says why
         cli.main(["publish", "rollback"])
+    assert usage.value.code == 2
     assert cli.main(["publish", "rollback", "--reason", "bad lists for new users"]) == 0
 
     assert f"readers now see version {first['version']}" in capsys.readouterr().out
@@ -296,6 +316,54 @@ def test_publish_rollback_from_the_cli_points_readers_back(seeded: Settings, cap
     assert moves["actor"][-2].startswith("inference-flow:")
     assert cli.main(["publish", "history"]) == 0
     assert "rollback" in capsys.readouterr().out
+
+
+def test_a_rollback_racing_a_publication_waits_for_it_then_rolls_it_back(seeded: Settings):
+    first = inference_flow(as_of=AS_OF)
+    runs: dict[str, object] = {}
+
+    def run(name: str, call) -> None:
+        try:
+            runs[name] = call()
+        except Exception as error:  # read by the test
+            runs[name] = error
+
+    with open_stores(seeded) as stores:
+        engine, prefix = stores.engine, seeded.redis_prefix
+        holder = engine.connect()
+        # The publication stops inside its scoring (which reads this table), holding the publish lock.
+        holder.execute(sa.text("lock table item_neighbours in access exclusive mode"))
+        publisher = threading.Thread(
+            target=run, args=("publish", lambda: inference_flow(as_of=AS_OF, return_state=True))
+        )
+        roller = threading.Thread(
+            target=run,
+            args=("rollback", lambda: publish.rollback_publication(
+                engine, stores.redis, prefix, reason="racing", actor="test"
+            )),
+        )  # fmt: skip
+        try:
+            publisher.start()
+            begun = new_writing_version(stores.redis_url, {first["version"]}, min_written=0, prefix=prefix)
+            wait_for(begun, "the publication to begin", timeout=120)
+            roller.start()
+            wait_for(
+                lambda: "rollback" in runs or waiting_on_lock(engine, "pg_advisory_lock"),
+                "the rollback to finish or queue behind the publication",
+                timeout=60,
+            )
+            assert "rollback" not in runs, f"the rollback did not wait for the publication: {runs['rollback']!r}"
+        finally:
+            holder.rollback()
+            holder.close()
+            publisher.join(timeout=240)
+            roller.join(timeout=60)
+        second = runs["publish"].result()["version"]
+
+        assert runs["rollback"] == first["version"]
+        assert pointers(seeded)[:2] == (first["version"], second)
+        moves = publications.pointer_history(engine, prefix).select("action", "from_version", "to_version").rows()
+    assert moves[-2:] == [("publish", first["version"], second), ("rollback", second, first["version"])]
 
 
 def test_dask_cluster_publishes_the_same_recommendations_as_threads(seeded: Settings, monkeypatch):
@@ -338,7 +406,7 @@ def test_redis_acl_user_with_password_works_and_the_password_appears_nowhere(
     try:
         result = inference_flow(as_of=AS_OF)
         lists = live_lists(Settings())
-        with pytest.raises(redis.AuthenticationError):
+        with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
             connect_redis(f"unix://recs:wrong@{private_redis.socket_file}").ping()
     finally:
         private_redis.acl_setuser("default", enabled=True)

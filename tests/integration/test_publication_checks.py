@@ -139,8 +139,9 @@ def test_bad_approvals_each_say_why_in_one_line_and_change_nothing(seeded: Setti
     state = (pointers(seeded), rows(seeded), moves(seeded))
     live = state[0][0]
 
-    with pytest.raises(SystemExit):  # an approval says why
+    with pytest.raises(SystemExit) as usage:  # an approval says why
         cli.main(["publish", "approve", held])
+    assert usage.value.code == 2
     for version, expected in [
         ("20991231-000042", "no publication 20991231-000042 under prefix"),
         ("not-a-version", "is not a publication version"),
@@ -164,7 +165,7 @@ def test_approving_a_held_version_older_than_the_live_one_is_refused(seeded: Set
         publish.write_fallback(stores.redis, prefix, older, [5, 6])
         metadata = {"model_version": "m:1", "generated_at": "2026-11-16T05:00:00+00:00", "n": 2,
                     "fallback_user_count": 0, "feature_as_of": str(EARLIER)}  # fmt: skip
-        with pytest.raises(publish.PublicationHeld):
+        with pytest.raises(publish.PublicationHeld, match="recommended items are not in the snapshot's item table"):
             publish.finish_publication(
                 stores.redis, prefix, older, expected_users=1, metadata=metadata,
                 bounds=CheckBounds(max_unknown_items=0), catalogue=pl.Series([1, 2], dtype=pl.Int64),

@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from cli import main as cli
 from ranking import registry
 from ranking.registry import AliasChangeError, ModelIntegrityError, ModelNotFoundError
+from recsys.settings import Settings
+from tests.reliability.services import dump_postgres
 from training.promotion import decide_promotion
 
 pytestmark = pytest.mark.integration
@@ -93,6 +96,12 @@ def booster_calls(monkeypatch) -> list:
     return calls
 
 
+def assert_spy_sees_an_intact_load(engine: sa.Engine, text: str, booster_calls: list) -> None:
+    """The spy records the registry's parse on the success path: its silence on a refusal means something."""
+    registry.load_model(engine, NAME, register(engine, text))
+    assert booster_calls == [{"model_str": text}]
+
+
 def test_registered_model_loads_back_with_identical_predictions_and_lineage(engine, trained):
     text, rows = trained
     version = register(engine, text)
@@ -165,6 +174,7 @@ def test_changed_model_text_is_refused_naming_both_hashes(engine, trained, boost
     assert registry._sha256(text) in message
     assert registry._sha256(changed) in message
     assert booster_calls == []
+    assert_spy_sees_an_intact_load(engine, text, booster_calls)
 
 
 class _Planted:
@@ -188,6 +198,7 @@ def test_pickle_payload_is_refused_without_being_parsed(engine, trained, booster
         registry.load_model(engine, NAME, version)
     assert booster_calls == []
     assert not marker.exists()
+    assert_spy_sees_an_intact_load(engine, trained[0], booster_calls)
 
 
 def test_register_refuses_a_text_that_is_not_a_lightgbm_model(engine, trained):
@@ -289,3 +300,45 @@ def test_alias_history_is_append_only(engine, trained):
     with pytest.raises(sa.exc.DBAPIError, match="append-only"), engine.begin() as conn:
         conn.execute(sa.text("delete from model_alias_history"))
     assert registry.history(engine, NAME)["actor"].to_list() == ["training-flow"]
+
+
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch) -> Settings:
+    """RECSYS_* pointing an in-process `recsys` at the session's stores."""
+    monkeypatch.setenv("RECSYS_DATABASE_URL", settings.database_url.get_secret_value())
+    monkeypatch.setenv("RECSYS_REDIS_URL", settings.redis_url.get_secret_value())
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(settings.data_dir))
+    return Settings()
+
+
+def test_models_rollback_from_the_cli_gives_the_alias_back_and_says_who(engine, cli_env, trained, capsys):
+    name = cli_env.model_name
+    first, second = register(engine, trained[0], name=name), register(engine, trained[0], ndcg=0.3, name=name)
+    registry.promote(engine, name, first, reason="beats baselines", actor="training-flow")
+    registry.promote(engine, name, second, reason="better", actor="training-flow")
+
+    with pytest.raises(SystemExit) as usage:  # a rollback says why
+        cli.main(["models", "rollback"])
+    assert usage.value.code == 2
+    assert cli.main(["models", "rollback", "--reason", "online metrics dropped"]) == 0
+
+    assert f"model {name}: champion rolled back to v{first}" in capsys.readouterr().out
+    assert registry.get_champion(engine, name).version == first
+    last = registry.history(engine, name).row(-1, named=True)
+    assert (last["from_version"], last["to_version"], last["reason"]) == (second, first, "online metrics dropped")
+    assert last["actor"] == cli.actor()
+
+    assert cli.main(["models", "rollback", "--reason", "and back"]) == 0  # a rollback is itself undoable
+    assert registry.get_champion(engine, name).version == second
+
+
+def test_models_rollback_with_no_earlier_champion_is_one_error_line(engine, cli_env, trained, capsys):
+    only = register(engine, trained[0], name=cli_env.model_name)
+    registry.promote(engine, cli_env.model_name, only, reason="first", actor="training-flow")
+    before = dump_postgres(engine)
+
+    assert cli.main(["models", "rollback", "--reason", "oops"]) == 1
+
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: AliasChangeError: ") and "no earlier version to roll back to" in line
+    assert dump_postgres(engine) == before

@@ -77,7 +77,7 @@ def test_sql_source_filters_before_in_postgres_so_later_rows_are_never_read(clea
                 "as weight from events_table"
             )
         )
-    with pytest.raises(psycopg.errors.DivisionByZero):
+    with pytest.raises(psycopg.errors.DivisionByZero, match="division by zero"):
         read_source("sql:events", engine=clean_stores.engine)
 
     read = read_source("sql:events", before=before, engine=clean_stores.engine)

@@ -1,12 +1,14 @@
 """The training flow on real Postgres and Prefect: train, evaluate, register, gate.
 
-One backfill of the feature flow (tiny synthetic log of `flow_env`), then training runs
-as of the same week, each training a model per gate week and pooling them: the first
-model clears the best baseline's interval and becomes champion; the identical retrain's
-gain over it is zero, so it is registered as rejected; a margin set in the environment
-reaches the gate's sentence.
+One backfill of the feature flow (tiny synthetic log of `flow_env`) that also holds the week
+after the training as_of (features and labels), then three training runs as of the same week,
+each gated on the last RECSYS_GATE_WEEKS labelled weeks pooled:
+the first model beats the baselines and becomes champion (seeing nothing of the later week);
+against a degenerate champion the identical retrain is rejected while RECSYS_PROMOTION_MARGIN
+asks for more than it gains, and replaces the champion once the margin is back to its default.
 """
 
+import re
 from datetime import date, timedelta
 
 import pytest
@@ -23,7 +25,8 @@ from training.evaluation import BASELINES
 
 pytestmark = pytest.mark.integration
 
-AS_OF = date(2026, 11, 23)
+NEWEST = date(2026, 11, 23)  # the newest feature week in the store
+AS_OF = NEWEST - timedelta(weeks=1)  # training's as_of: the store holds a later snapshot and later labels
 ARTIFACT_KEY = "training-metrics"
 
 
@@ -32,56 +35,112 @@ def train() -> tuple[dict, str]:
     return state.result(), artifact_text(state, ARTIFACT_KEY)
 
 
-def test_first_model_becomes_champion_and_an_identical_retrain_is_rejected(flow_env: Settings, monkeypatch):
+def promote_a_degenerate_copy(settings: Settings, champion: registry.ModelRecord) -> int:
+    """Register the champion with every leaf value negated (it ranks candidates upside down) and make it champion."""
+    with open_stores(settings) as stores:
+        _, record = registry.load_model(stores.engine, settings.model_name, champion.version)
+        with stores.engine.connect() as conn:
+            text = conn.execute(
+                sa.text("select model_text from model_versions where name = :n and version = :v"),
+                {"n": record.name, "v": record.version},
+            ).scalar_one()
+        negated = re.sub(
+            r"^leaf_value=(.*)$",
+            lambda m: "leaf_value=" + " ".join(repr(-float(v)) for v in m.group(1).split()),
+            text,
+            flags=re.MULTILINE,
+        )
+        # The header's byte sizes of the trees no longer hold (LightGBM aborts the process on them);
+        # without the line LightGBM reads the trees one after another.
+        negated = re.sub(r"^tree_sizes=.*\n", "", negated, flags=re.MULTILINE)
+        assert negated != text and "leaf_value=" in negated
+        fields = {f: getattr(record, f) for f in ("feature_names", "encodings", "params", "metrics", "as_of",
+                                                 "training_as_ofs", "validation_as_of", "holdout_as_of",
+                                                 "feature_snapshots")}  # fmt: skip
+        return registry.register_model(
+            stores.engine, name=record.name, model_text=negated, **fields,
+            promote_reason="test: a champion that ranks upside down", actor="test",
+        )  # fmt: skip
+
+
+def champion_version(settings: Settings) -> int:
+    with open_stores(settings) as stores:
+        return registry.get_champion(stores.engine, settings.model_name).version
+
+
+def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env: Settings, monkeypatch):
     first_week = AS_OF - timedelta(weeks=flow_env.training_weeks + 1 + flow_env.gate_weeks)
-    feature_flow(as_of=AS_OF, source="synthetic", backfill_from=first_week)
+    written = feature_flow(as_of=NEWEST, source="synthetic", backfill_from=first_week)
+    assert {str(AS_OF), str(NEWEST)} <= set(written), "the store must hold the weeks at and after as_of"
 
     first, first_artifact = train()
     metrics, gains = first["metrics"], first["gains"]
+    # Labels of the week [AS_OF, NEWEST) exist but close after as_of: the last gate week is the week before.
     gate_weeks = [str(AS_OF - timedelta(weeks=n)) for n in range(flow_env.gate_weeks, 0, -1)]
     assert first["gate_weeks"] == gate_weeks and first["holdout"] == gate_weeks[-1]
+    assert first["stale_upstream"] is None
     assert set(gains) == set(BASELINES) and metrics["model"]["users"] == gains["ease"]["units"]
     best = max(BASELINES, key=lambda name: metrics[name]["ndcg@10"])
     assert gains[best]["low"] > 0, "the tiny demo model should clearly beat every baseline"
     assert first["promote"] is True
     assert first["reason"].startswith(f"no champion yet: candidate ndcg@10 vs {best} (the best baseline): gain")
     assert "[95% CI" in first["reason"] and f"pooled over 2 weeks {gate_weeks[0]}" in first["reason"]
-    assert first["stale_upstream"] is None
     assert 0 < first["candidate_recall"]["all"] <= 1
     assert "promoted to champion" in first_artifact and "Candidate recall" in first_artifact
     assert all(name in first_artifact for name in ["model", *BASELINES, *gate_weeks])
     interval = f"{gains[best]['gain']:+.1%} [{gains[best]['low']:+.1%}, {gains[best]['high']:+.1%}]"
     assert interval in first_artifact
 
-    second, second_artifact = train()
-    assert second["version"] == first["version"] + 1
-    # The newest week's model is the champion itself (same model text, below); on the older gate weeks
-    # the retrain's models know less than the champion did, so the pooled gain cannot clear the margin.
-    assert second["gains"]["champion"]["low"] <= flow_env.promotion_margin
-    assert second["promote"] is False and second["reason"].startswith("keeps the champion: ")
-    assert "rejected" in second_artifact and "champion" in second_artifact
-
-    monkeypatch.setenv("RECSYS_PROMOTION_MARGIN", "5")
-    third, _ = train()
-    assert third["promote"] is False and "does not clear the margin 500.00%" in third["reason"]
-
     with open_stores(flow_env) as stores:
         champion = registry.get_champion(stores.engine, flow_env.model_name)
-        rejected = registry.get_model(stores.engine, flow_env.model_name, second["version"])
-        with stores.engine.connect() as conn:
-            texts = conn.execute(sa.text("select model_sha256 from model_versions order by version")).scalars().all()
-    assert champion.version == first["version"] and rejected.status == "rejected"
-    assert rejected.decision["reason"] == second["reason"]
-    assert texts[0] == texts[1], "same snapshots and seed must give the same model"
-    assert champion.metrics["gains"] == first["gains"] and champion.metrics["gate_weeks"] == gate_weeks
-
-    # Lineage: the snapshots, weeks, features and encodings the model was built from.
+    assert champion.version == first["version"]
+    # Lineage: the snapshots, weeks, features and encodings the model was built from; the digests are
+    # the ones the feature flow computed when it wrote each table, and nothing at or after as_of.
     weeks = [AS_OF - timedelta(weeks=n) for n in range(flow_env.training_weeks + 2, 0, -1)]
     assert champion.training_as_ofs == weeks[:-2]
     assert (champion.validation_as_of, champion.holdout_as_of) == (weeks[-2], weeks[-1])
-    assert {f"labels@{w}" for w in weeks} <= set(champion.feature_snapshots)
-    assert {f"item_features@{w}" for w in weeks} <= set(champion.feature_snapshots)
+    for week in weeks:
+        for table, digest in written[str(week)].items():
+            if table != "labels":  # a week's run writes the labels of the week before it
+                assert champion.feature_snapshots[f"{table}@{week}"] == digest, (table, week)
+        later = week + timedelta(weeks=1)
+        assert champion.feature_snapshots[f"labels@{week}"] == written[str(later)]["labels"], week
+    used = {date.fromisoformat(key.split("@")[1]) for key in champion.feature_snapshots}
+    assert max(used) < AS_OF, f"the model's lineage names weeks at or after as_of {AS_OF}: {sorted(used)}"
     assert champion.feature_names == FEATURE_NAMES
     assert champion.encodings["category"] == sorted(champion.encodings["category"])
     assert champion.params["candidates"]["exclude_consumed"] is True
     assert champion.metrics["candidate_recall"] == first["candidate_recall"]
+    assert champion.metrics["gains"] == first["gains"] and champion.metrics["gate_weeks"] == gate_weeks
+
+    # The gate's wiring, against a champion that ranks upside down: RECSYS_PROMOTION_MARGIN reaches the
+    # gate (a margin out of reach rejects the candidate and leaves the alias alone), and without it the
+    # better candidate replaces the champion.
+    degenerate = promote_a_degenerate_copy(flow_env, champion)
+    monkeypatch.setenv("RECSYS_PROMOTION_MARGIN", "1000")  # a thousand times the champion's NDCG
+    demanding, demanding_artifact = train()
+    assert demanding["promote"] is False and "margin" in demanding["reason"], demanding["reason"]
+    assert demanding["metrics"]["model"]["ndcg@10"] > demanding["metrics"]["champion"]["ndcg@10"]
+    assert "does not clear the margin 100000.00%" in demanding["reason"], demanding["reason"]
+    assert "rejected" in demanding_artifact
+    assert champion_version(flow_env) == degenerate
+
+    monkeypatch.delenv("RECSYS_PROMOTION_MARGIN")
+    better, better_artifact = train()
+    assert better["promote"] is True, better["reason"]
+    assert champion_version(flow_env) == better["version"] != degenerate
+    assert "promoted to champion" in better_artifact
+
+    with open_stores(flow_env) as stores:
+        moves = registry.history(stores.engine, flow_env.model_name).select("from_version", "to_version").rows()
+        models = registry.list_models(stores.engine, flow_env.model_name)
+        rejected = registry.get_model(stores.engine, flow_env.model_name, demanding["version"])
+        with stores.engine.connect() as conn:
+            texts = dict(conn.execute(sa.text("select version, model_sha256 from model_versions")).all())
+    assert moves == [(None, first["version"]), (first["version"], degenerate), (degenerate, better["version"])]
+    statuses = dict(models.select("version", "status").rows())
+    assert statuses[demanding["version"]] == "rejected" and statuses[better["version"]] == "champion"
+    assert rejected.decision["reason"] == demanding["reason"]
+    assert texts[first["version"]] == texts[demanding["version"]] == texts[better["version"]], (
+        "same snapshots and seed must give the same model"
+    )

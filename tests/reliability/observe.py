@@ -1,8 +1,10 @@
 """Read-only views of what readers and operators see: Redis versions, flow task attempts."""
 
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import redis
 
@@ -72,11 +74,42 @@ def when(condition: Callable[[], object], action: Callable[[object], None], time
     return thread
 
 
-def task_attempts(flow_run_id, task_name: str) -> list[int]:
-    """How many times each run of task `task_name` in the flow run was attempted."""
+def task_run_counts(flow_run_id) -> dict[str, int]:
+    """How many times each task run of the flow run was attempted, by task run name (Prefect's API)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return [run.run_count for run in runs if run.name.startswith(f"{task_name}-")]
+    return {run.name: run.run_count for run in runs}
+
+
+def task_attempts(flow_run_id, task_name: str) -> list[int]:
+    """How many times each run of task `task_name` in the flow run was attempted."""
+    return [count for name, count in task_run_counts(flow_run_id).items() if name.startswith(f"{task_name}-")]
+
+
+class RetryScheduled(logging.Handler):
+    """Prefect's "Retry n/m will start" log line, as an event: `scheduled` is set at the first one,
+    `task_runs` names every task run that logged one."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.scheduled = threading.Event()
+        self.task_runs: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if " - Retry " in record.getMessage():
+            self.task_runs.append(getattr(record, "task_run_name", "?"))
+            self.scheduled.set()
+
+
+@contextmanager
+def watching_retries() -> Iterator[RetryScheduled]:
+    """Collect the task retries Prefect schedules in this process while the block runs."""
+    handler, logger = RetryScheduled(), logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

@@ -264,7 +264,7 @@ def test_malformed_feature_frame_fails_validation_and_is_never_written(feature_s
         min_rows_ratio=0.5, drift_threshold=0.25, drift_blocks=False,
     )  # fmt: skip
     assert not report.success and report.failures
-    with pytest.raises(ValidationFailed):
+    with pytest.raises(ValidationFailed, match="feature validation failed: .*user_features"):
         store.write_snapshot(feature_store, AS_OF, {"user_features": frame}, {"user_features": report}, flow_run_id="t")
 
     assert dump_postgres(feature_store) == before

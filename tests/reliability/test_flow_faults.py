@@ -8,7 +8,6 @@ Task retry delays are shortened (count and conditions unchanged) so a test takes
 import hashlib
 import pickle
 import re
-import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from tests.reliability.observe import (
     namespace_dump,
     new_writing_version,
     task_attempts,
+    task_run_counts,
     versions,
+    watching_retries,
     when,
 )
 from tests.reliability.services import dump_redis
@@ -32,6 +33,9 @@ from tests.reliability.services import dump_redis
 pytestmark = pytest.mark.reliability
 
 PREFIX = "recs"
+# Retry delays while a server is down: the first retry comes quickly, the last leaves a crashed
+# Postgres time for its recovery on a loaded machine (a task gets 3 retries, as in production).
+OUTAGE_RETRY_DELAYS = [1.0, 5.0, 30.0]
 
 
 def run_failing(as_of=AS_OF) -> tuple[BaseException, object]:
@@ -95,44 +99,59 @@ def test_redis_killed_mid_publish_fails_naming_the_connection_and_the_next_run_c
     assert live_version(r) == retried["version"]
 
 
+def run_through_an_outage(stop, start, known: set[str], url: str) -> tuple[object, list[str]]:
+    """Run the inference flow; once its new version is being written, `stop` a server and `start` it
+    again only after a task failed on it and Prefect scheduled its retry. The flow's final state
+    and the task runs that were retried."""
+    with watching_retries() as retries:
+
+        def outage(_) -> None:
+            stop()
+            retries.scheduled.wait(timeout=120)  # down until a task has failed on it
+            start()
+
+        bouncer = when(new_writing_version(url, known, min_written=0), outage, timeout=120)
+        try:
+            state = inference_module.inference_flow(as_of=AS_OF, return_state=True)
+        finally:
+            retries.scheduled.set()  # a flow that failed without retrying: bring the server back anyway
+            bouncer.join(timeout=60)
+    assert "value" in bouncer.outcome, "the server was never stopped mid-publication"
+    return state, retries.task_runs
+
+
+def assert_retried_and_completed(state, retried: list[str]) -> None:
+    """The flow completed, and every task run that failed on the outage ran again (Prefect's run counts)."""
+    assert state.is_completed(), f"the flow did not survive the outage: {state.result(raise_on_failure=False)!r}"
+    assert retried, "no task failed on the outage: nothing shows the retries worked"
+    counts = task_run_counts(state.state_details.flow_run_id)
+    assert all(counts[name] >= 2 for name in retried), {name: counts[name] for name in retried}
+
+
 def test_redis_back_within_the_task_retries_lets_the_publication_complete(publishing, monkeypatch):
     _, server, live, _ = publishing
-    shorten_retries(monkeypatch, inference_module, [1.0, 2.0, 4.0])
-    restarted = threading.Event()
+    shorten_retries(monkeypatch, inference_module, OUTAGE_RETRY_DELAYS)
 
-    def bounce(_) -> None:
-        server.kill()
-        server.start()
-        restarted.set()
+    state, retried = run_through_an_outage(server.kill, server.start, {live}, server.url())
 
-    # At begin, while partitions score: no write is in flight (a write cut between its MSET and its count
-    # is test_redis_faults' case).
-    bouncer = when(new_writing_version(server.url(), {live}, min_written=0), bounce, timeout=120)
-
-    result = inference_module.inference_flow(as_of=AS_OF)
-
-    bouncer.join(timeout=30)
-    assert restarted.is_set(), "Redis was never restarted mid-publication"
+    assert_retried_and_completed(state, retried)
+    result = state.result()
     r = server.client()
-    assert live_version(r) == result["version"] == bouncer.outcome["value"]
+    assert live_version(r) == result["version"]
     meta = r.hgetall(serving.KeySpace(PREFIX).meta(result["version"]))
     assert meta["status"] == "live" and int(meta["written_users"]) == result["personal"]
 
 
 def test_postgres_restart_mid_publish_is_retried_and_the_flow_completes(publishing, private_postgres, monkeypatch):
     _, server, live, engine = publishing
-    shorten_retries(monkeypatch, inference_module, [1.0, 2.0, 4.0])
+    shorten_retries(monkeypatch, inference_module, OUTAGE_RETRY_DELAYS)
 
-    def bounce(_) -> None:
-        private_postgres.stop("immediate")
-        private_postgres.start()
+    state, retried = run_through_an_outage(
+        lambda: private_postgres.stop("immediate"), private_postgres.start, {live}, server.url()
+    )
 
-    bouncer = when(new_writing_version(server.url(), {live}, min_written=0), bounce, timeout=120)
-    try:
-        result = inference_module.inference_flow(as_of=AS_OF)
-    finally:
-        bouncer.join(timeout=60)
-    assert "value" in bouncer.outcome
+    assert_retried_and_completed(state, retried)
+    result = state.result()
     assert live_version(server.client()) == result["version"]
     assert publication_rows(engine)[result["version"]]["status"] == "live"
 

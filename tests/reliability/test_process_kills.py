@@ -60,24 +60,24 @@ def no_advisory_locks(engine: sa.Engine) -> bool:
         return not conn.execute(sa.text("select count(*) from pg_locks where locktype = 'advisory'")).scalar_one()
 
 
-def read_and_compare(r, expected: dict[int, list[int]], fallback: list[int], live: str, stop, problems) -> int:
-    """Look up random users (and one unknown) until stopped; each answer must be the old live set's."""
+def read_and_compare(r, expected: dict[int, list[int]], fallback: list[int], live: str, stop, problems, reads) -> None:
+    """Look up random users (and one unknown) until stopped; each answer must be the old live set's.
+
+    `reads[0]` counts the lookups done, so the test can wait for one after an event."""
     rng = random.Random(11)
     users = sorted(expected)
-    reads = 0
-    while not stop.wait(0.005) and reads < 100_000:
+    while not stop.wait(0.005) and reads[0] < 100_000:
         batch = rng.sample(users, min(20, len(users))) + [10**9]
         try:
             recs = serving.get_recommendations(r, PREFIX, batch)
         except Exception as error:  # a reader must never fail: record it for the test
-            problems.append(f"read {reads} failed: {type(error).__name__}: {error}")
+            problems.append(f"read {reads[0]} failed: {type(error).__name__}: {error}")
             continue
         got = {rec.user_id: (rec.version, rec.items) for rec in recs}
         want = {u: (live, expected[u]) for u in batch[:-1]} | {10**9: (live, fallback)}
         if got != want:
-            problems.append(f"read {reads}: {got} != {want}")
-        reads += 1
-    return reads
+            problems.append(f"read {reads[0]}: {got} != {want}")
+        reads[0] += 1
 
 
 def test_sigkill_while_publishing_keeps_readers_on_the_complete_old_set_and_the_next_run_succeeds(
@@ -88,23 +88,24 @@ def test_sigkill_while_publishing_keeps_readers_on_the_complete_old_set_and_the_
     users = [int(name.rsplit(":", 1)[1]) for name in r.scan_iter(match=f"{PREFIX}:{live}:u:*", count=1_000)]
     expected = {rec.user_id: rec.items for rec in serving.get_recommendations(r, PREFIX, users)}
     fallback = serving.get_recommendations(r, PREFIX, [10**9])[0].items
-    stop, problems, reads = threading.Event(), [], []
-    args = (r, expected, fallback, live, stop, problems)
-    reader = threading.Thread(target=lambda: reads.append(read_and_compare(*args)))
+    stop, problems, reads = threading.Event(), [], [0]
+    reader = threading.Thread(target=read_and_compare, args=(r, expected, fallback, live, stop, problems, reads))
     reader.start()
     try:
+        wait_for(lambda: reads[0] or problems, "the reader's first lookup")
         process, stderr = start_cli(tmp_path, "infer", "--as-of", str(AS_OF))
         killer = when(new_writing_version(server.url(), {live}), lambda _: sigkill(process), timeout=240)
         killer.join(timeout=250)
         if process.poll() is None:
             sigkill(process)
-        stop.wait(0.3)  # keep reading after the kill
+        killed_at = reads[0]
+        wait_for(lambda: reads[0] > killed_at or problems, "a lookup after the kill")
     finally:
         stop.set()
         reader.join(timeout=30)
 
     assert "value" in killer.outcome, f"the child never started writing: {stderr.read_text()[-2000:]}"
-    assert problems == [] and reads[0] > 10
+    assert problems == []
     killed = killer.outcome["value"]
     assert r.hget(serving.KeySpace(PREFIX).meta(killed), "status") == "writing"
     assert live_version(r) == live

@@ -58,7 +58,7 @@ def test_redis_killed_between_any_two_round_trips_leaves_no_key_uncounted_and_th
     recs = pl.DataFrame({"user_id": range(USERS)}).with_columns(items=pl.concat_list(pl.col("user_id"), pl.lit(7)))
     version = publish.begin_publication(server.client(), PREFIX, date(2025, 3, 3))
 
-    with pytest.raises(publish.PublishError):
+    with pytest.raises(publish.PublishError, match=f"publishing version {version}: writing user keys failed after"):
         publish.write_recommendations(client_killing_server_after(server, replies), PREFIX, version, recs, chunk=10)
     server.start()
     r = server.client()

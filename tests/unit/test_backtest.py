@@ -69,9 +69,16 @@ def test_candidate_recall_is_a_share_per_source_and_all_sources_cover_each_one(r
         assert row["all"] >= max(shares[1:])
 
 
-def test_timings_cover_each_week(result):
-    assert result.timings["week"].to_list() == [str(w) for w in WEEKS]
-    assert (result.timings["train_rows"] > 0).all() and (result.timings["train_s"] >= 0).all()
+def test_timings_cover_each_week_and_measure_each_step(result):
+    timings = result.timings
+    assert timings["week"].to_list() == [str(w) for w in WEEKS]
+    assert (timings["train_rows"] > 0).all() and (timings["valid_rows"] > 0).all()
+    assert timings["best_iteration"].is_between(1, FAST.n_estimators).all()
+    # Every step does real work, so each span is measured as more than nothing (a step's start and end
+    # taken at the same point, or the wrong way round, would not be).
+    for step in ("frames_s", "train_s", "evaluate_s"):
+        assert (timings[step] > 0).all(), step
+    assert (timings["features_s"] >= 0).all()  # zero for weeks whose snapshot an earlier week computed
 
 
 def test_format_table_shows_each_week_overall_every_recommender_and_the_ratio(result):

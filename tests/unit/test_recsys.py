@@ -70,5 +70,5 @@ def test_settings_read_the_environment_and_keep_urls_secret(monkeypatch):
 @pytest.mark.parametrize(("name", "value"), [("RECSYS_REDIS_PREFIX", "recs:*"), ("RECSYS_MODEL_NAME", "x'; drop")])
 def test_names_used_in_keys_and_sql_are_validated(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=name.removeprefix("RECSYS_").lower()):
         Settings()

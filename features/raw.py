@@ -43,14 +43,17 @@ class RawData:
     duplicates: int = 0  # repeated (user_id, item_id, ts) events dropped while reading
 
 
-def validate_events(events: pl.DataFrame, *, source: str, now: datetime | None) -> tuple[pl.DataFrame, int]:
+def validate_events(
+    events: pl.DataFrame, *, source: str, now: datetime | None, allow_empty: bool = False
+) -> tuple[pl.DataFrame, int]:
     """Check raw events; return them conformed and sorted, and how many duplicates were dropped.
 
     Raises RawDataError for missing columns, unparseable timestamps, null or non-integer
-    ids, null/negative/NaN/infinite weights, events after `now`, or no events at all.
+    ids, null/negative/NaN/infinite weights, events after `now`, or no events at all
+    (unless `allow_empty`: one user partition of a source may have none).
     """
     require_columns(events.columns, EVENT_KEY, f"source {source}", RawDataError)
-    if events.height == 0:
+    if events.height == 0 and not allow_empty:
         raise RawDataError(f"source {source}: no events (after the time filter, if any)")
     if "weight" not in events.columns:
         events = events.with_columns(weight=pl.lit(1.0))

@@ -2,13 +2,12 @@
 
 from datetime import date
 
-from features.raw import RawData
 from features.validation import ValidationReport
 
 
-def describe_read(raw: RawData, spec: str) -> str:
+def describe_read(events: int, duplicates: int, spec: str) -> str:
     """One line: how many events (and dropped duplicates) came from which source."""
-    return f"Read {raw.events.height} events ({raw.duplicates} duplicates dropped) from `{spec}`."
+    return f"Read {events} events ({duplicates} duplicates dropped) from `{spec}`."
 
 
 def summarise_week(week: date, reports: dict[str, ValidationReport]) -> str:

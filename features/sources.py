@@ -25,6 +25,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, require_columns
+from features.partitioned import Partition, in_partition, partition_sql
 from features.raw import (
     EVENT_KEY,
     ITEM_ALIASES,
@@ -64,26 +65,36 @@ def read_source(
     engine: sa.Engine | None = None,
     synthetic_dir: Path | None = None,
     now: datetime | None = None,
+    partition: Partition | None = None,
 ) -> RawData:
-    """Read the source named by `spec`, keep events with ts < before, validate and conform."""
+    """Read the source named by `spec`, keep events with ts < before, validate and conform.
+
+    With `partition`, only the events of that partition's users (`features.partitioned`),
+    which may be none: Parquet and CSV scans and SQL queries filter while reading, so
+    the other partitions' events are never held; MovieLens is filtered after loading.
+    """
     started = time.perf_counter()
     kind, target, options = _parse_spec(spec)
     before, now = as_utc(before), as_utc(now)
     # Readers skip events at or after `before` but keep those after `now`: they are
     # errors in the source, which validation must name rather than silently drop.
     if kind == "synthetic":
-        extract = _read_synthetic(synthetic_dir, before, now)
+        extract = _read_synthetic(synthetic_dir, before, now, partition)
     elif kind in ("parquet", "csv"):
-        extract = _read_files(kind, target, options.get("items"), before, now)
+        extract = _read_files(kind, target, options.get("items"), before, now, partition)
     elif kind == "movielens":
         extract = _read_movielens(Path(target), before, now)
     else:
-        extract = _read_sql(engine, target, options.get("items"), before, now)
-    events, duplicates = validate_events(extract.events, source=extract.source, now=now)
+        extract = _read_sql(engine, target, options.get("items"), before, now, partition)
+    empty_ok = partition is not None  # one partition may have no users; the merge checks the whole
+    events, duplicates = validate_events(extract.events, source=extract.source, now=now, allow_empty=empty_ok)
+    if partition is not None:
+        # Ids that were text or untyped in the source are only known as integers now.
+        events = events.filter(in_partition("user_id", partition))
     if before is not None:
         # Typed timestamps were filtered while reading; text ones only parse in validation.
         events = events.filter(pl.col("ts") < before)
-        if events.is_empty():
+        if events.is_empty() and not empty_ok:
             raise RawDataError(f"source {extract.source}: no events before {before.isoformat()}")
     items = conform_items(extract.items, events, source=extract.items_source)
     log.info(
@@ -134,7 +145,9 @@ def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, target, options
 
 
-def _read_synthetic(folder: Path | None, before: datetime | None, now: datetime | None) -> _Extract:
+def _read_synthetic(
+    folder: Path | None, before: datetime | None, now: datetime | None, partition: Partition | None = None
+) -> _Extract:
     if folder is None:
         raise RawDataError("source synthetic: no synthetic_dir given")
     events_path, items_path = folder / "events.parquet", folder / "items.parquet"
@@ -143,16 +156,21 @@ def _read_synthetic(folder: Path | None, before: datetime | None, now: datetime 
             f"source synthetic: no generated log in {folder}; generate it first "
             "(features.synthetic.generate_log + write_log)"
         )
-    return _read_files("parquet", str(events_path), str(items_path), before, now)
+    return _read_files("parquet", str(events_path), str(items_path), before, now, partition)
 
 
 def _read_files(
-    kind: str, pattern: str, items_path: str | None, before: datetime | None, now: datetime | None
+    kind: str,
+    pattern: str,
+    items_path: str | None,
+    before: datetime | None,
+    now: datetime | None,
+    partition: Partition | None = None,
 ) -> _Extract:
     if not glob.glob(pattern, recursive=True):
         raise RawDataError(f"source {pattern}: no {kind} files match")
     scan = pl.scan_parquet if kind == "parquet" else pl.scan_csv
-    events = _collect(lambda: _filter_before(scan(pattern), before, now, pattern), pattern)
+    events = _collect(lambda: _keep_partition(_filter_before(scan(pattern), before, now, pattern), partition), pattern)
     if items_path is None:
         return _Extract(events, None, pattern, pattern)
     if not Path(items_path).exists():
@@ -202,7 +220,12 @@ def _read_movielens(folder: Path, before: datetime | None, now: datetime | None)
 
 
 def _read_sql(
-    engine: sa.Engine | None, table: str, items_table: str | None, before: datetime | None, now: datetime | None
+    engine: sa.Engine | None,
+    table: str,
+    items_table: str | None,
+    before: datetime | None,
+    now: datetime | None,
+    partition: Partition | None = None,
 ) -> _Extract:
     source = f"sql:{table}"
     if engine is None:
@@ -212,15 +235,16 @@ def _read_sql(
     if not isinstance(columns["ts"], sa.DateTime):
         raise RawDataError(f"source {source}: column ts: type {columns['ts']} is not timestamp or timestamptz")
     wanted = {name: columns[name] for name in RAW_EVENTS_SCHEMA if name in columns}
-    if before is None:
-        events = _copy_out(engine, table, wanted)
-    else:
+    conditions, params = [], {"before": before, "now": now}
+    if before is not None:
         # Both ranges can use an index on ts; the time window is applied by the database.
-        if now is None:
-            events = _copy_out(engine, table, wanted, "where ts < %(before)s", {"before": before})
-        else:
-            where = "where ts < %(before)s or ts > %(now)s"
-            events = _copy_out(engine, table, wanted, where, {"before": before, "now": now})
+        conditions.append("(ts < %(before)s)" if now is None else "(ts < %(before)s or ts > %(now)s)")
+    if partition is not None and isinstance(columns["user_id"], sa.Integer):
+        # Other id types are filtered once validation has made them integers (or named them).
+        user_id = engine.dialect.identifier_preparer.quote("user_id")
+        conditions.append(f"{partition_sql(user_id, partition.count)} = {partition.index}")
+    where = f"where {' and '.join(conditions)}" if conditions else ""
+    events = _copy_out(engine, table, wanted, where, params if conditions else None)
     if items_table is None:
         return _Extract(events, None, source, source)
     item_columns = _table_columns(engine, items_table)
@@ -286,6 +310,13 @@ def _quote_table(engine: sa.Engine, table: str) -> str:
     _check_identifier(table)
     preparer = engine.dialect.identifier_preparer
     return ".".join(preparer.quote(part) for part in table.split("."))
+
+
+def _keep_partition(lazy: pl.LazyFrame, partition: Partition | None) -> pl.LazyFrame:
+    """The scan keeps only `partition`'s rows, if its user ids are integers (read_source filters the others)."""
+    if partition is None or not lazy.collect_schema().get("user_id", pl.Utf8).is_integer():
+        return lazy
+    return lazy.filter(in_partition("user_id", partition))
 
 
 def _filter_before(lazy: pl.LazyFrame, before: datetime | None, now: datetime | None, source: str) -> pl.LazyFrame:

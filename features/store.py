@@ -365,9 +365,26 @@ def check_source(engine: sa.Engine, weeks: Sequence[date], source: str) -> None:
 
 def digest_raw_window(events: pl.DataFrame, before: datetime) -> str:
     """Lineage: `<rows>:<sha256>` of the events before `before`, in any row order (same polars version)."""
-    window = events.filter(pl.col("ts") < before).select("user_id", "item_id", "ts", "weight")
-    hashes = window.hash_rows(seed=0).sort()
-    return f"{window.height}:{hashlib.sha256(hashes.to_numpy().tobytes()).hexdigest()}"
+    return digest_event_hashes([hash_raw_window(events, before)])
+
+
+def hash_raw_window(events: pl.DataFrame, before: datetime) -> pl.Series:
+    """One hash per event before `before`: what `digest_raw_window` digests, computable per partition."""
+    return events.filter(pl.col("ts") < before).select("user_id", "item_id", "ts", "weight").hash_rows(seed=0)
+
+
+def digest_event_hashes(parts: Sequence[pl.Series]) -> str:
+    """`digest_raw_window` of the union of disjoint event sets, from each set's `hash_raw_window`."""
+    hashes = pl.concat(parts).sort()
+    return f"{hashes.len()}:{hashlib.sha256(hashes.to_numpy().tobytes()).hexdigest()}"
+
+
+def digest_table(table: str, frame: pl.DataFrame, as_of: date) -> str:
+    """The digest `write_snapshot` records for `frame` as the `as_of` partition of `table`, without writing it."""
+    digest = hashlib.sha256()
+    for chunk in _csv_chunks(_conform_sorted(CONTRACTS[table], frame, as_of)):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _group_by_as_of(reports: dict[str, ValidationReport]) -> dict[date, dict[str, ValidationReport]]:

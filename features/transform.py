@@ -19,6 +19,8 @@ DAY_US = 86_400 * 1_000_000
 WEEK = timedelta(days=7)
 WINDOWS = (1, 4, 12)  # weeks
 FAVOURITE_CREATORS = 20
+# Item pairs (of the baskets' self-join) the neighbour step counts at a time: ~0.3 GB of working memory.
+NEIGHBOUR_PAIRS_PER_CHUNK = 5_000_000
 # The streaming engine adds floats up in an order that varies from run to run, so a
 # re-run would change weight sums in their last bits, and with them the digests.
 ENGINE = "in-memory"
@@ -60,13 +62,31 @@ def build_feature_tables(
     events: pl.DataFrame, items: pl.DataFrame, as_of: date, *, recent_items: int, neighbours: int
 ) -> dict[str, pl.DataFrame]:
     """Every feature table of the snapshot `as_of`, keyed by table name."""
+    pairs = summarise_sorted_pairs(events, as_of)
+    users = build_user_tables(pairs, items, as_of)
+    items_tables = {
+        contracts.ITEM_FEATURES.name: build_item_features(count_item_plays(pairs), items, as_of),
+        contracts.ITEM_NEIGHBOURS.name: build_item_neighbours(select_baskets(pairs, recent_items), as_of, neighbours),
+    }
+    return order_tables(users | items_tables)
+
+
+def order_tables(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """`tables` in the snapshot's table order (the contracts'), so reports and writes list them alike."""
+    return {name: tables[name] for name in contracts.CONTRACTS if name in tables}
+
+
+def summarise_sorted_pairs(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """`summarise_pairs` of the events before `as_of`, sorted by (user, item)."""
     # Sorted once by (user, item): the history table needs no sort of its own, and the
     # per-user group-bys and windows below find their groups in one pass.
-    pairs = _collect(summarise_pairs(events_before(events, as_of), as_of).sort("user_id", "item_id"))
+    return _collect(summarise_pairs(events_before(events, as_of), as_of).sort("user_id", "item_id"))
+
+
+def build_user_tables(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date) -> dict[str, pl.DataFrame]:
+    """The user-keyed feature tables: each user's rows come from that user's pairs alone."""
     return {
         contracts.USER_FEATURES.name: _user_features(pairs, items, as_of),
-        contracts.ITEM_FEATURES.name: _item_features(pairs, items, as_of),
-        contracts.ITEM_NEIGHBOURS.name: _item_neighbours(pairs, as_of, recent_items=recent_items, top_k=neighbours),
         contracts.USER_CATEGORY_AFFINITY.name: _affinity(pairs, items, as_of, "category", None),
         contracts.USER_CREATOR_AFFINITY.name: _affinity(pairs, items, as_of, "creator", FAVOURITE_CREATORS),
         contracts.USER_ITEM_HISTORY.name: _user_item_history(pairs, as_of, sorted_pairs=True),
@@ -148,8 +168,12 @@ def _user_features(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.
     return _finish(contracts.USER_FEATURES, frame, as_of)
 
 
-def _item_features(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
-    plays = (
+def count_item_plays(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Per item: plays per window and overall, users (last 4 weeks, overall), first play.
+
+    Counts and a minimum: the counts of disjoint sets of users add up (`merge_item_plays`).
+    """
+    return _collect(
         pairs.lazy()
         .group_by("item_id")
         .agg(
@@ -160,6 +184,18 @@ def _item_features(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.
             pl.col("first_ts").min(),
         )
     )
+
+
+def merge_item_plays(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """`count_item_plays` of the union of disjoint user sets, from each set's own counts."""
+    merged = pl.concat(parts).lazy().group_by("item_id")
+    counts = [c for c in parts[0].columns if c not in ("item_id", "first_ts")]
+    return _collect(merged.agg(*[pl.col(c).sum() for c in counts], pl.col("first_ts").min()))
+
+
+def build_item_features(plays: pl.DataFrame, items: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """The item features table from the items' play counts (`count_item_plays`) and metadata."""
+    plays = plays.lazy()
     released = items.lazy().filter(pl.col("release_ts") < week_start(as_of))
     known = pl.concat([released.select("item_id"), plays.select("item_id")]).unique()
     counts = ["plays_1w", "plays_4w", "plays_12w", "plays_total", "users_4w", "users_total"]
@@ -197,34 +233,50 @@ def _recent_items(pairs: pl.LazyFrame, limit: int) -> pl.LazyFrame:
     )
 
 
-def _item_neighbours(pairs: pl.DataFrame, as_of: date, *, recent_items: int, top_k: int) -> pl.DataFrame:
-    baskets = _collect(_recent_items(pairs.lazy(), recent_items))
+def select_baskets(pairs: pl.DataFrame, recent_items: int) -> pl.DataFrame:
+    """(user_id, item_id): each user's basket, the items co-occurrence counts pairs within."""
+    return _collect(_recent_items(pairs.lazy(), recent_items))
+
+
+def build_item_neighbours(
+    baskets: pl.DataFrame, as_of: date, top_k: int, *, pairs_per_chunk: int = NEIGHBOUR_PAIRS_PER_CHUNK
+) -> pl.DataFrame:
+    """Each item's `top_k` neighbours by cosine co-occurrence within the users' baskets (`select_baskets`),
+    counting about `pairs_per_chunk` item pairs at a time."""
     # Dense item codes let one int64 key stand for an item pair: a one-column group-by.
     codes = baskets.select(pl.col("item_id").unique().sort())
     n_codes = max(codes.height, 1)
     coded = baskets.join(codes.with_row_index("code"), on="item_id").select("user_id", pl.col("code").cast(pl.Int64))
     users = coded.group_by("code").agg(pl.len().cast(pl.Float64).alias("n")).sort("code")["n"]
-    # Each unordered pair once (a < b); its score is the same both ways.
-    together = (
-        coded.lazy()
-        .join(coded.lazy(), on="user_id", suffix="_b")
-        .filter(pl.col("code") < pl.col("code_b"))
-        .group_by(pl.col("code") * n_codes + pl.col("code_b"))
-        .agg(pl.len().alias("together"))
-        .select(a=pl.col("code") // n_codes, b=pl.col("code") % n_codes, together="together")
-    )
-    both = pl.concat([together, together.select(a="b", b="a", together="together")])
     n_a, n_b = (pl.col(c).map_batches(users.gather, return_dtype=pl.Float64) for c in ("a", "b"))
-    # Counting pairs adds only integers, so the faster streaming engine is exact here.
-    scored = both.with_columns(score=pl.col("together") / (n_a * n_b).sqrt()).collect(engine="streaming")
-    top = (
-        scored.lazy()
-        .group_by("a")
-        .agg(pl.col("b", "score").sort_by(["score", "b"], descending=[True, False]).head(top_k))
-        .explode("b", "score")
-        .with_columns(rank=pl.int_range(1, pl.len() + 1).over("a"))
-    )
-    found, item_ids = _collect(top), codes["item_id"]
+    # The pairs of a range of items at a time: each range holds its share of the pair counts
+    # (the step's peak memory: 3x less at 10M events), at the cost of counting each pair from
+    # both sides instead of once.
+    basket_sizes = coded.group_by("user_id").len()["len"].cast(pl.Int64)
+    chunks = max(1, -(-int((basket_sizes**2).sum()) // pairs_per_chunk))
+    step = -(-n_codes // chunks)
+    tops = []
+    for first in range(0, n_codes, step):
+        own = coded.lazy().filter(pl.col("code").is_between(first, first + step - 1))
+        # Counting pairs adds only integers, so the faster streaming engine is exact here.
+        together = (
+            own.join(coded.lazy(), on="user_id", suffix="_b")
+            .filter(pl.col("code") != pl.col("code_b"))
+            .group_by(pl.col("code") * n_codes + pl.col("code_b"))
+            .agg(pl.len().alias("together"))
+            .select(a=pl.col("code") // n_codes, b=pl.col("code") % n_codes, together="together")
+            .collect(engine="streaming")
+        )
+        top = (
+            together.lazy()
+            .with_columns(score=pl.col("together") / (n_a * n_b).sqrt())
+            .group_by("a")
+            .agg(pl.col("b", "score").sort_by(["score", "b"], descending=[True, False]).head(top_k))
+            .explode("b", "score")
+            .with_columns(rank=pl.int_range(1, pl.len() + 1).over("a"))
+        )
+        tops.append(_collect(top))
+    found, item_ids = pl.concat(tops), codes["item_id"]
     frame = found.select(
         item_ids.gather(found["a"]).alias("item_id"),
         item_ids.gather(found["b"]).alias("neighbour_id"),
@@ -281,7 +333,10 @@ def _user_item_history(pairs: pl.DataFrame, as_of: date, *, sorted_pairs: bool =
 
 
 def _days_before(as_of: date, ts: pl.Expr) -> pl.Expr:
-    return (pl.lit(week_start(as_of)) - ts).dt.total_microseconds() / DAY_US
+    # Times the reciprocal, as polars divides a long column by a constant anyway: dividing
+    # a column of one or two rows is exact instead, so a small partition's value would differ
+    # in its last bit from the same value in the whole log's column.
+    return (pl.lit(week_start(as_of)) - ts).dt.total_microseconds().cast(pl.Float64) * (1 / DAY_US)
 
 
 def _within_weeks(as_of: date, weeks: int) -> pl.Expr:

@@ -1,14 +1,21 @@
 """What the three flows share: the weekly clock from the schedule, run names, task options and retry rules."""
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 
 import redis
 import sqlalchemy as sa
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from recsys.clock import parse_as_of, week_floor
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Tasks pass frames and clients, which cannot be hashed into cache keys; nothing is cached.
 PURE = {"cache_policy": NO_CACHE}
@@ -59,3 +66,24 @@ def run_name(prefix: str) -> Callable[[], str]:
 def current_run_id() -> str | None:
     """The Prefect flow run id, recorded as lineage in every store write."""
     return str(flow_run.id) if flow_run.id else None
+
+
+@contextmanager
+def partition_runner(settings: Settings) -> Iterator[TaskRunner]:
+    """Where the partition tasks (inference scoring, feature partitions) run, chosen when the flow runs
+    (so served deployments follow the settings).
+
+    A Dask task runner on `settings.dask_address` if set; else a thread pool running at
+    most `settings.partition_workers` partitions at once (default: one per CPU), since
+    each running partition holds its share of the data in memory.
+    """
+    if settings.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        log.info("running partitions on the Dask cluster at %s", settings.dask_address)
+        with DaskTaskRunner(address=settings.dask_address) as runner:
+            yield runner
+        return
+    workers = settings.partition_workers or os.cpu_count() or 1
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
+        yield runner

@@ -1,26 +1,33 @@
 """Feature flow: raw events → point-in-time features and labels → validated → Postgres."""
 
 import logging
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import NamedTuple
 
 import polars as pl
+import sqlalchemy as sa
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import TaskRun
+from prefect.futures import wait
 from prefect.states import State
+from prefect.task_runners import TaskRunner
+from pydantic import SecretStr
 
-from features import report, store, transform, validation
-from features.raw import RawData
+from features import partitioned, report, store, transform, validation
+from features.raw import RawData, RawDataError
 from features.sources import read_source
 from features.synthetic import SyntheticLogConfig, ensure_synthetic_log
 from features.validation import ValidationFailed, ValidationReport
-from flows.common import IO, PURE, current_run_id, resolve_as_of, run_name
+from flows.common import IO, PURE, current_run_id, partition_runner, resolve_as_of, run_name
 from flows.configs import feature_options, history_weeks, synthetic_log_config, validation_options
 from flows.runs import run_body
 from recsys.clock import mondays
 from recsys.errors import ExpectedError
 from recsys.settings import Settings
-from recsys.stores import open_stores
+from recsys.stores import Stores, open_stores, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,43 @@ def compute_snapshot(raw: RawData, week: date, options: dict) -> dict[str, pl.Da
     return transform.build_week_tables(raw.events, raw.items, week, **options)
 
 
+class PartitionResult(NamedTuple):
+    """One partition's share of a week's snapshot and of what was read for it."""
+
+    tables: partitioned.PartitionTables
+    event_hashes: pl.Series  # store.hash_raw_window of its events
+    events: int
+    duplicates: int
+
+
+@task(**IO, retry_condition_fn=retry_unless_bad_input)
+def compute_partition(
+    database_url: SecretStr,
+    spec: str,
+    week: date,
+    now: datetime,
+    synthetic_dir: Path,
+    partition: partitioned.Partition,
+    recent_items: int,
+) -> PartitionResult:
+    """Read one user partition's events before `week` (over connections of its own, so it runs on any
+    worker) and compute its share of the snapshot."""
+    engine = sa.create_engine(sqlalchemy_url(database_url.get_secret_value()), poolclass=sa.NullPool)
+    try:
+        before = transform.week_start(week)
+        raw = read_source(spec, before=before, engine=engine, synthetic_dir=synthetic_dir, now=now, partition=partition)
+    finally:
+        engine.dispose()
+    tables = partitioned.build_partition_tables(raw.events, raw.items, week, recent_items=recent_items)
+    return PartitionResult(tables, store.hash_raw_window(raw.events, before), raw.events.height, raw.duplicates)
+
+
+@task(**PURE)
+def merge_partitions(parts: list[PartitionResult], week: date, options: dict) -> dict[str, pl.DataFrame]:
+    """The week's snapshot from its partitions' shares: what compute_snapshot gives for the whole log."""
+    return partitioned.merge_partition_tables([p.tables for p in parts], week, neighbours=options["neighbours"])
+
+
 @task(**IO)
 def read_history(engine, tables: list[str], week: date, count: int) -> dict[str, list[dict]]:
     """Per table, the profiles of its last `count` passed snapshots before this one."""
@@ -92,6 +136,73 @@ def fail_snapshot(engine, reports: dict[str, ValidationReport], markdown: str) -
     raise ValidationFailed(list(reports.values()))
 
 
+class Week(NamedTuple):
+    """A computed snapshot, ready for validation: its tables, the digest of the raw events it saw, the read."""
+
+    week: date
+    frames: dict[str, pl.DataFrame]
+    raw_digest: str
+    read: str  # report.describe_read
+
+
+def compute_whole_log(
+    stores: Stores,
+    settings: Settings,
+    spec: str,
+    todo: list[date],
+    weeks: list[date],
+    as_of: date,
+    now: datetime,
+    backfill_history: bool,
+) -> Iterator[Week]:
+    """The snapshots of `todo` from one read of the whole log, held in this process."""
+    raw = extract_events(stores.engine, spec, as_of, now, synthetic_log_config(settings))
+    if backfill_history:
+        seen = transform.required_weeks(as_of, history_weeks(settings), raw.events.get_column("ts").min())
+        todo = [w for w in todo if w in weeks or w in seen]
+        if not todo:
+            log.info("the missing weeks before %s precede the source's first event: nothing to compute", as_of)
+    read = report.describe_read(raw.events.height, raw.duplicates, spec)
+    for week in todo:
+        frames = compute_snapshot(raw, week, feature_options(settings))
+        yield Week(week, frames, store.digest_raw_window(raw.events, transform.week_start(week)), read)
+
+
+def compute_in_partitions(
+    stores: Stores, settings: Settings, spec: str, todo: list[date], weeks: list[date], as_of: date, now: datetime
+) -> Iterator[Week]:
+    """The snapshots of `todo`, each from `settings.feature_partitions` user partitions that read their
+    own events (tasks on threads or a Dask cluster), merged here: no process holds the whole log."""
+    synthetic, options = synthetic_log_config(settings), feature_options(settings)
+    if spec == "synthetic":
+        ensure_synthetic_log(synthetic, as_of)  # once, before partitions read it
+    connection = {"database_url": SecretStr(stores.database_url), "spec": spec, "now": now,
+                  "synthetic_dir": synthetic.folder, "recent_items": options["recent_items"]}  # fmt: skip
+    with partition_runner(settings) as runner:
+        for week in todo:
+            parts = run_partitions(runner, connection | {"week": week}, settings.feature_partitions)
+            events, duplicates = sum(p.events for p in parts), sum(p.duplicates for p in parts)
+            if not events:
+                if week in weeks:
+                    raise RawDataError(f"source {spec}: no events before {transform.week_start(week).isoformat()}")
+                log.info("week %s precedes the source's first event: nothing to compute", week)
+                continue
+            frames = merge_partitions(parts, week, options)
+            raw_digest = store.digest_event_hashes([p.event_hashes for p in parts])
+            del parts  # the shares are merged: not held while the week is validated and written
+            yield Week(week, frames, raw_digest, report.describe_read(events, duplicates, spec))
+
+
+def run_partitions(runner: TaskRunner, parameters: dict, count: int) -> list[PartitionResult]:
+    """One compute_partition task per user partition on `runner`; their results once all have stopped."""
+    futures = [
+        runner.submit(compute_partition, parameters=parameters | {"partition": partition})
+        for partition in partitioned.all_partitions(count)
+    ]
+    wait(futures)  # every partition has stopped before a failure is raised
+    return [future.result() for future in futures]
+
+
 @flow(name="features", flow_run_name=run_name("features"), timeout_seconds=3 * 3600, log_prints=False)
 @run_body
 def feature_flow(
@@ -106,8 +217,7 @@ def feature_flow(
     With `backfill_history` (the scheduled run), also the missing weeks training needs before
     `as_of`, from the source's first event on; `force` redoes only the weeks asked for."""
     settings = Settings()
-    spec, synthetic = source or settings.source, synthetic_log_config(settings)
-    compute_options, check_options = feature_options(settings), validation_options(settings)
+    spec, check_options = source or settings.source, validation_options(settings)
     as_of, now = resolve_as_of(as_of), datetime.now(UTC)
     if transform.week_start(as_of) > now:
         raise ValueError(f"as_of {as_of} is in the future: its features would need events not seen yet")
@@ -125,27 +235,23 @@ def feature_flow(
                 key=ARTIFACT_KEY, markdown=report.render_nothing_to_do(weeks, spec), description="Nothing to compute"
             )
             return written
-        raw = extract_events(stores.engine, spec, as_of, now, synthetic)
-        if backfill_history:
-            seen = transform.required_weeks(as_of, history_weeks(settings), raw.events.get_column("ts").min())
-            todo = [w for w in todo if w in weeks or w in seen]
-            if not todo:
-                log.info("the missing weeks before %s precede the source's first event: nothing to compute", as_of)
-                return written
-        read = report.describe_read(raw, spec)
-        for done, week in enumerate(todo, 1):
-            frames = compute_snapshot(raw, week, compute_options)
+        if settings.feature_partitions == 1:
+            snapshots = compute_whole_log(stores, settings, spec, todo, weeks, as_of, now, backfill_history)
+        else:
+            snapshots = compute_in_partitions(stores, settings, spec, todo, weeks, as_of, now)
+        for done, (week, frames, raw_digest, read) in enumerate(snapshots, 1):
             history = read_history(stores.engine, list(frames), week, settings.min_rows_weeks)
             reports = validate_snapshot(frames, week, history, check_options)
             if not all(r.success for r in reports.values()):
                 fail_snapshot(stores.engine, reports, report.render_failed(read, reports, sections))
-            raw_digest = store.digest_raw_window(raw.events, transform.week_start(week))
             written[str(week)] = write_snapshot(stores.engine, frames, reports, spec, raw_digest)
             sections.append(report.summarise_week(week, reports))
             log.info("feature week %s written", week, extra={"progress": ("feature weeks", done, len(todo))})
-        create_markdown_artifact(
-            key=ARTIFACT_KEY,
-            markdown=report.render_passed(read, sections),
-            description=f"Feature snapshots {todo[0]} … {todo[-1]}",
-        )
+        if written:
+            weeks_written = sorted(written)
+            create_markdown_artifact(
+                key=ARTIFACT_KEY,
+                markdown=report.render_passed(read, sections),
+                description=f"Feature snapshots {weeks_written[0]} … {weeks_written[-1]}",
+            )
     return written

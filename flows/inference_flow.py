@@ -1,10 +1,7 @@
 """Inference flow: champion + latest passed features → top-N per user → atomic Redis publish."""
 
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -13,12 +10,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.futures import as_completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from features import store
 from flows import configs
-from flows.common import TRANSIENT_IO, current_run_id, resolve_as_of, run_name
+from flows.common import TRANSIENT_IO, current_run_id, partition_runner, resolve_as_of, run_name
 from flows.runs import run_body
 from inference import archive, charts, publications, publish, quality, report, scoring, serving
 from inference.checks import CheckBounds
@@ -145,26 +141,6 @@ def record_pointer_move(engine, prefix: str, result: publish.PublishResult, as_o
         engine, prefix=prefix, action="publish", from_version=result.previous, to_version=result.version,
         reason=f"weekly publication as_of {as_of}", actor=f"inference-flow:{current_run_id() or 'no-run'}",
     )  # fmt: skip
-
-
-@contextmanager
-def partition_runner(settings: Settings) -> Iterator[TaskRunner]:
-    """Where the partition tasks run, chosen when the flow runs (so served deployments follow the settings).
-
-    A Dask task runner on `settings.dask_address` if set; else a thread pool running at
-    most `settings.partition_workers` partitions at once (default: one per CPU), since
-    each running partition holds one batch of candidates in memory.
-    """
-    if settings.dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        log.info("scoring partitions on the Dask cluster at %s", settings.dask_address)
-        with DaskTaskRunner(address=settings.dask_address) as runner:
-            yield runner
-        return
-    workers = settings.partition_workers or os.cpu_count() or 1
-    with ThreadPoolTaskRunner(max_workers=workers) as runner:
-        yield runner
 
 
 def score_partitions(stores: Stores, settings: Settings, users: pl.Series, options: dict) -> dict:

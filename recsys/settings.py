@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     # features
     neighbours_per_item: int = Field(default=50, ge=1)
     recent_items_per_user: int = Field(default=20, ge=1)
+    feature_partitions: int = Field(
+        default=1,
+        ge=1,
+        description="User partitions a feature snapshot is computed in, each reading only its users' events "
+        "(1: the whole log in one process). Peak memory falls with it; see the README.",
+    )
     min_rows_ratio: float = Field(
         default=0.5,
         ge=0,
@@ -100,7 +106,9 @@ class Settings(BaseSettings):
     # inference and serving
     partitions: int = Field(default=4, ge=1)
     partition_workers: int | None = Field(
-        default=None, ge=1, description="Partitions scored at once in one process (default: one per CPU)."
+        default=None,
+        ge=1,
+        description="Partitions (scored, or feature partitions computed) at once in one process (default: 1 per CPU).",
     )
     dask_address: str | None = None
     redis_prefix: str = Field(default="recs", pattern=r"^[A-Za-z0-9_.-]+$")

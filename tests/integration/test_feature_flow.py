@@ -4,6 +4,7 @@ Every run goes through Prefect (test harness), a real Postgres and the real GX s
 on a tiny synthetic log written as Parquet/CSV files.
 """
 
+import logging
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -267,3 +268,57 @@ def test_every_movielens_week_passes_in_order_on_an_empty_store_and_a_real_colla
         store.write_week(engine, frames, reports, flow_run_id="collapse")
     assert "user_features as_of=1998-04-27: expect_table_row_count_to_be_between()" in str(error.value)
     assert not store.snapshot_passed(engine, next_week, ["user_features"])
+
+
+def raw_digests(engine) -> list[tuple]:
+    with engine.connect() as conn:
+        query = "select table_name, as_of, digest, raw_digest from feature_snapshots order by table_name, as_of"
+        return [tuple(r) for r in conn.execute(sa.text(query))]
+
+
+def test_snapshots_computed_in_partitions_equal_the_whole_log_snapshots(
+    flow_env, clean_stores, log, tmp_path, monkeypatch
+):
+    spec = write_source(tmp_path / "src", log.events, log.items)
+    whole = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec).result()
+    lineage = raw_digests(clean_stores.engine)
+    monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", "3")
+
+    state = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec, force=True)
+
+    assert state.result() == whole
+    assert raw_digests(clean_stores.engine) == lineage
+    assert f"Read {log.events.height} events (0 duplicates dropped)" in artifact_text(state, ARTIFACT_KEY)
+
+
+def test_partitions_on_a_dask_cluster_give_the_same_snapshot_as_threads(
+    flow_env, clean_stores, log, tmp_path, monkeypatch, caplog
+):
+    from distributed import LocalCluster
+
+    spec = write_source(tmp_path / "src", log.events, log.items)
+    monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", "2")
+    threads = run_flow(as_of=AS_OF, source=spec).result()
+
+    caplog.set_level(logging.INFO, logger="flows.common")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        monkeypatch.setenv("RECSYS_DASK_ADDRESS", cluster.scheduler_address)
+        on_dask = run_flow(as_of=AS_OF, source=spec, force=True).result()
+
+    assert f"running partitions on the Dask cluster at {cluster.scheduler_address}" in caplog.text
+    assert on_dask == threads
+    assert set(on_dask[str(AS_OF)]) == {*FEATURE_TABLES, "labels"}
+
+
+@pytest.mark.parametrize("partitions", ["1", "2"])
+def test_a_week_before_every_event_is_named_whole_or_in_partitions(
+    partitions, flow_env, clean_stores, log, tmp_path, monkeypatch
+):
+    spec = write_source(tmp_path / "src", log.events, log.items)
+    monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", partitions)
+
+    state = run_flow(as_of=AS_OF - timedelta(weeks=52), source=spec)
+
+    assert state.is_failed()
+    assert "no events" in str(state.message) and "events.parquet" in str(state.message)
+    assert dump_store(clean_stores.engine)["feature_snapshots"] == []

@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
+from features.partitioned import Partition, in_partition, partition_of, partition_sql
 from features.raw import RawData, RawDataError
 from features.sources import read_source
 from tests.helpers import write_events_table
@@ -141,3 +142,38 @@ def test_sql_source_names_a_missing_column(clean_stores):
 
     with pytest.raises(RawDataError, match=r"missing columns \['ts'\].*played_at"):
         read_source("sql:plays", engine=clean_stores.engine)
+
+
+def test_postgres_computes_the_same_user_partition_as_polars(clean_stores):
+    ids = [0, 1, 2, 3, 41, 65_535, 65_536, 2**32 - 1, 2**32, 2**40 + 7, 2**63 - 1, -1, -2, -(2**40), -(2**63)]
+    values = ", ".join(f"('{i}'::bigint)" for i in ids)
+    with clean_stores.engine.connect() as conn:
+        for count in (1, 2, 7, 64):
+            sql = f"select {partition_sql('user_id', count)} from (values {values}) as t(user_id)"
+            in_postgres = [row[0] for row in conn.execute(sa.text(sql))]
+            in_polars = pl.DataFrame({"user_id": ids}).select(partition_of("user_id", count)).to_series().to_list()
+            assert in_postgres == in_polars
+
+
+def test_sql_partition_read_filters_in_postgres_so_other_users_rows_are_never_read(clean_stores):
+    raw = _raw()
+    write_events_table(clean_stores.engine, "events_table", raw)
+    # User 3's weight divides by zero: only a query that skips its partition's rows succeeds.
+    with clean_stores.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "create view events as select user_id, item_id, ts, case when user_id <> 3 "
+                "then weight else weight / (item_id - item_id) end as weight from events_table"
+            )
+        )
+    partition_of_3 = pl.DataFrame({"user_id": [3]}).select(partition_of("user_id", 2)).item()
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        read_source("sql:events", engine=clean_stores.engine, partition=Partition(partition_of_3, 2))
+
+    other = Partition(1 - partition_of_3, 2)
+    before = datetime(2024, 2, 1, tzinfo=UTC)
+    read = read_source("sql:events", before=before, engine=clean_stores.engine, partition=other)
+
+    expected = raw.events.filter(in_partition("user_id", other))
+    assert expected.height > 0
+    assert read.events.equals(expected)

@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
+from features.partitioned import Partition, all_partitions, in_partition, partition_of
 from features.raw import RawDataError, validate_events
 from features.sources import check_source_spec, read_source
 
@@ -346,3 +347,78 @@ def test_check_source_spec_names_the_spec_and_the_problem(tmp_path, events_csv, 
         check_source_spec(spec)
 
     assert spec in str(error.value)
+
+
+def _partition_log(tmp_path: Path, *, bad_user: int | None = None) -> Path:
+    """Events of users 1..40 as Parquet; `bad_user`'s one event has a negative weight."""
+    users = list(range(1, 41))
+    frame = pl.DataFrame(
+        {
+            "user_id": users,
+            "item_id": [u % 5 for u in users],
+            "ts": [_utc(2024, 1, 1 + u % 20) for u in users],
+            "weight": [-1.0 if u == bad_user else 1.0 for u in users],
+        }
+    )
+    frame.write_parquet(tmp_path / "events.parquet")
+    return tmp_path / "events.parquet"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv"])
+def test_partition_reads_hold_each_user_once_and_together_the_whole_source(tmp_path, kind):
+    path = _partition_log(tmp_path)
+    if kind == "csv":
+        pl.read_parquet(path).write_csv(tmp_path / "events.csv")
+        path = tmp_path / "events.csv"
+    whole = read_source(f"{kind}:{path}").events
+    parts = [read_source(f"{kind}:{path}", partition=p).events for p in all_partitions(3)]
+
+    for partition, events in zip(all_partitions(3), parts, strict=True):
+        assert events.select(in_partition("user_id", partition).all()).item()
+    assert pl.concat(parts).sort(list(whole.columns)).equals(whole.sort(list(whole.columns)))
+
+
+def test_parquet_partition_read_filters_in_the_scan_so_other_users_rows_are_never_validated(tmp_path):
+    path = _partition_log(tmp_path, bad_user=7)
+    with pytest.raises(RawDataError, match="1 negative"):
+        read_source(f"parquet:{path}")
+    with pytest.raises(RawDataError, match="1 negative"):
+        read_source(f"parquet:{path}", partition=partition_holding(7, 4))
+    others = [p for p in all_partitions(4) if p != partition_holding(7, 4)]
+
+    read = [read_source(f"parquet:{path}", partition=p) for p in others]
+
+    assert sum(r.events.height for r in read) == sum(partition_holding(u, 4) in others for u in range(1, 41))
+
+
+def test_partition_with_no_users_reads_as_empty_not_as_an_error(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("user_id,item_id,ts\n5,1,2024-01-01\n")
+    empty = next(p for p in all_partitions(4) if p != partition_holding(5, 4))
+
+    raw = read_source(f"csv:{path}", partition=empty)
+
+    assert raw.events.height == 0
+    assert raw.events.schema == RAW_EVENTS_SCHEMA
+
+
+def test_text_user_ids_are_partitioned_after_validation(tmp_path):
+    path = _write_csv(tmp_path / "text.csv", 'user_id,item_id,ts\n"0012",1,2024-01-01\n"7",2,2024-01-02\n')
+    parts = [read_source(f"csv:{path}", partition=p).events for p in all_partitions(2)]
+
+    assert sorted(pl.concat(parts)["user_id"].to_list()) == [7, 12]
+    for partition, events in zip(all_partitions(2), parts, strict=True):
+        assert events.select(in_partition("user_id", partition).all()).item()
+
+
+@pytest.mark.movielens
+def test_movielens_partitions_split_the_users(movielens_dir):
+    parts = [read_source(f"movielens:{movielens_dir}", partition=p).events for p in all_partitions(3)]
+
+    assert [events.height for events in parts] != [0, 0, 0]
+    assert sum(events.height for events in parts) == 100_000
+    assert sum(events["user_id"].n_unique() for events in parts) == 943
+
+
+def partition_holding(user_id: int, count: int) -> Partition:
+    return Partition(pl.DataFrame({"user_id": [user_id]}).select(partition_of("user_id", count)).item(), count)

@@ -457,3 +457,17 @@ def test_required_weeks_skip_weeks_whose_snapshot_would_see_no_event():
     first_event = datetime(1997, 9, 22, tzinfo=UTC)  # a Monday: the snapshot of that Monday sees nothing
     assert transform.required_weeks(as_of, 6, first_event) == [date(1997, 9, 29), as_of]
     assert transform.required_weeks(as_of, 6, datetime(1997, 10, 6, tzinfo=UTC)) == []
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    baskets=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 12)), min_size=1, max_size=60, unique=True),
+    pairs_per_chunk=st.integers(1, 40),
+)
+def test_neighbours_counted_in_item_ranges_equal_neighbours_counted_at_once(baskets, pairs_per_chunk):
+    frame = pl.DataFrame(baskets, schema={"user_id": pl.Int64, "item_id": pl.Int64}, orient="row")
+
+    in_ranges = transform.build_item_neighbours(frame, AS_OF, 3, pairs_per_chunk=pairs_per_chunk)
+
+    at_once = transform.build_item_neighbours(frame, AS_OF, 3, pairs_per_chunk=10**9)
+    assert_frame_equal(in_ranges, at_once, check_exact=True)

@@ -14,7 +14,8 @@ from ranking import registry
 from ranking.registry import AliasChangeError, ModelIntegrityError, ModelNotFoundError
 from recsys.settings import Settings
 from tests.reliability.services import dump_postgres
-from training.promotion import decide_promotion
+from training.bootstrap import bootstrap_gain
+from training.promotion import decide
 
 pytestmark = pytest.mark.integration
 
@@ -224,8 +225,11 @@ def test_gate_keeps_the_champion_when_the_candidate_is_worse(engine, trained):
     registry.promote(engine, NAME, first, reason="first model beats baselines", actor="training")
     champion = registry.get_champion(engine, NAME)
 
-    candidate = {"ndcg@10": 0.15}
-    decision = decide_promotion(candidate, champion.metrics["model"], {"ndcg@10": 0.1}, margin=0.0)
+    # Per (user, week) NDCG: the candidate 0.15 on average, the champion 0.20, the best baseline 0.10.
+    model, held, popular = [0.1, 0.2] * 20, [0.15, 0.25] * 20, [0.05, 0.15] * 20
+    results = {"model": {"ndcg@10": 0.15}, "champion": champion.metrics["model"], "recent_popular": {"ndcg@10": 0.1}}
+    gains = {"champion": bootstrap_gain(model, held), "recent_popular": bootstrap_gain(model, popular)}
+    decision = decide(results, gains, metric="ndcg@10", margin=0.0)
     second = register(engine, text, ndcg=0.15, status="rejected", decision=decision)
 
     assert not decision.promote

@@ -41,7 +41,7 @@ def status_in_redis(settings: Settings, version: str) -> str | None:
 def serve_the_same_list(monkeypatch) -> None:
     """A broken model: every user gets items 1..n, in order."""
 
-    def same_list(booster, feature_names, categories, tables, users, config, n):
+    def same_list(booster, feature_names, categories, tables, users, config, n, steps=None):
         return pl.DataFrame({"user_id": users, "items": [list(range(1, n + 1))] * len(users)})
 
     monkeypatch.setattr(scoring, "recommend_users", same_list)
@@ -109,7 +109,7 @@ def test_lists_identical_to_last_weeks_are_held_when_the_snapshot_changed(seeded
     with open_stores(seeded) as stores:
         last_week = archive.read_published_lists(stores.redis, seeded.redis_prefix, earlier["version"])
 
-    def last_weeks_lists(booster, feature_names, categories, tables, users, config, n):
+    def last_weeks_lists(booster, feature_names, categories, tables, users, config, n, steps=None):
         return last_week.filter(pl.col("user_id").is_in(users.implode()))
 
     monkeypatch.setattr(scoring, "recommend_users", last_weeks_lists)

@@ -157,7 +157,9 @@ def test_sigkill_during_registration_leaves_no_half_registered_model_and_the_nex
     trained = training_module.training_flow(as_of=AS_OF)
 
     champion = registry.get_champion(engine, settings.model_name)
-    assert trained["promote"] and champion.version == trained["version"]
+    # The gate may leave the best baseline serving on a log this small: either way a complete champion.
+    assert champion is not None and champion.label == trained["champion"], (trained["reason"], champion)
+    assert champion.version == trained["version"] if trained["promote"] else champion.kind == "baseline"
     held = set(registry.history(engine, settings.model_name)["to_version"])
     orphans = [
         record.version

@@ -5,6 +5,12 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
+from recsys.runtime import configure_openmp
+
+# Every benchmark runs as `python -m benchmarks.<name>`, which imports this package first:
+# the wait policy must be set before a benchmark module imports lightgbm.
+configure_openmp()
+
 RESULTS_DIR = Path(__file__).with_name("results")
 
 

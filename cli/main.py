@@ -7,6 +7,7 @@ import os
 import sys
 
 from cli import explain, jobs, models, publish, quality, replay
+from recsys.runtime import configure_openmp
 from recsys.settings import Settings
 
 LIBRARY_LOGGERS = "recsys,features,ranking,training,inference,flows,deployments,cli"
@@ -60,6 +61,7 @@ def actor() -> str:
 
 
 def configure_environment() -> None:
+    configure_openmp()  # before any flow imports lightgbm
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", LIBRARY_LOGGERS)
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from recsys.runtime import configure_openmp
 from recsys.settings import Settings
 from recsys.stores import Stores, open_stores
+
+configure_openmp()  # before any test imports lightgbm (and for the CLI subprocesses tests start)
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

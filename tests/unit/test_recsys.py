@@ -1,6 +1,10 @@
 """Settings, the weekly clock and store URL handling: the entry point's pure parts."""
 
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -72,3 +76,25 @@ def test_names_used_in_keys_and_sql_are_validated(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("RECSYS_").lower()):
         Settings()
+
+
+def test_openmp_threads_wait_passively_unless_the_environment_says_otherwise(monkeypatch):
+    from recsys.runtime import configure_openmp
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    configure_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    configure_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.parametrize(
+    "entry", ["import benchmarks.backtest", "from cli.main import configure_environment as c; c()"]
+)
+def test_entry_points_set_the_wait_policy(entry):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = f"{entry}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert out.stdout.strip() == "PASSIVE"

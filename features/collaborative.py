@@ -1,13 +1,13 @@
 """Classic collaborative-filtering recommenders: EASE and implicit ALS.
 
 Both learn from one snapshot's `user_item_history` (the (user_id, item_id) pairs consumed
-before as_of, read as a binary user×item matrix) and follow the baselines' contract:
-`recommend_*` returns (user_id, item_id, rank), rank 1 first, at most k rows per user,
-items already consumed excluded unless `exclude_consumed=False`, ties broken by item_id.
-`score_*` returns the same top-m lists with their scores, (user_id, item_id, score, rank),
-for use as a candidate source or ranker feature; `recommend_*` is built on it.
-`fit_ease`/`fit_als` fit once and return a `FittedScorer` that scores any batch of the
-snapshot's users: evaluation and serving fit once per snapshot, then score in batches.
+before as_of, read as a binary user×item matrix). `fit_ease`/`fit_als` fit once, with the
+hyper-parameters of a `CollaborativeConfig`, and return a `FittedScorer` that scores any
+batch of the snapshot's users: evaluation and serving fit once per snapshot, then score
+in batches. It follows the baselines' contract: `recommend` returns (user_id, item_id,
+rank), rank 1 first, at most k rows per user, items already consumed excluded unless
+`exclude_consumed=False`, ties broken by item_id; `score` returns the same top-m lists with
+their scores, (user_id, item_id, score, rank), for use as a candidate source or feature.
 
 Users absent from the history (cold users) get no rows: fill them from a popularity
 baseline if they need a list.
@@ -25,6 +25,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from features.contracts import require_columns
+from recsys.settings import default_of
 
 USER, ITEM, SCORE, RANK = "user_id", "item_id", "score", "rank"
 # Dense score cells computed at once (users in a batch × items): about 128 MB of float64.
@@ -33,45 +34,36 @@ _SCORE_CELLS = 1 << 24
 log = logging.getLogger(__name__)
 
 
-def recommend_ease(
-    history: pl.DataFrame,
-    users: pl.Series | Sequence[int],
-    k: int,
-    *,
-    l2: float = 200.0,
-    max_items: int = 10_000,
-    exclude_consumed: bool = True,
-) -> pl.DataFrame:
-    """Top-k (user_id, item_id, rank) per user by EASE; see `score_ease`."""
-    scored = score_ease(history, users, k, l2=l2, max_items=max_items, exclude_consumed=exclude_consumed)
-    return scored.select(USER, ITEM, RANK)
+@dataclass(frozen=True)
+class CollaborativeConfig:
+    """EASE's and ALS's hyper-parameters, EASE's memory bound, the seed and threads.
+
+    Defaults are the Settings' (`RECSYS_EASE_L2`, …, `RECSYS_SEED`, `RECSYS_NUM_THREADS`); the
+    flows build it from their settings (`flows.configs.collaborative_config`).
+    """
+
+    ease_l2: float = default_of("ease_l2")
+    ease_max_items: int = default_of("ease_max_items")  # EASE holds a dense 8·n² bytes matrix: see Settings
+    als_factors: int = default_of("als_factors")
+    als_regularization: float = default_of("als_regularization")
+    als_iterations: int = default_of("als_iterations")
+    als_alpha: float = default_of("als_alpha")
+    seed: int = default_of("seed")
+    threads: int = default_of("num_threads")
 
 
-def score_ease(
-    history: pl.DataFrame,
-    users: pl.Series | Sequence[int],
-    m: int,
-    *,
-    l2: float = 200.0,
-    max_items: int = 10_000,
-    exclude_consumed: bool = True,
-) -> pl.DataFrame:
-    """Top-m (user_id, item_id, score, rank) per user by EASE; see `fit_ease`."""
-    _require_positive(m=m)
-    return fit_ease(history, l2=l2, max_items=max_items).score(users, m, exclude_consumed=exclude_consumed)
-
-
-def fit_ease(history: pl.DataFrame, *, l2: float = 200.0, max_items: int = 10_000) -> "FittedScorer":
+def fit_ease(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer":
     """EASE (Steck 2019) fitted once on one snapshot's history, to score any of its users.
 
     B = I - P / diag(P) with P = (XᵀX + l2·I)⁻¹ and diag(B) = 0; a user's scores are x_u·B.
     Memory grows with the square of the catalogue n: one dense float64 n×n matrix, 8·n²
     bytes (n = 10 000: 0.8 GB; 20 000: 3.2 GB), briefly up to twice that while the sparse
     co-occurrence counts are made dense. Larger catalogues are restricted to the
-    `max_items` items consumed by the most users (ties by item_id); the others are neither
-    learned from nor recommended.
+    `config.ease_max_items` items consumed by the most users (ties by item_id); the others
+    are neither learned from nor recommended.
     """
-    _require_positive(l2=l2, max_items=max_items)
+    l2, max_items = config.ease_l2, config.ease_max_items
+    _require_positive(ease_l2=l2, ease_max_items=max_items)
     started = time.perf_counter()
     matrix = _build_interactions(history, max_items=max_items)
     x = matrix.user_items
@@ -88,59 +80,7 @@ def fit_ease(history: pl.DataFrame, *, l2: float = 200.0, max_items: int = 10_00
     return FittedScorer("ease", matrix, lambda rows: x[rows] @ weights)
 
 
-def recommend_als(
-    history: pl.DataFrame,
-    users: pl.Series | Sequence[int],
-    k: int,
-    *,
-    factors: int = 32,
-    regularization: float = 10.0,
-    iterations: int = 15,
-    alpha: float = 2.0,
-    seed: int = 42,
-    threads: int = 1,
-    exclude_consumed: bool = True,
-) -> pl.DataFrame:
-    """Top-k (user_id, item_id, rank) per user by implicit ALS; see `score_als`."""
-    scored = score_als(
-        history, users, k, factors=factors, regularization=regularization, iterations=iterations,
-        alpha=alpha, seed=seed, threads=threads, exclude_consumed=exclude_consumed,
-    )  # fmt: skip
-    return scored.select(USER, ITEM, RANK)
-
-
-def score_als(
-    history: pl.DataFrame,
-    users: pl.Series | Sequence[int],
-    m: int,
-    *,
-    factors: int = 32,
-    regularization: float = 10.0,
-    iterations: int = 15,
-    alpha: float = 2.0,
-    seed: int = 42,
-    threads: int = 1,
-    exclude_consumed: bool = True,
-) -> pl.DataFrame:
-    """Top-m (user_id, item_id, score, rank) per user by implicit ALS; see `fit_als`."""
-    _require_positive(m=m)
-    fitted = fit_als(
-        history, factors=factors, regularization=regularization, iterations=iterations, alpha=alpha,
-        seed=seed, threads=threads,
-    )  # fmt: skip
-    return fitted.score(users, m, exclude_consumed=exclude_consumed)
-
-
-def fit_als(
-    history: pl.DataFrame,
-    *,
-    factors: int = 32,
-    regularization: float = 10.0,
-    iterations: int = 15,
-    alpha: float = 2.0,
-    seed: int = 42,
-    threads: int = 1,
-) -> "FittedScorer":
+def fit_als(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer":
     """implicit's AlternatingLeastSquares (CPU) fitted once on one snapshot's history.
 
     Every consumed pair has confidence `alpha`; a score is the dot product of the user's
@@ -150,21 +90,24 @@ def fit_als(
     """
     from implicit.cpu.als import AlternatingLeastSquares  # heavy import, only when asked for
 
-    _require_positive(factors=factors, iterations=iterations, alpha=alpha, threads=threads)
-    if regularization < 0:
-        raise ValueError(f"regularization must be >= 0, got {regularization}")
+    _require_positive(
+        als_factors=config.als_factors, als_iterations=config.als_iterations, als_alpha=config.als_alpha,
+        threads=config.threads,
+    )  # fmt: skip
+    if config.als_regularization < 0:
+        raise ValueError(f"als_regularization must be >= 0, got {config.als_regularization}")
     started = time.perf_counter()
     matrix = _build_interactions(history, max_items=None)
     with threadpool_limits(1, "blas"):
         model = AlternatingLeastSquares(
-            factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
-            random_state=seed, num_threads=threads,
+            factors=config.als_factors, regularization=config.als_regularization, alpha=config.als_alpha,
+            iterations=config.als_iterations, random_state=config.seed, num_threads=config.threads,
         )  # fmt: skip
         model.fit(matrix.user_items.astype(np.float32), show_progress=False)
     user_factors, item_factors = model.user_factors, model.item_factors
     log.info(
         "als: %d users × %d items, %d factors, %d iterations: fit %.2fs",
-        *matrix.user_items.shape, factors, iterations, time.perf_counter() - started,
+        *matrix.user_items.shape, config.als_factors, config.als_iterations, time.perf_counter() - started,
     )  # fmt: skip
     return FittedScorer("als", matrix, lambda rows: user_factors[rows] @ item_factors.T)
 

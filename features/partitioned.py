@@ -1,11 +1,12 @@
 """A feature snapshot computed in user partitions, so no step holds the whole event log.
 
-Users fall into `count` partitions by a hash of their id (`partition_of`, the same in polars
-and in Postgres, `partition_sql`). Each partition's events alone give its users' rows of the
-user-keyed tables (user features, affinities, history, labels) and two small partial
-aggregates: per-item play counts and the users' baskets (their recent items). Merging them
-once gives the item-keyed tables. The result equals `transform.build_week_tables` on the
-whole log, row for row and bit for bit (tests/unit/test_partitioned.py), so the digests too.
+Users fall into `count` partitions by a hash of their id (`recsys.partitions`: the same in
+polars and in Postgres, and the one inference scores its partitions by). Each partition's
+events alone give its users' rows of the user-keyed tables (user features, affinities,
+history, labels) and two small partial aggregates: per-item play counts and the users'
+baskets (their recent items). Merging them once gives the item-keyed tables. The result
+equals `transform.build_week_tables` on the whole log, row for row and bit for bit
+(tests/unit/test_partitioned.py), so the digests too.
 
 Peak memory is one partition's events and pairs (times the partitions computed at once)
 plus what does not shrink with the partition count: the snapshot's own tables (the writer
@@ -19,48 +20,7 @@ import polars as pl
 
 from features import contracts, transform
 from features.raw import conform_items
-
-# Knuth's multiplicative hash on the id's low 32 bits spreads consecutive (or strided) ids
-# evenly; integer arithmetic only, so polars and Postgres compute the same bucket everywhere.
-_MULTIPLIER = 2_654_435_761
-_LOW_32 = 0xFFFF_FFFF
-
-
-@dataclass(frozen=True)
-class Partition:
-    """Partition `index` of `count`: the users whose id hashes to `index`."""
-
-    index: int
-    count: int
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ValueError(f"partition {self.index} of {self.count}: need count >= 1 and 0 <= index < count")
-
-
-def all_partitions(count: int) -> list[Partition]:
-    """The `count` partitions that together hold every user."""
-    return [Partition(index, count) for index in range(count)]
-
-
-def partition_of(column: str, count: int) -> pl.Expr:
-    """The partition (0 … count-1) of each integer id in `column`."""
-    low = (pl.col(column) & _LOW_32).cast(pl.UInt64)  # < 2^32, so the product fits in 64 bits
-    return (low * _MULTIPLIER % 2**32 % count).cast(pl.Int64)
-
-
-def partition_sql(column: str, count: int) -> str:
-    """`partition_of` as a Postgres expression on the bigint `column` (an already quoted name)."""
-    # bigint is signed 64-bit: multiply the 16-bit halves separately so nothing overflows.
-    # mod() rather than %, which psycopg would take for a placeholder.
-    low = f"({column} & {_LOW_32})"
-    high = f"((({low} >> 16) * {_MULTIPLIER}) & 65535) << 16"
-    return f"mod((({high}) + ({low} & 65535) * {_MULTIPLIER}) & {_LOW_32}, {count})"
-
-
-def in_partition(column: str, partition: Partition) -> pl.Expr:
-    """Rows whose `column` id falls in `partition`."""
-    return partition_of(column, partition.count) == partition.index
+from recsys.partitions import all_partitions, in_partition
 
 
 @dataclass(frozen=True, eq=False)

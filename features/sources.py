@@ -25,7 +25,6 @@ import polars as pl
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, require_columns
-from features.partitioned import Partition, in_partition, partition_sql
 from features.raw import (
     EVENT_KEY,
     ITEM_ALIASES,
@@ -37,6 +36,7 @@ from features.raw import (
     timestamp_expr,
     validate_events,
 )
+from recsys.partitions import Partition, in_partition, partition_sql
 
 log = logging.getLogger(__name__)
 

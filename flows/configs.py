@@ -5,9 +5,9 @@ flows, the CLI and the benchmarks all map settings through these functions, so t
 evaluation and inference are configured alike.
 """
 
+from features.collaborative import CollaborativeConfig
 from features.synthetic import SyntheticLogConfig
 from inference.checks import CheckBounds
-from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig
 from recsys.settings import Settings
 from training.ranker import RankerParams
@@ -68,7 +68,6 @@ def scoring_options(settings: Settings) -> dict:
     """The keyword arguments of `inference.scoring.score_partition` that the inference flow takes from Settings."""
     return {
         "config": candidate_config(settings),
-        "collaborative": collaborative_config(settings),
         "n": settings.top_n,
         "batch_users": settings.score_batch_users,
         "prefix": settings.redis_prefix,

@@ -24,6 +24,7 @@ from features.validation import ValidationFailed, ValidationReport
 from flows.common import IO, PURE, current_run_id, partition_runner, resolve_as_of, run_name
 from flows.configs import feature_options, history_weeks, synthetic_log_config, validation_options
 from flows.runs import run_body
+from recsys import partitions
 from recsys.clock import mondays
 from recsys.errors import ExpectedError
 from recsys.settings import Settings
@@ -81,7 +82,7 @@ def compute_partition(
     week: date,
     now: datetime,
     synthetic_dir: Path,
-    partition: partitioned.Partition,
+    partition: partitions.Partition,
     recent_items: int,
 ) -> PartitionResult:
     """Read one user partition's events before `week` (over connections of its own, so it runs on any
@@ -197,7 +198,7 @@ def run_partitions(runner: TaskRunner, parameters: dict, count: int) -> list[Par
     """One compute_partition task per user partition on `runner`; their results once all have stopped."""
     futures = [
         runner.submit(compute_partition, parameters=parameters | {"partition": partition})
-        for partition in partitioned.all_partitions(count)
+        for partition in partitions.all_partitions(count)
     ]
     wait(futures)  # every partition has stopped before a failure is raised
     return [future.result() for future in futures]

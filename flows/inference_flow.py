@@ -13,6 +13,7 @@ from prefect.futures import as_completed
 from pydantic import SecretStr
 
 from features import store
+from features.collaborative import CollaborativeConfig
 from flows import configs
 from flows.common import TRANSIENT_IO, current_run_id, partition_runner, resolve_as_of, run_name
 from flows.runs import run_body
@@ -41,6 +42,14 @@ def find_snapshot(engine, as_of: date) -> date:
 def list_users(engine, snapshot: date) -> pl.Series:
     """The users to score."""
     return scoring.list_users(engine, snapshot)
+
+
+@task(**TRANSIENT_IO)
+def fit_served_baseline(
+    engine, record: registry.ModelRecord, snapshot: date, collaborative: CollaborativeConfig
+) -> scoring.ServedBaseline | None:
+    """A baseline champion fitted once for every partition (EASE, ALS); None for a trained ranker."""
+    return scoring.fit_served_baseline(engine, record, snapshot, collaborative)
 
 
 @task(**TRANSIENT_IO)
@@ -190,7 +199,10 @@ def inference_flow(as_of: date | None = None) -> dict:
              "flow_run_id": current_run_id()},
         )  # fmt: skip
         try:
-            options = configs.scoring_options(settings) | {"record": record, "snapshot": snapshot, "version": version}
+            baseline = fit_served_baseline(engine, record, snapshot, configs.collaborative_config(settings))
+            options = configs.scoring_options(settings) | {
+                "record": record, "snapshot": snapshot, "version": version, "baseline": baseline,
+            }  # fmt: skip
             stats = score_partitions(stores, settings, users, options)
             fallback = publish_fallback(engine, client, snapshot, prefix, version, n)
             archive_publication(engine, client, prefix, version, fallback, settings.archive_weeks)

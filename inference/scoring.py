@@ -2,9 +2,10 @@
 
 A trained champion ranks the candidate × feature frame that training built (`ranking.candidates`);
 a baseline champion (until a model wins the gate) recommends as `ranking.baselines` does. EASE
-and ALS learn from the snapshot's whole history: each partition reads it (user_id, item_id only)
-and fits once before scoring its users in batches; EASE above `ease_max_items` items is not
-fitted (memory 8·n² bytes) and recent popularity serves instead, with a logged reason.
+and ALS learn from the snapshot's whole history (user_id, item_id only): fitted once per run
+(`fit_served_baseline`), the fitted model is handed to every partition, which scores its users
+in batches; EASE above `ease_max_items` items is not fitted (memory 8·n² bytes) and recent
+popularity serves instead, with a logged reason.
 """
 
 import logging
@@ -12,21 +13,21 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date
 
 import lightgbm as lgb
-import numpy as np
 import polars as pl
 import redis
 import sqlalchemy as sa
 
 from features import contracts, store
-from features.collaborative import FittedScorer
+from features.collaborative import CollaborativeConfig, FittedScorer
 from inference import publish
 from ranking import baselines, registry
-from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.scoring import check_model, recommend_with_model, timed, user_batches
+from recsys.partitions import all_partitions, in_partition
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,11 @@ def list_users(engine: sa.Engine, snapshot: date) -> pl.Series:
 
 
 def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
-    """Split users into `partitions` groups by a fixed multiplicative hash of the id."""
+    """The users of each of `partitions` partitions (`recsys.partitions`, as the feature flow splits them), sorted."""
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
-    ids = np.sort(user_ids.cast(pl.Int64).unique().to_numpy())
-    # Knuth's multiplicative hash spreads consecutive ids; stable across processes and versions.
-    bucket = ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(partitions)
-    return [ids[bucket == p].tolist() for p in range(partitions)]
+    users = pl.DataFrame({"user_id": user_ids.cast(pl.Int64)}).unique().sort("user_id")
+    return [users.filter(in_partition("user_id", part))["user_id"].to_list() for part in all_partitions(partitions)]
 
 
 def recommend_users(
@@ -129,29 +128,38 @@ def recommend_baseline(
     """Each user's top-n item ids by the named baseline, as `recommend_users` returns them (user_id, items).
 
     EASE and ALS need `fitted` (`baselines.fit_collaborative` on the snapshot's whole history)."""
-    if baseline not in baselines.NAMES:
-        raise ValueError(
-            f"unknown baseline {baseline!r}: expected one of {', '.join(baselines.NAMES)};"
-            " promote another model version"
-        )
+    _check_baseline(baseline)
     top = baselines.recommend(baseline, tables, users, n, config, fitted or {})
     return top.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
 
 
+@dataclass(frozen=True)
+class ServedBaseline:
+    """The baseline a run serves and, for EASE or ALS, its model fitted on the snapshot's history."""
+
+    name: str
+    fitted: dict[str, FittedScorer]
+
+
 def fit_served_baseline(
-    engine: sa.Engine, baseline: str, snapshot: date, collaborative: CollaborativeConfig
-) -> tuple[str, dict[str, FittedScorer]]:
-    """The baseline to serve and its fitted model: EASE or ALS fitted on the snapshot's history;
-    recent popularity instead when EASE's catalogue bound refuses it (logged)."""
+    engine: sa.Engine, record: registry.ModelRecord, snapshot: date, collaborative: CollaborativeConfig
+) -> ServedBaseline | None:
+    """The baseline champion of `record` ready to serve, fitted once per run for every partition; None
+    for a trained ranker. EASE or ALS are fitted on the snapshot's history; recent popularity serves
+    instead when EASE's catalogue bound refuses it (logged)."""
+    if record.kind != "baseline":
+        return None
+    baseline = record.params["baseline"]
+    _check_baseline(baseline)
     if baseline not in baselines.COLLABORATIVE:
-        return baseline, {}
+        return ServedBaseline(baseline, {})
     history = store.read_table(engine, contracts.USER_ITEM_HISTORY.name, snapshot, columns=["user_id", "item_id"])
     fitted = baselines.fit_collaborative(history, collaborative, names=[baseline])
     if baseline not in fitted:
         log.warning("champion baseline %s cannot be fitted on snapshot %s: serving %s", baseline, snapshot,
                     DEFAULT_BASELINE)  # fmt: skip
-        return DEFAULT_BASELINE, {}
-    return baseline, fitted
+        return ServedBaseline(DEFAULT_BASELINE, {})
+    return ServedBaseline(baseline, fitted)
 
 
 def score_partition(
@@ -163,33 +171,35 @@ def score_partition(
     snapshot: date,
     version: str,
     config: CandidateConfig,
-    collaborative: CollaborativeConfig,
     n: int,
     batch_users: int,
     prefix: str,
     chunk: int,
+    baseline: ServedBaseline | None = None,
 ) -> dict:
-    """Score `users` with the model of `record` (a ranker, or a baseline's rule) and write their keys of
-    `version`; counts and seconds per step.
+    """Score `users` with the model of `record` (a ranker, or `baseline`: its champion baseline as
+    `fit_served_baseline` made it ready) and write their keys of `version`; counts and seconds per step.
 
     Reads the item tables once and the user tables `batch_users` users at a time, so memory
     follows the batch size, not the user count.
     """
+    if record.kind == "baseline" and baseline is None:
+        raise ValueError(
+            f"score_partition: {record.label} serves a baseline: pass baseline=fit_served_baseline(...), "
+            "fitted once per run"
+        )
     stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
     steps: dict[str, float] = {}
     with _timing(stats, "read_s"):
         booster = None if record.kind == "baseline" else registry.load_model(engine, record.name, record.version)[0]
         items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
-    if booster is None:
-        with _timing(stats, "score_s"):
-            baseline, fitted = fit_served_baseline(engine, record.params["baseline"], snapshot, collaborative)
     for batch in user_batches(users, batch_users):
         with _timing(stats, "read_s"):
             tables = items | {c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES}
         with _timing(stats, "score_s"):
             snapshot_tables, batch_ids = SnapshotTables.from_frames(tables), pl.Series("user_id", batch, pl.Int64)
             if booster is None:
-                recs = recommend_baseline(baseline, snapshot_tables, batch_ids, config, n, fitted)
+                recs = recommend_baseline(baseline.name, snapshot_tables, batch_ids, config, n, baseline.fitted)
             else:
                 recs = recommend_users(
                     booster, record.feature_names, record.encodings["category"], snapshot_tables, batch_ids,
@@ -234,6 +244,14 @@ def read_fallback_items(engine: sa.Engine, snapshot: date, n: int) -> list[int]:
     """`fallback_items` of the snapshot's item features."""
     columns = ["item_id", "popularity_rank_4w"]
     return fallback_items(store.read_table(engine, contracts.ITEM_FEATURES.name, snapshot, columns=columns), n)
+
+
+def _check_baseline(baseline: str) -> None:
+    if baseline not in baselines.NAMES:
+        raise ValueError(
+            f"unknown baseline {baseline!r}: expected one of {', '.join(baselines.NAMES)};"
+            " promote another model version"
+        )
 
 
 @contextmanager

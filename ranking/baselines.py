@@ -11,7 +11,6 @@ once per snapshot with `fit_collaborative`, then `recommend` any batch of its us
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import polars as pl
 
@@ -27,24 +26,8 @@ NAMES = ("recent_popular", "all_time_popular", "item_knn", *COLLABORATIVE)
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CollaborativeConfig:
-    """EASE's and ALS's hyper-parameters and EASE's memory bound (defaults tuned on MovieLens 100K)."""
-
-    ease_l2: float = 200.0
-    # EASE holds one dense float64 items×items matrix, 8·n² bytes (10 000 items: 0.8 GB): above
-    # this many distinct items in the history it is not fitted at all.
-    ease_max_items: int = 10_000
-    als_factors: int = 32
-    als_regularization: float = 10.0
-    als_iterations: int = 15
-    als_alpha: float = 2.0
-    seed: int = 42
-    threads: int = 1
-
-
 def fit_collaborative(
-    history: pl.DataFrame, config: CollaborativeConfig, names: Sequence[str] = COLLABORATIVE
+    history: pl.DataFrame, config: collaborative.CollaborativeConfig, names: Sequence[str] = COLLABORATIVE
 ) -> dict[str, collaborative.FittedScorer]:
     """The collaborative baselines among `names` fitted on one snapshot's history, by name.
 
@@ -66,12 +49,9 @@ def fit_collaborative(
                 "(EASE needs 8·n² bytes: %.1f GB)", n_items, config.ease_max_items, 8 * n_items**2 / 1e9,
             )  # fmt: skip
         else:
-            fitted["ease"] = collaborative.fit_ease(history, l2=config.ease_l2, max_items=config.ease_max_items)
+            fitted["ease"] = collaborative.fit_ease(history, config)
     if "als" in names:
-        fitted["als"] = collaborative.fit_als(
-            history, factors=config.als_factors, regularization=config.als_regularization,
-            iterations=config.als_iterations, alpha=config.als_alpha, seed=config.seed, threads=config.threads,
-        )  # fmt: skip
+        fitted["als"] = collaborative.fit_als(history, config)
     return fitted
 
 

@@ -11,6 +11,7 @@ import polars as pl
 from scipy import sparse
 
 from features import contracts
+from recsys.settings import default_of
 
 SOURCES = ("cooc", "pop", "category", "creator", "new")
 
@@ -33,16 +34,17 @@ class SnapshotTables:
 
 @dataclass(frozen=True)
 class CandidateConfig:
-    """How many candidates each source contributes per user."""
+    """How many candidates each source contributes per user; `recent_items` and `exclude_consumed`
+    default to the Settings' (`RECSYS_RECENT_ITEMS_PER_USER`, `RECSYS_EXCLUDE_CONSUMED`)."""
 
     cooc: int = 100
     pop: int = 50
     category: int = 50
     creator: int = 30
     new: int = 30
-    recent_items: int = 20
+    recent_items: int = default_of("recent_items_per_user")
     new_release_days: float = 28.0
-    exclude_consumed: bool = True
+    exclude_consumed: bool = default_of("exclude_consumed")
 
 
 def _ranked(frame: pl.DataFrame, score: str, source: str, limit: int, keep: tuple[str, ...] = ()) -> pl.DataFrame:

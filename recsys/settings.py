@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -154,3 +155,11 @@ class Settings(BaseSettings):
         if not _CRON.fullmatch(value.strip()):
             raise ValueError(f"{value!r} is not a cron expression of 5 fields, e.g. '0 1 * * 1' (Mondays 01:00 UTC)")
         return value
+
+
+def default_of(name: str) -> Any:
+    """The default of the Settings field `name`: the pipelines' config objects take theirs from here,
+    so each default is written once (and a config built without settings matches the default settings)."""
+    if name not in Settings.model_fields:
+        raise KeyError(f"Settings has no field {name!r}: no default to take")
+    return Settings.model_fields[name].default

@@ -28,9 +28,9 @@ from datetime import date
 import polars as pl
 
 from features import transform
+from features.collaborative import CollaborativeConfig
 from features.raw import RawData
 from ranking import metrics
-from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from recsys.clock import parse_as_of
 from training import evaluation, frames, gate

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import lightgbm as lgb
 import polars as pl
 
-from features.collaborative import FittedScorer
+from features.collaborative import CollaborativeConfig, FittedScorer
 from ranking import baselines, metrics
-from ranking.baselines import CollaborativeConfig
 from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
 from ranking.registry import ModelRecord
 from ranking.scoring import ScoringModel, recommend_with_model, timed, user_batches
@@ -101,9 +100,7 @@ def evaluate_week(
         per_user = truth.select("user_id").unique().sort("user_id")
         for name, top in recs.items():
             per_user = per_user.join(metrics.per_user_ndcg(top, truth, k).rename({"ndcg": name}), on="user_id")
-        return WeekEvaluation(
-            evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall), per_user
-        )
+        return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall), per_user)
 
 
 def _recommend(

@@ -18,8 +18,8 @@ from datetime import date
 import lightgbm as lgb
 import polars as pl
 
+from features.collaborative import CollaborativeConfig
 from ranking import metrics
-from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.registry import ModelRecord
 from training import evaluation

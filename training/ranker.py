@@ -9,11 +9,12 @@ import polars as pl
 
 from ranking.candidates import CATEGORICAL_FEATURES, FEATURE_NAMES, MONOTONE_FEATURES
 from ranking.scoring import feature_matrix, prior_scores
+from recsys.settings import default_of
 
 
 @dataclass(frozen=True)
 class RankerParams:
-    """LightGBM parameters; deterministic given the seed and thread count."""
+    """LightGBM parameters; deterministic given the seed and thread count (Settings' by default)."""
 
     n_estimators: int = 300
     learning_rate: float = 0.05
@@ -26,8 +27,8 @@ class RankerParams:
     # of little popularity starts far down the list: every pair must count to lift it.
     truncation_level: int = 10_000
     monotone: bool = True
-    seed: int = 42
-    num_threads: int = 2
+    seed: int = default_of("seed")
+    num_threads: int = default_of("num_threads")
 
     def lightgbm_kwargs(self) -> dict:
         constraints = [MONOTONE_FEATURES.get(name, 0) if self.monotone else 0 for name in FEATURE_NAMES]

@@ -12,6 +12,8 @@ import pytest
 
 from benchmarks.inference_bench import compute_snapshot, store_snapshot, train_quick_model
 from cli import main as cli
+from features import collaborative
+from features.collaborative import CollaborativeConfig
 from features.synthetic import generate_log
 from features.transform import week_start
 from flows.feature_flow import feature_flow
@@ -19,7 +21,7 @@ from flows.inference_flow import inference_flow
 from flows.training_flow import training_flow
 from inference import publications, scoring, serving
 from ranking import registry
-from ranking.baselines import CollaborativeConfig, fit_collaborative
+from ranking.baselines import fit_collaborative
 from ranking.candidates import CandidateConfig, SnapshotTables
 from recsys.clock import mondays
 from recsys.settings import Settings
@@ -141,8 +143,20 @@ def test_a_losing_model_leaves_the_best_baseline_as_champion_until_a_model_wins(
     assert decision.promote and (live.version, live.kind) == (won, "ranker") and retired.status == "retired"
 
 
+def spy(monkeypatch, module, name: str) -> list[str]:
+    """Record every call of `module.name` (which still runs); the list of calls."""
+    calls, original = [], getattr(module, name)
+
+    def recording(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
 @pytest.mark.parametrize("baseline", ["ease", "als"])
-def test_a_collaborative_baseline_champion_is_served_and_ease_above_its_bound_falls_back(
+def test_a_collaborative_baseline_champion_is_fitted_once_per_run_served_and_ease_above_its_bound_falls_back(
     stored: Settings, snapshots, baseline: str, monkeypatch
 ):
     with open_stores(stored) as stores:
@@ -152,7 +166,11 @@ def test_a_collaborative_baseline_champion_is_served_and_ease_above_its_bound_fa
             params={"baseline": baseline}, metrics={}, training_as_ofs=[], as_of=AS_OF, validation_as_of=None,
             holdout_as_of=None, feature_snapshots={}, promote_reason=f"{baseline} won the gate", actor="test",
         )  # fmt: skip
+    fits = spy(monkeypatch, collaborative, f"fit_{baseline}")
+    partitions = spy(monkeypatch, scoring, "score_partition")
     result = inference_flow(as_of=AS_OF)
+    assert (fits, len(partitions)) == ([f"fit_{baseline}"], stored.partitions) and stored.partitions > 1
+
     lists, meta = published(stored, result, snapshots[AS_OF])
     personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}
     assert personal == expected_lists(baseline, snapshots[AS_OF], stored.top_n)

@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.partitioned import Partition, in_partition, partition_of, partition_sql
 from features.raw import RawData, RawDataError
 from features.sources import read_source
+from recsys.partitions import Partition, in_partition, partition_of, partition_sql
 from tests.helpers import write_events_table
 
 pytestmark = pytest.mark.integration

@@ -1,8 +1,10 @@
 from datetime import UTC, date, datetime
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
 
+from benchmarks import backtest as backtest_command
 from features.synthetic import generate_log
 from flows.configs import backtest_options
 from recsys.settings import Settings
@@ -118,3 +120,57 @@ def test_backtest_takes_the_training_flows_sampling_settings(monkeypatch):
     monkeypatch.setenv("RECSYS_TRAINING_USERS_PER_WEEK", "1234")
     options = backtest_options(Settings())
     assert (options["negatives_per_user"], options["max_users"]) == (200, 1234)
+
+
+# An overall row of `ndcg_ratios` that meets issue #14's target: ≥ 1.20× with the lower bound above 1.0×.
+WINNING = {"best_baseline": "item_knn", "ratio": 1.25, "ratio_low": 1.05, "ratio_high": 1.4}
+
+
+@pytest.mark.parametrize(
+    ("change", "met", "shortfall"),
+    [
+        ({}, True, None),
+        ({"ratio": 1.19}, False, "ratio below 1.20×"),  # enough for the former 1.10× target
+        ({"ratio_low": 1.0}, False, "lower bound not above 1.00×"),  # at 1.0×, not above it
+        ({"ratio_low": None, "ratio_high": None}, False, "lower bound not above 1.00×"),
+    ],
+)
+def test_backtest_verdict_needs_1_20_times_the_best_baseline_and_the_lower_bound_above_1(change, met, shortfall):
+    ok, sentence = backtest_command.verdict(
+        WINNING | change,
+        0.95,
+        min_ratio=backtest_command.MIN_RATIO,
+        min_lower_bound=backtest_command.MIN_LOWER_BOUND,
+    )
+    assert ok is met
+    assert sentence.startswith("Verdict: target met" if met else f"Verdict: target NOT met ({shortfall}")
+    assert "the target is ≥ 1.20× with the interval's lower bound above 1.00×" in sentence
+
+
+def test_backtest_verdict_names_the_baseline_the_ratio_and_the_interval():
+    _, sentence = backtest_command.verdict(WINNING, 0.95, min_ratio=1.2, min_lower_bound=1.0)
+    assert "model / best baseline (item_knn) 1.250× [95% interval 1.050×, 1.400×]" in sentence
+
+
+def test_backtest_command_exit_status_follows_the_verdict_with_the_thresholds_as_options(result, monkeypatch, capsys):
+    monkeypatch.setattr(backtest_command, "read_raw", lambda *args: SimpleNamespace(events=pl.DataFrame({"x": [1]})))
+    monkeypatch.setattr(backtest_command, "run_backtest", lambda raw, weeks, **options: result)
+    overall = ndcg_ratios(result).filter(week=OVERALL).row(0, named=True)
+    ratio, low = overall["ratio"], overall["ratio_low"]
+
+    def run(min_ratio: float, min_lower_bound: float) -> int:
+        thresholds = ["--min-ratio", str(min_ratio), "--min-lower-bound", str(min_lower_bound)]
+        return backtest_command.main(["--from", str(WEEKS[0]), "--to", str(WEEKS[-1]), *thresholds])
+
+    assert run(ratio * 0.99, low * 0.99) == 0
+    assert "Verdict: target met" in capsys.readouterr().out
+    assert run(ratio * 1.01, low * 0.99) == 1
+    assert "Verdict: target NOT met (ratio below" in capsys.readouterr().out
+    assert run(ratio * 0.99, low * 1.01) == 1
+    assert "Verdict: target NOT met (lower bound not above" in capsys.readouterr().out
+
+
+def test_backtest_command_refuses_a_threshold_that_is_not_positive(capsys):
+    with pytest.raises(SystemExit):
+        backtest_command.main(["--min-ratio", "0"])
+    assert "--min-ratio: must be > 0, got 0" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from features.collaborative import CollaborativeConfig
 from ranking.baselines import (
-    CollaborativeConfig,
     fit_collaborative,
     recommend,
     recommend_all_time_popular,

@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
 import pytest
 
-from features.collaborative import recommend_als, recommend_ease, score_als, score_ease
+from features.collaborative import CollaborativeConfig, fit_als, fit_ease
 
 # Users 1-3 consume items 1 and 2 together; users 5-8 consume items 3 and 4 together (more
 # popular); user 4 has consumed only item 1, so item 2 is the one that goes with it.
@@ -12,7 +14,8 @@ HISTORY = pl.DataFrame(
         "item_id": [1, 2, 1, 2, 1, 2, 1, 3, 4, 3, 4, 3, 4, 3, 4],
     }
 )
-ALS_OPTIONS = {"factors": 4, "iterations": 5, "regularization": 0.01, "alpha": 10.0}
+EASE = CollaborativeConfig(ease_l2=1.0)
+ALS = CollaborativeConfig(als_factors=4, als_iterations=5, als_regularization=0.01, als_alpha=10.0)
 
 
 def lists(recs: pl.DataFrame) -> dict[int, list[int]]:
@@ -28,7 +31,7 @@ def test_ease_scores_equal_a_direct_numpy_computation_of_the_closed_form():
     b = np.eye(4) - p / np.diag(p)
     expected = x @ b
 
-    scored = score_ease(history, [1, 2, 3, 4], 4, l2=l2, exclude_consumed=False)
+    scored = fit_ease(history, CollaborativeConfig(ease_l2=l2)).score([1, 2, 3, 4], 4, exclude_consumed=False)
 
     got = np.zeros((4, 4))
     for row in scored.iter_rows(named=True):
@@ -38,33 +41,33 @@ def test_ease_scores_equal_a_direct_numpy_computation_of_the_closed_form():
 
 
 def test_ease_recommends_the_item_co_consumed_with_the_users_items_over_a_more_popular_one():
-    assert lists(recommend_ease(HISTORY, [4], 1, l2=1.0)) == {4: [2]}
+    assert lists(fit_ease(HISTORY, EASE).recommend([4], 1)) == {4: [2]}
 
 
 def test_ease_never_recommends_consumed_items():
-    recs = recommend_ease(HISTORY, [1, 4, 5], 10, l2=1.0)
+    recs = fit_ease(HISTORY, EASE).recommend([1, 4, 5], 10)
     assert recs.join(HISTORY, on=["user_id", "item_id"], how="semi").is_empty()
     assert lists(recs)[1] == [3, 4]
 
 
 def test_ease_keeps_consumed_items_when_exclusion_is_off():
-    recs = recommend_ease(HISTORY, [4], 4, l2=1.0, exclude_consumed=False)
+    recs = fit_ease(HISTORY, EASE).recommend([4], 4, exclude_consumed=False)
     assert sorted(lists(recs)[4]) == [1, 2, 3, 4]
 
 
 def test_ease_breaks_equal_scores_by_item_id():
     # Item 9 co-occurs with nothing: user 1's scores for every other item are all zero.
     history = pl.DataFrame({"user_id": [1, 2, 2, 3, 3, 4], "item_id": [9, 30, 10, 30, 20, 40]})
-    scored = score_ease(history, [1], 2)
+    scored = fit_ease(history, CollaborativeConfig()).score([1], 2)
     assert scored["score"].to_list() == [0.0, 0.0]
     assert lists(scored) == {1: [10, 20]}
 
 
 def test_ease_returns_rank_one_first_and_the_contract_columns():
-    recs = recommend_ease(HISTORY, [1, 4], 2, l2=1.0)
+    recs = fit_ease(HISTORY, EASE).recommend([1, 4], 2)
     assert recs.schema == pl.Schema({"user_id": pl.Int64, "item_id": pl.Int64, "rank": pl.Int64})
     assert recs["rank"].to_list() == [1, 2, 1, 2]
-    scored = score_ease(HISTORY, [4], 3, l2=1.0)
+    scored = fit_ease(HISTORY, EASE).score([4], 3)
     assert scored.columns == ["user_id", "item_id", "score", "rank"]
     assert scored["score"].is_sorted(descending=True)
 
@@ -72,71 +75,71 @@ def test_ease_returns_rank_one_first_and_the_contract_columns():
 def test_ease_restricts_to_the_max_items_most_popular_items_ties_by_item_id():
     # Consumed by 3, 2, 2 and 1 users: items 1 and 2 are kept (2 wins the tie with 3).
     history = pl.DataFrame({"user_id": [1, 2, 3, 1, 2, 3, 4, 5], "item_id": [1, 1, 1, 2, 2, 3, 3, 5]})
-    recs = recommend_ease(history, [3, 4, 5], 5, l2=1.0, max_items=2)
+    recs = fit_ease(history, CollaborativeConfig(ease_l2=1.0, ease_max_items=2)).recommend([3, 4, 5], 5)
     assert lists(recs) == {3: [2]}  # users 4 and 5 consumed only dropped items: no rows
 
 
 def test_ease_users_without_history_get_no_rows():
-    recs = recommend_ease(HISTORY, [4, 99], 2, l2=1.0)
+    recs = fit_ease(HISTORY, EASE).recommend([4, 99], 2)
     assert recs["user_id"].unique().to_list() == [4]
 
 
 def test_ease_for_no_users_is_an_empty_frame_with_the_contract_columns():
-    recs = recommend_ease(HISTORY, [], 3)
+    recs = fit_ease(HISTORY, CollaborativeConfig()).recommend([], 3)
     assert recs.is_empty() and recs.columns == ["user_id", "item_id", "rank"]
 
 
 def test_ease_does_not_modify_the_history():
     history = HISTORY.with_columns(pl.col("user_id").cast(pl.Int32))
     before = history.clone()
-    recommend_ease(history, [1, 4], 2)
+    fit_ease(history, CollaborativeConfig()).recommend([1, 4], 2)
     assert history.equals(before)
 
 
-@pytest.mark.parametrize("options", [{"l2": 0.0}, {"max_items": 0}])
+@pytest.mark.parametrize("options", [{"ease_l2": 0.0}, {"ease_max_items": 0}])
 def test_ease_rejects_non_positive_settings(options):
     with pytest.raises(ValueError, match=next(iter(options))):
-        recommend_ease(HISTORY, [1], 2, **options)
+        fit_ease(HISTORY, CollaborativeConfig(**options))
 
 
 def test_collaborative_recommenders_reject_k_below_one():
     with pytest.raises(ValueError, match="must be > 0"):
-        recommend_ease(HISTORY, [1], 0)
+        fit_ease(HISTORY, EASE).recommend([1], 0)
 
 
 def test_collaborative_recommenders_reject_a_history_of_several_snapshots():
     history = HISTORY.with_columns(as_of=pl.Series([1, 2] * 7 + [1]))
     with pytest.raises(ValueError, match="2 as_of snapshots"):
-        recommend_ease(history, [1], 2)
+        fit_ease(history, EASE)
 
 
 def test_collaborative_recommenders_reject_an_empty_history():
     with pytest.raises(ValueError, match="no \\(user_id, item_id\\) pairs"):
-        recommend_ease(HISTORY.clear(), [1], 2)
+        fit_ease(HISTORY.clear(), EASE)
 
 
 def test_collaborative_recommenders_name_missing_history_columns():
     with pytest.raises(ValueError, match="missing columns \\['item_id'\\]"):
-        recommend_ease(HISTORY.select("user_id"), [1], 2)
+        fit_ease(HISTORY.select("user_id"), EASE)
 
 
 def test_als_returns_k_unconsumed_items_per_user():
-    recs = recommend_als(HISTORY, [1, 4, 5], 2, **ALS_OPTIONS)
+    recs = fit_als(HISTORY, ALS).recommend([1, 4, 5], 2)
     assert recs.group_by("user_id").len().sort("user_id")["len"].to_list() == [2, 2, 2]
     assert recs.join(HISTORY, on=["user_id", "item_id"], how="semi").is_empty()
 
 
 def test_als_is_deterministic_for_a_fixed_seed():
-    first = score_als(HISTORY, [1, 4, 5], 3, seed=7, **ALS_OPTIONS)
-    again = score_als(HISTORY, [1, 4, 5], 3, seed=7, **ALS_OPTIONS)
+    first = fit_als(HISTORY, replace(ALS, seed=7)).score([1, 4, 5], 3)
+    again = fit_als(HISTORY, replace(ALS, seed=7)).score([1, 4, 5], 3)
     assert first.equals(again)
 
 
 def test_als_gives_the_same_scores_on_one_thread_and_on_two():
-    one = score_als(HISTORY, [1, 4, 5], 3, threads=1, **ALS_OPTIONS)
-    two = score_als(HISTORY, [1, 4, 5], 3, threads=2, **ALS_OPTIONS)
+    one = fit_als(HISTORY, replace(ALS, threads=1)).score([1, 4, 5], 3)
+    two = fit_als(HISTORY, replace(ALS, threads=2)).score([1, 4, 5], 3)
     assert one.equals(two)
 
 
 def test_als_ranks_the_co_consumed_item_first():
-    assert lists(recommend_als(HISTORY, [4], 1, **ALS_OPTIONS)) == {4: [2]}
+    assert lists(fit_als(HISTORY, ALS).recommend([4], 1)) == {4: [2]}

@@ -3,7 +3,6 @@
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
@@ -11,34 +10,10 @@ from polars.testing import assert_frame_equal
 from features import partitioned, store, transform
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.raw import conform_items
+from recsys.partitions import all_partitions, in_partition
 
 WEEK = date(2024, 3, 4)  # a Monday
 START = datetime(2024, 3, 4, tzinfo=UTC)
-
-
-def reference_partition(user_id: int, count: int) -> int:
-    """The hash in plain Python integers: low 32 bits times Knuth's constant, modulo 2^32, modulo count."""
-    return (user_id % 2**32) * 2_654_435_761 % 2**32 % count
-
-
-@given(ids=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=50), count=st.integers(1, 64))
-def test_partition_of_is_the_documented_integer_hash_for_any_int64_id(ids, count):
-    found = pl.DataFrame({"user_id": ids}, schema={"user_id": pl.Int64}).select(
-        partitioned.partition_of("user_id", count)
-    )
-    assert found.to_series().to_list() == [reference_partition(i, count) for i in ids]
-
-
-def test_consecutive_ids_spread_evenly_over_partitions():
-    ids = pl.DataFrame({"user_id": range(10_000)})
-    sizes = ids.group_by(partitioned.partition_of("user_id", 8).alias("p")).len()["len"]
-    assert sizes.min() > 1_100 and sizes.max() < 1_400
-
-
-@pytest.mark.parametrize(("index", "count"), [(0, 0), (-1, 2), (2, 2)])
-def test_a_partition_outside_its_count_is_refused(index, count):
-    with pytest.raises(ValueError, match=f"partition {index} of {count}"):
-        partitioned.Partition(index, count)
 
 
 def build_events(rows: list[tuple[int, int, int, float]]) -> pl.DataFrame:
@@ -61,8 +36,8 @@ def build_items(releases: list[int | None]) -> pl.DataFrame:
 def split_and_merge(events: pl.DataFrame, metadata: pl.DataFrame, count: int) -> dict[str, pl.DataFrame]:
     """As the feature flow does: each partition reads (and conforms items against) its own events only."""
     parts = []
-    for partition in partitioned.all_partitions(count):
-        own = events.filter(partitioned.in_partition("user_id", partition))
+    for partition in all_partitions(count):
+        own = events.filter(in_partition("user_id", partition))
         items = conform_items(metadata, own, source="t")
         parts.append(partitioned.build_partition_tables(own, items, WEEK, recent_items=3))
     return partitioned.merge_partition_tables(parts, WEEK, neighbours=2)
@@ -124,9 +99,6 @@ def test_partitions_without_users_still_merge_into_the_whole_snapshot():
 def test_raw_digest_from_partition_hashes_equals_the_whole_window_digest():
     events = build_events([(u, u % 3 + 1, -u * 3_600, u / 7) for u in range(1, 40)])
     before = START - timedelta(hours=10)
-    parts = [
-        store.hash_raw_window(events.filter(partitioned.in_partition("user_id", p)), before)
-        for p in partitioned.all_partitions(3)
-    ]
+    parts = [store.hash_raw_window(events.filter(in_partition("user_id", p)), before) for p in all_partitions(3)]
     assert store.digest_event_hashes(parts) == store.digest_raw_window(events, before)
     assert store.digest_raw_window(events, before).startswith("29:")

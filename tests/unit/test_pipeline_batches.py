@@ -8,8 +8,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from features import transform
+from features.collaborative import CollaborativeConfig
 from features.synthetic import generate_log
-from ranking.baselines import CollaborativeConfig
 from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from ranking.scoring import ScoringModel, user_batches
 from training import evaluation, frames

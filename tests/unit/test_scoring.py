@@ -1,5 +1,6 @@
 """Batch scoring on tiny hand-built logs, and the Redis connection URLs the flow accepts."""
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import lightgbm as lgb
@@ -9,6 +10,7 @@ import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 
+from features.collaborative import CollaborativeConfig
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.transform import build_feature_tables
 from inference import publish, scoring
@@ -265,3 +267,30 @@ def test_cluster_client_names_the_node_it_could_not_reach():
 )
 def test_redacted_url_hides_only_the_password(url, shown):
     assert redact_url(url) == shown
+
+
+def test_a_baseline_champion_other_than_ease_or_als_is_served_without_reading_or_fitting():
+    record = scoring.default_baseline_record()  # recent popularity
+
+    served = scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig())
+
+    assert served == scoring.ServedBaseline("recent_popular", {})
+
+
+def test_a_trained_ranker_needs_no_served_baseline():
+    record = replace(scoring.default_baseline_record(), kind="ranker")
+    assert scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig()) is None
+
+
+def test_an_unknown_baseline_champion_is_refused_before_any_partition_runs():
+    record = replace(scoring.default_baseline_record(), params={"baseline": "svd"})
+    with pytest.raises(ValueError, match="unknown baseline 'svd'"):
+        scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig())
+
+
+def test_a_partition_of_a_baseline_champion_without_the_runs_fitted_baseline_is_refused():
+    options = {"snapshot": AS_OF, "version": "v", "config": CandidateConfig(), "n": 5, "batch_users": 10}
+    with pytest.raises(ValueError, match="fitted once per run"):
+        scoring.score_partition(
+            None, None, [1], record=scoring.default_baseline_record(), prefix="recs", chunk=10, **options
+        )

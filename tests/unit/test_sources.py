@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
-from features.partitioned import Partition, all_partitions, in_partition, partition_of
 from features.raw import RawDataError, validate_events
 from features.sources import check_source_spec, read_source
+from recsys.partitions import Partition, all_partitions, in_partition, partition_of
 
 
 def _utc(*args: int) -> datetime:

@@ -24,6 +24,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 MOVIELENS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `services` every test that uses the session's stores: the tests whose servers
+    RECSYS_DATABASE_URL / RECSYS_REDIS_URL choose (CI runs them again against the system ones)."""
+    for item in items:
+        if "stores" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture(scope="session")
 def session_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("recsys")

@@ -46,4 +46,22 @@ def test_unreachable_services_only_warn_outside_ci(services_down):
     done = run_ci(services_down)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "integration tests ran on embedded servers only" in done.stdout
+    assert "integration tests run on embedded servers only" in done.stdout
+
+
+class _Item:
+    def __init__(self, fixturenames: list[str]) -> None:
+        self.fixturenames, self.markers = fixturenames, []
+
+    def add_marker(self, marker) -> None:
+        self.markers.append(marker.name)
+
+
+def test_tests_using_the_session_stores_are_the_ones_ci_runs_against_the_system_services():
+    from tests.conftest import pytest_collection_modifyitems
+
+    uses, private = _Item(["flow_env", "clean_stores", "stores"]), _Item(["private_postgres", "tmp_path"])
+    pytest_collection_modifyitems([uses, private])
+
+    assert (uses.markers, private.markers) == (["services"], [])
+    assert "pytest -q -m services" in (ROOT / ".ci" / "run").read_text()

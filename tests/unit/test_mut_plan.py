@@ -11,7 +11,7 @@ import pytest
 
 from recsys.clock import mondays, parse_as_of, week_floor
 from recsys.errors import ExpectedError
-from training.plan import NotEnoughHistory, WeekPlan, plan_weeks, staleness
+from training.plan import NotEnoughHistory, WeekPlan, plan_gate, plan_weeks, staleness
 
 AS_OF = date(2026, 11, 23)
 WEEK = timedelta(weeks=1)
@@ -73,6 +73,11 @@ def test_not_enough_history_is_an_expected_error_naming_the_fix():
     assert str(raised.value).endswith(
         ". Compute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"
     )
+
+
+def test_a_gate_without_weeks_is_refused_naming_the_setting_and_its_value():
+    with pytest.raises(ValueError, match="^plan_gate: gate_weeks must be >= 1, got 0$"):
+        plan_gate(weeks_before(1, 2, 3, 4), AS_OF, training_weeks=2, gate_weeks=0)
 
 
 def test_a_holdout_one_week_behind_is_stale_by_one_week():

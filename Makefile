@@ -8,6 +8,11 @@ EXTRAS := --extra embedded --extra dask --extra dev
 # The uv that installs the lock is the one the lock pins (uv is a dev dependency).
 UV_PIN = $$(grep -E '^uv==' $(LOCK) | cut -d' ' -f1)
 
+# `make test` runs the suite in this many pytest-xdist worker processes, each with its own embedded
+# servers and Prefect harness (the suite mostly waits on servers, so two share a 2-core machine well);
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 .PHONY: demo test lint serve bench lock clean
 
 # Re-installs when the lock or pyproject.toml changes. `uv pip sync` makes the venv hold
@@ -30,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/recsys demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

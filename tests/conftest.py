@@ -3,19 +3,25 @@
 With RECSYS_DATABASE_URL / RECSYS_REDIS_URL set, tests use those servers (CI points them
 at the machine's system PostgreSQL and Redis); otherwise embedded ones are started once.
 Each test that touches a store gets it emptied first.
+
+`make test` runs the suite in pytest-xdist workers (`pytest -n 2`): each worker is a session
+of its own, with its own embedded servers and Prefect harness; on configured servers each
+worker gets a database and a Redis database number of its own (`worker_settings`).
 """
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
 import sqlalchemy as sa
+from pydantic import SecretStr
 
 from recsys.runtime import configure_openmp
 from recsys.settings import Settings
-from recsys.stores import Stores, open_stores
+from recsys.stores import Stores, libpq_url, open_stores, sqlalchemy_url
 
 configure_openmp()  # before any test imports lightgbm (and for the CLI subprocesses tests start)
 
@@ -38,10 +44,53 @@ def session_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("recsys")
 
 
+def worker_settings(data_dir: Path, worker: str | None) -> Settings:
+    """The session's store settings; under xdist worker `gwN`, configured servers are shared
+    with the other workers, so this worker takes database `<name>_gwN` (created if missing)
+    and Redis database number `<number> + N`. Embedded servers are the worker's own already."""
+    settings = Settings(data_dir=data_dir)
+    if worker is None:
+        return settings
+    index = int(worker.removeprefix("gw"))
+    updates = {}
+    if settings.database_url is not None:
+        updates["database_url"] = _worker_database(settings.database_url.get_secret_value(), worker)
+    if settings.redis_url is not None:
+        updates["redis_url"] = _worker_redis(settings.redis_url.get_secret_value(), index)
+    return settings.model_copy(update={k: SecretStr(v) for k, v in updates.items()})
+
+
+def _worker_database(url: str, worker: str) -> str:
+    base = sa.make_url(sqlalchemy_url(url))
+    name = f"{base.database}_{worker}"
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            if conn.execute(sa.text("select 1 from pg_database where datname = :n"), {"n": name}).first() is None:
+                conn.execute(sa.text(f'create database "{name}"'))
+    except sa.exc.DBAPIError as error:
+        raise RuntimeError(
+            f"pytest worker {worker} needs a database of its own on RECSYS_DATABASE_URL's server and could not "
+            f"create {name!r} ({error.orig}): grant CREATEDB, or run the tests in one process (pytest -n 0)"
+        ) from error
+    finally:
+        engine.dispose()
+    return libpq_url(base.set(database=name).render_as_string(hide_password=False))
+
+
+def _worker_redis(url: str, index: int) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise RuntimeError(f"pytest -n needs a redis:// URL (a database number per worker), got {parts.scheme}://")
+    number = int(parts.path.strip("/") or 0) + index
+    return urlunsplit(parts._replace(path=f"/{number}"))
+
+
 @pytest.fixture(scope="session")
-def stores(session_data_dir: Path) -> Iterator[Stores]:
+def stores(session_data_dir: Path, worker_id: str) -> Iterator[Stores]:
     """One Postgres and one Redis for the whole session (embedded unless URLs are set)."""
-    with open_stores(Settings(data_dir=session_data_dir)) as opened:
+    worker = worker_id if worker_id != "master" else None
+    with open_stores(worker_settings(session_data_dir, worker)) as opened:
         yield opened
 
 

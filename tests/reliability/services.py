@@ -149,10 +149,20 @@ class PrivatePostgres:
 
     def start(self) -> None:
         """Start the server (if down) and wait until it accepts connections (crash recovery included)."""
-        # Fails when already running or still recovering: either way it must answer below.
+        try:
+            wait_for(self._start_once, "the private Postgres to accept connections", timeout=90, every=0.5)
+        except TimeoutError as error:
+            log = Path(self.server.log)
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+            raise TimeoutError(f"{error}; the end of its log:\n{tail}") from error
+
+    def _start_once(self) -> bool:
+        # pg_ctl start fails when the server is already running or still recovering (it must answer
+        # then), and after a crash-like stop while the killed backends still hold the old shared
+        # memory: on a loaded machine they can take seconds to exit, so the start is tried again.
         with contextlib.suppress(subprocess.CalledProcessError):
             self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.log), "start")
-        wait_for(self.is_running, "the private Postgres to accept connections", timeout=60, every=0.2)
+        return self.is_running()
 
     def is_running(self) -> bool:
         """Whether the server accepts connections."""

@@ -35,12 +35,29 @@ os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", "300")
 MOVIELENS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
 
 
+# The slowest test files (a minute or more each), run first so that under `pytest -n` (one file per
+# worker at a time) no worker is left alone with one of them at the end of the run.
+SLOW_FILES = (
+    "test_readme_examples.py",
+    "test_serve.py",
+    "test_baseline_champion.py",
+    "test_replay_kill.py",
+    "test_replay.py",
+    "test_flow_faults.py",
+    "test_feature_flow.py",
+    "test_inference_flow.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `services` every test that uses the session's stores: the tests whose servers
-    RECSYS_DATABASE_URL / RECSYS_REDIS_URL choose (CI runs them again against the system ones)."""
+    RECSYS_DATABASE_URL / RECSYS_REDIS_URL choose (CI runs them again against the system ones);
+    and put the slow files first (stable: every other test keeps its place)."""
     for item in items:
         if "stores" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.services)
+    rank = {name: position for position, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(SLOW_FILES)))
 
 
 @pytest.fixture(scope="session")

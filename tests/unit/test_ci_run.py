@@ -50,8 +50,8 @@ def test_unreachable_services_only_warn_outside_ci(services_down):
 
 
 class _Item:
-    def __init__(self, fixturenames: list[str]) -> None:
-        self.fixturenames, self.markers = fixturenames, []
+    def __init__(self, fixturenames: list[str], fspath: str = "tests/unit/test_a.py") -> None:
+        self.fixturenames, self.markers, self.fspath = fixturenames, [], fspath
 
     def add_marker(self, marker) -> None:
         self.markers.append(marker.name)
@@ -65,3 +65,14 @@ def test_tests_using_the_session_stores_are_the_ones_ci_runs_against_the_system_
 
     assert (uses.markers, private.markers) == (["services"], [])
     assert "pytest -q -m services" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_slow_files_run_first_and_every_other_test_keeps_its_place():
+    from tests.conftest import SLOW_FILES, pytest_collection_modifyitems
+
+    paths = ["tests/unit/test_b.py", f"tests/reliability/{SLOW_FILES[1]}", "tests/unit/test_a.py",
+             f"tests/integration/{SLOW_FILES[0]}", "tests/unit/test_c.py"]  # fmt: skip
+    items = [_Item([], path) for path in paths]
+    pytest_collection_modifyitems(items)
+
+    assert [item.fspath for item in items] == [paths[3], paths[1], paths[0], paths[2], paths[4]]

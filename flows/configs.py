@@ -11,6 +11,7 @@ from inference.checks import CheckBounds
 from ranking.candidates import CandidateConfig
 from recsys.settings import Settings
 from training.ranker import RankerParams
+from training.tuning import TuningConfig
 
 
 def candidate_config(settings: Settings) -> CandidateConfig:
@@ -21,6 +22,11 @@ def candidate_config(settings: Settings) -> CandidateConfig:
 def ranker_params(settings: Settings) -> RankerParams:
     """LightGBM's parameters: seeded and threaded as configured."""
     return RankerParams(seed=settings.seed, num_threads=settings.num_threads)
+
+
+def tuning_config(settings: Settings) -> TuningConfig:
+    """Optuna's budget for the ranker's hyper-parameters (0 seconds: none)."""
+    return TuningConfig(seconds=settings.tuning_seconds, trials=settings.tuning_trials)
 
 
 def collaborative_config(settings: Settings) -> CollaborativeConfig:
@@ -58,6 +64,7 @@ def backtest_options(settings: Settings) -> dict:
             "k": settings.eval_k,
             "confidence": settings.gate_confidence,
             "resamples": settings.gate_resamples,
+            "tuning": tuning_config(settings),
         }
         | feature_options(settings)
         | sampling_options(settings)

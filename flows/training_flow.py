@@ -1,7 +1,7 @@
 """Training flow: labelled snapshots → a ranker per gate week → pooled against champion and baselines → registry."""
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date
 
 import lightgbm as lgb
@@ -60,6 +60,13 @@ def train_and_evaluate_week(
     return run
 
 
+@task(**IO)
+def tune(plan: WeekPlan, categories: list[str], cache: gate.FrameCache, params, tuning) -> gate.TuningResult:
+    """The ranker's hyper-parameters chosen by Optuna on the earliest gate plan's validation week, which
+    comes before every holdout the gate scores; every gate model is trained with them."""
+    return gate.tune_on_plan(plan, categories, frame_of=cache.get, params=params, tuning=tuning)
+
+
 @task(**PURE)
 def pool_weeks(runs: list[gate.WeekRun], gate_options: dict) -> gate.PooledEvaluation:
     """Every gate week's results as (user, week) units, with the model's gain over each recommender and its interval."""
@@ -110,6 +117,11 @@ def training_flow(as_of: date | None = None) -> dict:
                 store.read_tables(engine, week), store.read_labels(engine, week), week, config, categories, **sampling
             )
         )
+        tuning = configs.tuning_config(settings)
+        tuned = None
+        if tuning.enabled:
+            tuned = tune(plans[0], load_categories(engine, plans[0].holdout), cache, options["params"], tuning)
+            options["params"] = tuned.params
         runs = []
         for i, plan in enumerate(plans):
             # Items never leave the catalogue, so the holdout's categories cover the older weeks'.
@@ -118,6 +130,9 @@ def training_flow(as_of: date | None = None) -> dict:
             runs.append(train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress))
             cache.keep(w for later in plans[i + 1 :] for w in (*later.train, later.validation))
         pooled = pool_weeks(runs, gate_options)
+        if tuned is not None:  # stored with the model (its params in the registry)
+            model = runs[-1].model
+            runs[-1] = replace(runs[-1], model=replace(model, params=model.params | {"tuning": tuned.record()}))
         version, decision, live = register_and_gate(
             engine, settings.model_name, runs[-1], plans, pooled, config, k, margin
         )
@@ -136,6 +151,7 @@ def training_flow(as_of: date | None = None) -> dict:
         "metrics": pooled.metrics,
         "gains": pooled.gains_record(),
         "candidate_recall": pooled.candidate_recall,
+        "tuning": tuned.record() if tuned is not None else None,
         **asdict(decision),
         "champion": live.label,
     }

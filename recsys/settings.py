@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     drift_threshold: float = Field(default=0.25, ge=0)
 
     # training
+    tuning_seconds: float = Field(
+        default=0,
+        ge=0,
+        description="Wall-time budget of Optuna's search for the ranker's hyper-parameters on the validation "
+        "week (0: no tuning, the defaults are used).",
+    )
+    tuning_trials: int = Field(default=30, ge=1, description="Most Optuna trials (fits) one tuning makes.")
     model_name: str = Field(default="weekly-ranker", pattern=r"^[A-Za-z0-9_.-]+$")
     training_weeks: int = Field(default=4, ge=1)
     promotion_margin: float = Field(

@@ -36,6 +36,7 @@ from recsys.clock import parse_as_of
 from training import evaluation, frames, gate
 from training.plan import WEEK, WeekPlan, plan_weeks
 from training.ranker import RankerParams
+from training.tuning import TuningConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,13 @@ def run_backtest(
     batch_users: int,
     confidence: float,
     resamples: int,
+    tuning: TuningConfig | None = None,
 ) -> BacktestResult:
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
     The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
-    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap.
+    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. With `tuning`
+    enabled, each week's hyper-parameters are tuned on its own plan's validation week first.
     """
     if not weeks:
         raise ValueError("run_backtest: no weeks given")
@@ -152,9 +155,13 @@ def run_backtest(
         plan = plan_backtest_week(snapshots, as_of, training_weeks)
         # Known at as_of: the encoding is fixed from the snapshot the model will score.
         categories = category_encoding(snapshots.tables(as_of).item_features)
+        week_options, tuned = options, None
+        if tuning is not None and tuning.enabled:
+            tuned = gate.tune_on_plan(plan, categories, frame_of=cache.get, params=params, tuning=tuning)
+            week_options = options | {"params": tuned.params}
         run = gate.train_and_evaluate_week(
             plan, categories, frame_of=cache.get, holdout_of=lambda w: (snapshots.tables(w), snapshots.labels(w)),
-            champion=None, **options,
+            champion=None, **week_options,
         )  # fmt: skip
         features_s = snapshots.seconds - features_before
         evaluations[as_of] = run.evaluation
@@ -170,6 +177,8 @@ def run_backtest(
                 "frames_s": run.frames_s,  # the snapshots were built while planning: pure frame building
                 "train_s": run.train_s,
                 "evaluate_s": run.evaluate_s,
+                "tuning_trials": tuned.trials if tuned else 0,
+                "tuned": ", ".join(f"{k}={v:.3g}" for k, v in tuned.chosen.items()) if tuned else "",
             }
         )
 
@@ -305,6 +314,11 @@ def format_table(result: BacktestResult) -> str:
     for row in result.timings.iter_rows(named=True):
         cells = [row["week"], str(row["train_rows"]), str(row["best_iteration"])]
         lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[2:]]))
+    tuned = result.timings.filter(pl.col("tuning_trials") > 0)
+    if not tuned.is_empty():
+        lines += ["", "Hyper-parameters tuned on each week's validation week (Optuna):", ""]
+        lines += [_markdown_row(["week", "trials", "chosen"]), _markdown_row(["---"] * 3)]
+        lines += [_markdown_row([r["week"], str(r["tuning_trials"]), r["tuned"]]) for r in tuned.iter_rows(named=True)]
     return "\n".join(lines) + "\n"
 
 

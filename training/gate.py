@@ -27,6 +27,7 @@ from training.bootstrap import GainEstimate, bootstrap_gain_of_units
 from training.evaluation import WeekEvaluation
 from training.plan import WeekPlan
 from training.ranker import RankerParams, TrainedRanker, train_ranker
+from training.tuning import TuningConfig, TuningResult, tune_params
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,19 @@ def train_and_evaluate_week(
     )  # fmt: skip
     return WeekRun(plan, model, categories, scored, train_rows, valid_rows, framed - started, trained - framed,
                    done - trained)  # fmt: skip
+
+
+def tune_on_plan(
+    plan: WeekPlan,
+    categories: list[str],
+    *,
+    frame_of: Callable[[date, list[str]], pl.DataFrame],
+    params: RankerParams,
+    tuning: TuningConfig,
+) -> TuningResult:
+    """Hyper-parameters tuned on `plan`'s training weeks and scored on its validation week (never its holdout)."""
+    train = pl.concat([frame_of(w, categories) for w in plan.train])
+    return tune_params(train, frame_of(plan.validation, categories), params, tuning)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class TrainedRanker:
     best_iteration: int
     params: dict
     feature_importance: dict[str, float] = field(default_factory=dict)
+    # NDCG@10 on the validation week at the best iteration (what early stopping and tuning compare).
+    validation_ndcg: float = float("nan")
 
 
 def attach_labels(ranking_frame: pl.DataFrame, labels: pl.DataFrame, as_of: date) -> pl.DataFrame:
@@ -124,4 +126,5 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
         best_iteration=best,
         params=params.lightgbm_kwargs() | {"early_stopping_rounds": params.early_stopping_rounds},
         feature_importance=importance,
+        validation_ndcg=float(model.best_score_["valid_0"]["ndcg@10"]),
     )

@@ -144,3 +144,15 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert texts[first["version"]] == texts[demanding["version"]] == texts[better["version"]], (
         "same snapshots and seed must give the same model"
     )
+
+    # Optuna tuning (RECSYS_TUNING_SECONDS): on the earliest gate plan's validation week, stored with the model.
+    assert first["tuning"] is None and "tuning" not in champion.params
+    monkeypatch.setenv("RECSYS_TUNING_SECONDS", "600")
+    monkeypatch.setenv("RECSYS_TUNING_TRIALS", "2")
+    tuned, _ = train()
+    assert tuned["tuning"]["trials"] == 2
+    assert tuned["tuning"]["validation_ndcg@10_tuned"] >= tuned["tuning"]["validation_ndcg@10_untuned"]
+    with open_stores(flow_env) as stores:
+        record = registry.get_model(stores.engine, flow_env.model_name, tuned["version"])
+    assert record.params["tuning"] == tuned["tuning"]
+    assert all(record.params[name] == value for name, value in tuned["tuning"]["chosen"].items())

@@ -223,7 +223,9 @@ ITEM_FEATURE_COLUMNS = [f"item_{c}" for c in _ITEM_COLUMNS]
 CANDIDATE_COLUMNS = [f"{s}_rank" for s in SOURCES] + ["cooc_score", "cooc_count", "n_sources"]
 # EASE's and ALS's scores (collaborative_scores) and their rank within the user's candidates;
 # null where the item is not in that model's top list.
-COLLABORATIVE_COLUMNS = ["ease_score", "ease_candidate_rank", "als_score", "als_candidate_rank"]
+COLLABORATIVE_COLUMNS = [
+    f"{model}_{column}" for model in ("ease", "als") for column in ("score", "candidate_rank", "score_vs_best")
+]
 # Scale-free popularity: raw counts swing with each week's traffic, shares and ranks do not.
 ITEM_DERIVED_COLUMNS = ["item_share_1w", "item_share_4w", "item_share_total", "item_popularity_rank_total"]
 USER_ITEM_COLUMNS = [
@@ -329,7 +331,12 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
                 pl.col(f"{m}_score").rank("min", descending=True).over("user_id").cast(pl.Int64)
                 .alias(f"{m}_candidate_rank")
                 for m in ("ease", "als")
-            ],  # fmt: skip
+            ],
+            # A user's scores grow with their history: relative to their best candidate they compare across users.
+            *[
+                pl.when(best > 0).then(pl.col(f"{m}_score") / best).alias(f"{m}_score_vs_best")  # null unless best > 0
+                for m, best in ((m, pl.col(f"{m}_score").max().over("user_id")) for m in ("ease", "als"))
+            ],
 
             pl.col("category_share_12w", "creator_share_12w").fill_null(0.0),
             pl.col("creator_events_12w").fill_null(0),

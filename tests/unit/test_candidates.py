@@ -246,8 +246,20 @@ def test_collaborative_features_are_scores_and_ranks_within_the_candidates_null_
         0.3, 2, None, None,
     ]  # fmt: skip
     assert [rows[2, 3][c] for c in columns] == [0.2, 1, 0.1, 1]
+    # Relative to the user's best-scored candidate of that model.
+    assert [rows[1, i]["ease_score_vs_best"] for i in (2, 6, 7)] == [1.0, None, pytest.approx(0.3 / 0.8)]
+    assert [rows[1, i]["als_score_vs_best"] for i in (2, 6, 7)] == [pytest.approx(0.5 / 0.9), 1.0, None]
+    columns += ("ease_score_vs_best", "als_score_vs_best")
     # Every other candidate is unscored by both models: null, not 0 (LightGBM reads it as missing).
     scored = tables.collaborative_scores.select("user_id", "item_id")
     unscored = frame.join(scored, on=["user_id", "item_id"], how="anti")
     assert unscored.height > 0
-    assert unscored.select(pl.col(*columns).is_null().all()).row(0) == (True,) * 4
+    assert unscored.select(pl.col(*columns).is_null().all()).row(0) == (True,) * 6
+
+
+def test_score_vs_best_is_null_when_a_users_best_score_is_not_positive():
+    scores = COLLABORATIVE | {"als_score": [-0.5, -0.1, None, 0.0]}
+    tables = snapshot(collaborative=scores)
+    frame = build_ranking_frame(tables, pl.Series([1, 2]), CONFIG, category_encoding(tables.item_features))
+    assert frame["als_score_vs_best"].is_null().all()
+    assert frame["als_candidate_rank"].drop_nulls().to_list() != []  # the scores themselves still rank

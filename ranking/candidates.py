@@ -221,8 +221,8 @@ _ITEM_COLUMNS = [
 USER_FEATURE_COLUMNS = [f"user_{c}" for c in _USER_COLUMNS]
 ITEM_FEATURE_COLUMNS = [f"item_{c}" for c in _ITEM_COLUMNS]
 CANDIDATE_COLUMNS = [f"{s}_rank" for s in SOURCES] + ["cooc_score", "cooc_count", "n_sources"]
-# EASE's and ALS's scores (collaborative_scores) and their rank within the user's candidates;
-# null where the item is not in that model's top list.
+# EASE's and ALS's scores (collaborative_scores), their rank within the user's candidates and
+# the score over the user's best candidate's; null where the item is not in that model's top list.
 COLLABORATIVE_COLUMNS = [
     f"{model}_{column}" for model in ("ease", "als") for column in ("score", "candidate_rank", "score_vs_best")
 ]

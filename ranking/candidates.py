@@ -328,7 +328,10 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
         )
         .with_columns(
             *[
-                pl.col(f"{m}_score").rank("min", descending=True).over("user_id").cast(pl.Int64)
+                pl.col(f"{m}_score")
+                .rank("min", descending=True)
+                .over("user_id")
+                .cast(pl.Int64)
                 .alias(f"{m}_candidate_rank")
                 for m in ("ease", "als")
             ],
@@ -337,7 +340,6 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
                 pl.when(best > 0).then(pl.col(f"{m}_score") / best).alias(f"{m}_score_vs_best")  # null unless best > 0
                 for m, best in ((m, pl.col(f"{m}_score").max().over("user_id")) for m in ("ease", "als"))
             ],
-
             pl.col("category_share_12w", "creator_share_12w").fill_null(0.0),
             pl.col("creator_events_12w").fill_null(0),
             (pl.col("cooc_score") / pl.col("cooc_score").max().over("user_id")).alias("cooc_score_vs_best"),

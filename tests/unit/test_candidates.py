@@ -89,8 +89,9 @@ def snapshot(
             {"events": 1},
         ),
         collaborative_scores=contracts.COLLABORATIVE_SCORES.conform(
-            pl.DataFrame({"as_of": [AS_OF] * len((collaborative or COLLABORATIVE)["user_id"])})
-            .with_columns(pl.DataFrame(collaborative or COLLABORATIVE))
+            pl.DataFrame({"as_of": [AS_OF] * len((collaborative or COLLABORATIVE)["user_id"])}).with_columns(
+                pl.DataFrame(collaborative or COLLABORATIVE)
+            )
         ),
     )
 

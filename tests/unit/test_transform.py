@@ -502,9 +502,9 @@ def test_collaborative_scores_rank_each_users_unconsumed_items_by_ease_and_als()
     assert scores["user_id"].unique().to_list() == list(range(1, 9))
     for model in ("ease", "als"):
         ranked = scores.drop_nulls(f"{model}_rank")
-        assert ranked.group_by("user_id").agg(pl.col(f"{model}_rank").sort())[f"{model}_rank"].to_list() == [
-            [1, 2, 3]
-        ] * 8
+        assert (
+            ranked.group_by("user_id").agg(pl.col(f"{model}_rank").sort())[f"{model}_rank"].to_list() == [[1, 2, 3]] * 8
+        )
         # Best first: the rank follows the score within each user.
         assert ranked.sort("user_id", f"{model}_rank").equals(
             ranked.sort(["user_id", f"{model}_score", "item_id"], descending=[False, True, False])

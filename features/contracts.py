@@ -180,6 +180,24 @@ USER_ITEM_HISTORY = TableContract(
     ),
 )
 
+COLLABORATIVE_SCORES = TableContract(
+    name="collaborative_scores",
+    key=("as_of", "user_id", "item_id"),
+    description="Each user's top unconsumed items by EASE and by implicit ALS, fitted on the (user, item) "
+    "pairs before as_of; a score and rank are null where the item is not in that model's top list "
+    "(EASE's are null throughout above RECSYS_EASE_MAX_ITEMS items).",
+    columns=(
+        AS_OF,
+        USER,
+        ITEM,
+        Column("ease_score", pl.Float64(), nullable=True),
+        Column("ease_rank", pl.Int64(), nullable=True, min=1),
+        Column("als_score", pl.Float64(), nullable=True),
+        Column("als_rank", pl.Int64(), nullable=True, min=1),
+    ),
+    drift_columns=("ease_score", "als_score"),
+)
+
 LABELS = TableContract(
     name="labels",
     key=("as_of", "user_id", "item_id"),
@@ -195,6 +213,7 @@ FEATURE_TABLES: tuple[TableContract, ...] = (
     USER_CATEGORY_AFFINITY,
     USER_CREATOR_AFFINITY,
     USER_ITEM_HISTORY,
+    COLLABORATIVE_SCORES,
 )
 """Tables of a feature snapshot as_of=T (events with ts < T)."""
 

@@ -19,8 +19,10 @@ from datetime import date
 import polars as pl
 
 from features import contracts, transform
+from features.collaborative import CollaborativeConfig
 from features.raw import conform_items
 from recsys.partitions import all_partitions, in_partition
+from recsys.settings import default_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +51,14 @@ def build_partition_tables(
     )
 
 
-def merge_partition_tables(parts: list[PartitionTables], week: date, *, neighbours: int) -> dict[str, pl.DataFrame]:
+def merge_partition_tables(
+    parts: list[PartitionTables],
+    week: date,
+    *,
+    neighbours: int,
+    collaborative: CollaborativeConfig = transform.DEFAULT_COLLABORATIVE,
+    collaborative_items: int = default_of("collaborative_items_per_user"),
+) -> dict[str, pl.DataFrame]:
     """The snapshot computed at `week` from its partitions: `transform.build_week_tables` of the whole log."""
     if not parts:
         raise ValueError("merge_partition_tables: no partitions to merge")
@@ -62,20 +71,33 @@ def merge_partition_tables(parts: list[PartitionTables], week: date, *, neighbou
     baskets = pl.concat([p.baskets for p in parts])
     tables[contracts.ITEM_FEATURES.name] = transform.build_item_features(plays, items, week)
     tables[contracts.ITEM_NEIGHBOURS.name] = transform.build_item_neighbours(baskets, week, neighbours)
+    # EASE and ALS learn from the whole user × item matrix: fitted once, on the merged history.
+    tables[contracts.COLLABORATIVE_SCORES.name] = transform.build_collaborative_scores(
+        tables[contracts.USER_ITEM_HISTORY.name], week, collaborative, items_per_user=collaborative_items
+    )
     return transform.order_tables(tables)
 
 
 def build_week_tables(
-    events: pl.DataFrame, items: pl.DataFrame, week: date, *, partitions: int, recent_items: int, neighbours: int
+    events: pl.DataFrame,
+    items: pl.DataFrame,
+    week: date,
+    *,
+    partitions: int,
+    recent_items: int,
+    neighbours: int,
+    collaborative: CollaborativeConfig = transform.DEFAULT_COLLABORATIVE,
+    collaborative_items: int = default_of("collaborative_items_per_user"),
 ) -> dict[str, pl.DataFrame]:
     """`transform.build_week_tables` computed in `partitions` user partitions within this process."""
+    merged = {"neighbours": neighbours, "collaborative": collaborative, "collaborative_items": collaborative_items}
     if partitions == 1:
-        return transform.build_week_tables(events, items, week, recent_items=recent_items, neighbours=neighbours)
+        return transform.build_week_tables(events, items, week, recent_items=recent_items, **merged)
     parts = []
     for partition in all_partitions(partitions):
         own = events.filter(in_partition("user_id", partition))
         parts.append(build_partition_tables(own, items, week, recent_items=recent_items))
-    return merge_partition_tables(parts, week, neighbours=neighbours)
+    return merge_partition_tables(parts, week, **merged)
 
 
 def _concat_sorted(name: str, frames: list[pl.DataFrame]) -> pl.DataFrame:

@@ -7,13 +7,16 @@ Most tables derive from one aggregate of the past events per (user, item) pair, 
 once per snapshot: the 10M-event log is grouped once, later steps work on its pairs.
 """
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 
+from features import collaborative as cf
 from features import contracts
 from features.raw import UNKNOWN
 from recsys.clock import mondays
+from recsys.settings import default_of
 
 DAY_US = 86_400 * 1_000_000
 WEEK = timedelta(days=7)
@@ -24,6 +27,11 @@ NEIGHBOUR_PAIRS_PER_CHUNK = 5_000_000
 # The streaming engine adds floats up in an order that varies from run to run, so a
 # re-run would change weight sums in their last bits, and with them the digests.
 ENGINE = "in-memory"
+# Collaborative scores are rounded so that BLAS summation order cannot change their last bits (digests).
+SCORE_DECIMALS = 9
+DEFAULT_COLLABORATIVE = cf.CollaborativeConfig()
+
+log = logging.getLogger(__name__)
 
 
 def week_start(as_of: date) -> datetime:
@@ -49,26 +57,89 @@ def assign_as_of(table: str, week: date) -> date:
 
 
 def build_week_tables(
-    events: pl.DataFrame, items: pl.DataFrame, week: date, *, recent_items: int, neighbours: int
+    events: pl.DataFrame,
+    items: pl.DataFrame,
+    week: date,
+    *,
+    recent_items: int,
+    neighbours: int,
+    collaborative: cf.CollaborativeConfig = DEFAULT_COLLABORATIVE,
+    collaborative_items: int = default_of("collaborative_items_per_user"),
 ) -> dict[str, pl.DataFrame]:
     """The snapshot computed at `week`: every feature table as of `week`, and the labels of
     the week that closed at `week` (left out when that week had no events)."""
-    frames = build_feature_tables(events, items, week, recent_items=recent_items, neighbours=neighbours)
+    frames = build_feature_tables(
+        events, items, week, recent_items=recent_items, neighbours=neighbours, collaborative=collaborative,
+        collaborative_items=collaborative_items,
+    )  # fmt: skip
     labels = build_labels(events, assign_as_of(contracts.LABELS.name, week))
     return frames | ({contracts.LABELS.name: labels} if labels.height else {})
 
 
 def build_feature_tables(
-    events: pl.DataFrame, items: pl.DataFrame, as_of: date, *, recent_items: int, neighbours: int
+    events: pl.DataFrame,
+    items: pl.DataFrame,
+    as_of: date,
+    *,
+    recent_items: int,
+    neighbours: int,
+    collaborative: cf.CollaborativeConfig = DEFAULT_COLLABORATIVE,
+    collaborative_items: int = default_of("collaborative_items_per_user"),
 ) -> dict[str, pl.DataFrame]:
     """Every feature table of the snapshot `as_of`, keyed by table name."""
     pairs = summarise_sorted_pairs(events, as_of)
     users = build_user_tables(pairs, items, as_of)
+    history = users[contracts.USER_ITEM_HISTORY.name]
     items_tables = {
         contracts.ITEM_FEATURES.name: build_item_features(count_item_plays(pairs), items, as_of),
         contracts.ITEM_NEIGHBOURS.name: build_item_neighbours(select_baskets(pairs, recent_items), as_of, neighbours),
+        contracts.COLLABORATIVE_SCORES.name: build_collaborative_scores(
+            history, as_of, collaborative, items_per_user=collaborative_items
+        ),
     }
     return order_tables(users | items_tables)
+
+
+def build_collaborative_scores(
+    history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig, *, items_per_user: int
+) -> pl.DataFrame:
+    """Each user's top `items_per_user` unconsumed items by EASE and by implicit ALS, with score and rank.
+
+    Both are fitted once on `history`, the snapshot's `user_item_history` (pairs before `as_of`):
+    the whole user × item matrix, so the partitioned path calls this on the merged history.
+    A pair in one model's top list only has the other model's score and rank null. EASE is left
+    out (its columns null) above `config.ease_max_items` items: it holds a dense n × n matrix.
+    """
+    contracts.require_columns(history.columns, ("user_id", "item_id"), "collaborative_scores: history")
+    key = ["user_id", "item_id"]
+    scored = pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64})
+    if history.height:
+        users = history.get_column("user_id").unique().sort()
+        fitted = {"als": cf.fit_als(history, config)}
+        n_items = cf.count_items(history)
+        if n_items <= config.ease_max_items:
+            fitted = {"ease": cf.fit_ease(history, config)} | fitted
+        else:
+            log.warning(
+                "collaborative_scores as_of %s: EASE left out, %d items above RECSYS_EASE_MAX_ITEMS=%d", as_of,
+                n_items, config.ease_max_items,
+            )  # fmt: skip
+        for name, model in fitted.items():
+            top = (
+                model.score(users, items_per_user)
+                .with_columns(pl.col("score").round(SCORE_DECIMALS))
+                # Ranked again after rounding, so that the rank always follows the stored score (ties by item_id).
+                .sort(["user_id", "score", "item_id"], descending=[False, True, False])
+                .select(
+                    *key,
+                    pl.col("score").alias(f"{name}_score"),
+                    pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id").alias(f"{name}_rank"),
+                )
+            )
+            scored = scored.join(top, on=key, how="full", coalesce=True)
+    missing = [c for c in contracts.COLLABORATIVE_SCORES.column_names if c not in (*key, "as_of", *scored.columns)]
+    frame = scored.with_columns(pl.lit(None, contracts.COLLABORATIVE_SCORES.schema[c]).alias(c) for c in missing)
+    return _finish(contracts.COLLABORATIVE_SCORES, frame, as_of)
 
 
 def order_tables(tables: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:

@@ -96,7 +96,12 @@ def synthetic_log_config(settings: Settings) -> SyntheticLogConfig:
 
 def feature_options(settings: Settings) -> dict:
     """The keyword arguments of `features.transform.build_week_tables` that come from Settings."""
-    return {"recent_items": settings.recent_items_per_user, "neighbours": settings.neighbours_per_item}
+    return {
+        "recent_items": settings.recent_items_per_user,
+        "neighbours": settings.neighbours_per_item,
+        "collaborative": collaborative_config(settings),
+        "collaborative_items": settings.collaborative_items_per_user,
+    }
 
 
 def validation_options(settings: Settings) -> dict:

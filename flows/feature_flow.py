@@ -100,7 +100,8 @@ def compute_partition(
 @task(**PURE)
 def merge_partitions(parts: list[PartitionResult], week: date, options: dict) -> dict[str, pl.DataFrame]:
     """The week's snapshot from its partitions' shares: what compute_snapshot gives for the whole log."""
-    return partitioned.merge_partition_tables([p.tables for p in parts], week, neighbours=options["neighbours"])
+    merged = {k: options[k] for k in ("neighbours", "collaborative", "collaborative_items")}
+    return partitioned.merge_partition_tables([p.tables for p in parts], week, **merged)
 
 
 @task(**IO)

@@ -13,7 +13,7 @@ from scipy import sparse
 from features import contracts
 from recsys.settings import default_of
 
-SOURCES = ("cooc", "pop", "category", "creator", "new")
+SOURCES = ("cooc", "pop", "category", "creator", "new", "cf")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class SnapshotTables:
     user_category_affinity: pl.DataFrame
     user_creator_affinity: pl.DataFrame
     user_item_history: pl.DataFrame
+    collaborative_scores: pl.DataFrame
 
     @classmethod
     def from_frames(cls, frames: dict[str, pl.DataFrame]) -> "SnapshotTables":
@@ -42,6 +43,7 @@ class CandidateConfig:
     category: int = 50
     creator: int = 30
     new: int = 30
+    cf: int = 50
     recent_items: int = default_of("recent_items_per_user")
     new_release_days: float = 28.0
     exclude_consumed: bool = default_of("exclude_consumed")
@@ -150,6 +152,13 @@ def score_neighbours(
     return _ranked(_exclude(pairs, consumed), "cooc_score", "cooc", limit, ("cooc_score", "cooc_count"))
 
 
+def select_collaborative(scores: pl.DataFrame, consumed: pl.DataFrame | None, limit: int) -> pl.DataFrame:
+    """Each user's top `limit` items of the collaborative scores table by the better of their EASE and
+    ALS ranks (ties by item id): (user_id, item_id, cf_rank)."""
+    best = scores.select("user_id", "item_id", (-pl.min_horizontal("ease_rank", "als_rank")).alias("cf_score"))
+    return _ranked(_exclude(best, consumed), "cf_score", "cf", limit)
+
+
 def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
     """Union of every source's candidates per user, tagged with each source's rank (null if absent)."""
     user_frame = pl.DataFrame({"user_id": users.cast(pl.Int64).unique().sort()})
@@ -189,7 +198,9 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     category = by_affinity(tables.user_category_affinity, "category", "category", config.category)
     creator = by_affinity(tables.user_creator_affinity, "creator", "creator", config.creator)
 
-    tagged = pl.concat([cooc, pop, new, category, creator], how="diagonal")
+    cf = select_collaborative(tables.collaborative_scores.join(user_frame, on="user_id"), consumed, config.cf)
+
+    tagged = pl.concat([cooc, pop, new, category, creator, cf], how="diagonal")
     # One group-by merges the sources: each column is non-null in exactly one source's rows.
     merged = tagged.group_by("user_id", "item_id").agg(pl.all().max())
     return merged.select(
@@ -210,6 +221,11 @@ _ITEM_COLUMNS = [
 USER_FEATURE_COLUMNS = [f"user_{c}" for c in _USER_COLUMNS]
 ITEM_FEATURE_COLUMNS = [f"item_{c}" for c in _ITEM_COLUMNS]
 CANDIDATE_COLUMNS = [f"{s}_rank" for s in SOURCES] + ["cooc_score", "cooc_count", "n_sources"]
+# EASE's and ALS's scores (collaborative_scores), their rank within the user's candidates and
+# the score over the user's best candidate's; null where the item is not in that model's top list.
+COLLABORATIVE_COLUMNS = [
+    f"{model}_{column}" for model in ("ease", "als") for column in ("score", "candidate_rank", "score_vs_best")
+]
 # Scale-free popularity: raw counts swing with each week's traffic, shares and ranks do not.
 ITEM_DERIVED_COLUMNS = ["item_share_1w", "item_share_4w", "item_share_total", "item_popularity_rank_total"]
 USER_ITEM_COLUMNS = [
@@ -233,6 +249,7 @@ FEATURE_NAMES = [
     *ITEM_FEATURE_COLUMNS,
     *ITEM_DERIVED_COLUMNS,
     *USER_ITEM_COLUMNS,
+    *COLLABORATIVE_COLUMNS,
     PRIOR_FEATURE,
 ]
 CATEGORICAL_FEATURES = ["category_code"]
@@ -254,6 +271,8 @@ MONOTONE_FEATURES = {
     "item_share_total": 1,
     "item_popularity_rank_total": -1,
     "category_share_12w": 1,
+    "ease_score": 1,
+    "als_score": 1,
     PRIOR_FEATURE: 1,
 }
 
@@ -302,7 +321,25 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
             on=["user_id", "creator"],
             how="left",
         )
+        .join(
+            tables.collaborative_scores.select("user_id", "item_id", "ease_score", "als_score"),
+            on=["user_id", "item_id"],
+            how="left",
+        )
         .with_columns(
+            *[
+                pl.col(f"{m}_score")
+                .rank("min", descending=True)
+                .over("user_id")
+                .cast(pl.Int64)
+                .alias(f"{m}_candidate_rank")
+                for m in ("ease", "als")
+            ],
+            # A user's scores grow with their history: relative to their best candidate they compare across users.
+            *[
+                pl.when(best > 0).then(pl.col(f"{m}_score") / best).alias(f"{m}_score_vs_best")  # null unless best > 0
+                for m, best in ((m, pl.col(f"{m}_score").max().over("user_id")) for m in ("ease", "als"))
+            ],
             pl.col("category_share_12w", "creator_share_12w").fill_null(0.0),
             pl.col("creator_events_12w").fill_null(0),
             (pl.col("cooc_score") / pl.col("cooc_score").max().over("user_id")).alias("cooc_score_vs_best"),

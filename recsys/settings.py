@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     # features
     neighbours_per_item: int = Field(default=50, ge=1)
     recent_items_per_user: int = Field(default=20, ge=1)
+    collaborative_items_per_user: int = Field(
+        default=100,
+        ge=1,
+        description="Items per user kept in the collaborative_scores feature table, from EASE's and from ALS's "
+        "top list each: the ranker's EASE/ALS features are null beyond them.",
+    )
     feature_partitions: int = Field(
         default=1,
         ge=1,

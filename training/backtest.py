@@ -67,9 +67,9 @@ class BacktestResult:
 class _Snapshots:
     """Feature tables and labels computed once per week, on first use."""
 
-    def __init__(self, raw: RawData, recent_items: int, neighbours: int) -> None:
+    def __init__(self, raw: RawData, options: dict) -> None:
         self._raw = raw
-        self._options = {"recent_items": recent_items, "neighbours": neighbours}
+        self._options = options  # transform.build_feature_tables's, as the feature flow passes them
         self._tables: dict[date, SnapshotTables] = {}
         self._labels: dict[date, pl.DataFrame] = {}
         self.seconds = 0.0
@@ -112,6 +112,7 @@ def run_backtest(
     training_weeks: int,
     recent_items: int,
     neighbours: int,
+    collaborative_items: int,
     negatives_per_user: int,
     seed: int,
     k: int,
@@ -133,7 +134,10 @@ def run_backtest(
         raise ValueError(f"run_backtest: training_weeks must be >= 1, got {training_weeks}")
     weeks = sorted({parse_as_of(w) for w in weeks})
     params = replace(params, seed=seed)
-    snapshots = _Snapshots(raw, recent_items, neighbours)
+    snapshots = _Snapshots(
+        raw, {"recent_items": recent_items, "neighbours": neighbours, "collaborative": collaborative,
+              "collaborative_items": collaborative_items},
+    )  # fmt: skip
     cache = gate.FrameCache(
         lambda week, categories: frames.labelled_frame(
             snapshots.tables(week),

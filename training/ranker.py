@@ -18,7 +18,7 @@ class RankerParams:
 
     n_estimators: int = 300
     learning_rate: float = 0.05
-    num_leaves: int = 7
+    num_leaves: int = 15
     min_child_samples: int = 50
     colsample_bytree: float = 1.0
     early_stopping_rounds: int = 30

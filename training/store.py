@@ -33,7 +33,7 @@ def plan_training(engine: sa.Engine, as_of: date, training_weeks: int, gate_week
 
 
 def read_tables(engine: sa.Engine, as_of: date) -> SnapshotTables:
-    """The six feature tables of one passed snapshot."""
+    """The feature tables (`contracts.FEATURE_TABLES`) of one passed snapshot."""
     return SnapshotTables.from_frames(
         {t.name: feature_store.read_table(engine, t.name, as_of) for t in contracts.FEATURE_TABLES}
     )

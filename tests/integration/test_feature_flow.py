@@ -12,17 +12,19 @@ from pathlib import Path
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from polars.testing import assert_frame_equal
 
 from features import contracts, store, transform, validation
 from features.raw import RawData, RawDataError
 from features.sources import read_source
 from features.synthetic import generate_log
 from features.validation import ValidationFailed, ValidationReport, profile_table
-from flows.configs import feature_options, validation_options
+from flows.configs import backtest_options, feature_options, validation_options
 from flows.feature_flow import ARTIFACT_KEY, feature_flow
 from recsys.clock import mondays
 from recsys.settings import Settings
 from tests.conftest import artifact_text
+from training import backtest
 
 pytestmark = pytest.mark.integration
 
@@ -322,3 +324,44 @@ def test_a_week_before_every_event_is_named_whole_or_in_partitions(
     assert state.is_failed()
     assert "no events" in str(state.message) and "events.parquet" in str(state.message)
     assert dump_store(clean_stores.engine)["feature_snapshots"] == []
+
+
+def test_the_backtest_builds_the_collaborative_scores_the_flow_stores(flow_env, clean_stores, log, tmp_path):
+    spec = write_source(tmp_path / "src", log.events, log.items)
+    run_flow(as_of=AS_OF, source=spec).result()
+    stored = store.read_table(clean_stores.engine, contracts.COLLABORATIVE_SCORES.name, AS_OF)
+    settings = Settings()
+    options = {k: v for k, v in backtest_options(settings).items() if k in ("recent_items", "neighbours",
+               "collaborative", "collaborative_items")}  # fmt: skip
+
+    # The backtest's in-memory snapshot, from the raw log as the training flow's backtest reads it.
+    built = backtest._Snapshots(read_source(spec), options).tables(AS_OF).collaborative_scores
+
+    assert stored.height > 0 and stored["ease_score"].null_count() < stored.height > stored["als_score"].null_count()
+    assert_frame_equal(built, stored, check_exact=True)
+
+
+def test_a_bad_collaborative_scores_table_fails_validation_and_nothing_is_written(
+    flow_env, clean_stores, log, tmp_path, monkeypatch
+):
+    engine = clean_stores.engine
+    seed_snapshot(engine, log, LAST_WEEK)
+    before = dump_store(engine)
+    build = transform.build_collaborative_scores
+
+    def with_a_duplicate_and_a_nan(*args, **kwargs):
+        scores = build(*args, **kwargs)
+        return pl.concat([scores, scores.head(1).with_columns(ease_score=float("nan"))])
+
+    monkeypatch.setattr(transform, "build_collaborative_scores", with_a_duplicate_and_a_nan)
+
+    state = run_flow(as_of=AS_OF, source=write_source(tmp_path / "src", log.events, log.items))
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ValidationFailed)
+    assert [r.table for r in error.reports] == ["collaborative_scores"]
+    assert "expect_compound_columns_to_be_unique(as_of, user_id, item_id)" in str(error)
+    assert "expect_column_values_to_be_finite(ease_score)" in str(error)
+    assert feature_rows(dump_store(engine)) == feature_rows(before)
+    assert not store.snapshot_passed(engine, AS_OF, FEATURE_TABLES)

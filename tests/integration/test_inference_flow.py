@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from benchmarks.inference_bench import compute_snapshot, register_champion, store_snapshot, train_quick_model
 from cli import main as cli
-from features import store
+from features import collaborative, store
 from features.synthetic import generate_log
 from features.transform import week_start
 from flows.inference_flow import inference_flow
@@ -42,7 +42,9 @@ pytestmark = pytest.mark.integration
 
 AS_OF = date(2026, 11, 23)
 EARLIER = AS_OF - timedelta(weeks=1)
-USER_TABLES = {"user_features", "user_category_affinity", "user_creator_affinity", "user_item_history"}
+USER_TABLES = {
+    "user_features", "user_category_affinity", "user_creator_affinity", "user_item_history", "collaborative_scores",
+}  # fmt: skip
 # Consumed the whole catalogue just before AS_OF: no candidate is left for this user.
 COMPLETIST = 9_000_001
 
@@ -133,12 +135,20 @@ def test_every_user_gets_the_models_top_n_without_consumed_items_and_lineage_is_
 
     monkeypatch.setattr(store, "read_table", recording_read)
 
+    def refit(*args, **kwargs):
+        raise AssertionError("inference fitted a collaborative model: it must read collaborative_scores")
+
+    monkeypatch.setattr(collaborative, "fit_ease", refit)
+    monkeypatch.setattr(collaborative, "fit_als", refit)
+
     result = inference_flow(as_of=AS_OF)
 
     # Memory follows the batch: whole user tables are never read, only the user id list.
     user_reads = [(ids, columns) for table, ids, columns in list(reads) if table in USER_TABLES]
     batches = [ids for ids, columns in user_reads if columns != ["user_id"]]
     assert len(batches) >= len(USER_TABLES) * 6 and all(ids is not None and len(ids) <= 50 for ids in batches)
+    # The EASE/ALS features come from the feature flow's table, read batch by batch like every user table.
+    assert sum(table == "collaborative_scores" for table, _, _ in reads) >= 6
 
     lists = live_lists(seeded)
     personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 from datetime import date
 
 import polars as pl
@@ -31,7 +32,20 @@ def conform(contract: contracts.TableContract, columns: dict, defaults: dict | N
     return contract.conform(pl.DataFrame(filled | columns))
 
 
-def snapshot(neighbours: dict | None = None, history: dict | None = None) -> SnapshotTables:
+# User 1: EASE ranks items 2, 7; ALS ranks items 6, 2; user 2: both rank item 3 only.
+COLLABORATIVE = {
+    "user_id": [1, 1, 1, 2],
+    "item_id": [2, 6, 7, 3],
+    "ease_score": [0.8, None, 0.3, 0.2],
+    "ease_rank": [1, None, 2, 1],
+    "als_score": [0.5, 0.9, None, 0.1],
+    "als_rank": [2, 1, None, 1],
+}
+
+
+def snapshot(
+    neighbours: dict | None = None, history: dict | None = None, collaborative: dict | None = None
+) -> SnapshotTables:
     """Eight items; user 1 consumed items 1 (yesterday) and 4, user 2 item 5; user 3 is cold."""
     plays_4w = [20, 10, 8, 15, 30, 5, 25, 1]
     items = conform(
@@ -73,6 +87,11 @@ def snapshot(neighbours: dict | None = None, history: dict | None = None) -> Sna
             contracts.USER_ITEM_HISTORY,
             history or {"user_id": [1, 1, 2], "item_id": [1, 4, 5], "days_since_last_event": [1.0, 10.0, 3.0]},
             {"events": 1},
+        ),
+        collaborative_scores=contracts.COLLABORATIVE_SCORES.conform(
+            pl.DataFrame({"as_of": [AS_OF] * len((collaborative or COLLABORATIVE)["user_id"])}).with_columns(
+                pl.DataFrame(collaborative or COLLABORATIVE)
+            )
         ),
     )
 
@@ -199,3 +218,49 @@ def test_popularity_prior_orders_candidates_like_recent_popularity():
 
 def test_category_encoding_is_the_sorted_distinct_categories():
     assert category_encoding(snapshot().item_features) == ["jazz", "pop", "rock"]
+
+
+def test_cf_takes_the_items_best_ranked_by_ease_or_als_ties_by_item_id():
+    candidates = generate_candidates(snapshot(), pl.Series([1, 2, 3]), CONFIG)
+    # Best rank of each item: 2 -> 1 (EASE), 6 -> 1 (ALS), 7 -> 2 (EASE).
+    assert ranked(candidates, 1, "cf") == [2, 6, 7]
+    assert ranked(candidates, 2, "cf") == [3]
+    assert ranked(candidates, 3, "cf") == []
+    assert ranked(generate_candidates(snapshot(), pl.Series([1]), replace(CONFIG, cf=2)), 1, "cf") == [2, 6]
+
+
+def test_cf_never_proposes_a_consumed_item():
+    # A table built with repeats allowed could hold a consumed item: user 1 consumed item 4.
+    scores = {k: [*v, v[0]] for k, v in COLLABORATIVE.items()} | {"item_id": [2, 6, 7, 3, 4]}
+    candidates = generate_candidates(snapshot(collaborative=scores), pl.Series([1]), CONFIG)
+    assert 4 not in ranked(candidates, 1, "cf")
+
+
+def test_collaborative_features_are_scores_and_ranks_within_the_candidates_null_when_unscored():
+    tables = snapshot()
+    frame = build_ranking_frame(tables, pl.Series([1, 2]), CONFIG, category_encoding(tables.item_features))
+    rows = {(r["user_id"], r["item_id"]): r for r in frame.iter_rows(named=True)}
+    columns = ("ease_score", "ease_candidate_rank", "als_score", "als_candidate_rank")
+    assert [rows[1, i][c] for i in (2, 6, 7) for c in columns] == [
+        0.8, 1, 0.5, 2,
+        None, None, 0.9, 1,
+        0.3, 2, None, None,
+    ]  # fmt: skip
+    assert [rows[2, 3][c] for c in columns] == [0.2, 1, 0.1, 1]
+    # Relative to the user's best-scored candidate of that model.
+    assert [rows[1, i]["ease_score_vs_best"] for i in (2, 6, 7)] == [1.0, None, pytest.approx(0.3 / 0.8)]
+    assert [rows[1, i]["als_score_vs_best"] for i in (2, 6, 7)] == [pytest.approx(0.5 / 0.9), 1.0, None]
+    columns += ("ease_score_vs_best", "als_score_vs_best")
+    # Every other candidate is unscored by both models: null, not 0 (LightGBM reads it as missing).
+    scored = tables.collaborative_scores.select("user_id", "item_id")
+    unscored = frame.join(scored, on=["user_id", "item_id"], how="anti")
+    assert unscored.height > 0
+    assert unscored.select(pl.col(*columns).is_null().all()).row(0) == (True,) * 6
+
+
+def test_score_vs_best_is_null_when_a_users_best_score_is_not_positive():
+    scores = COLLABORATIVE | {"als_score": [-0.5, -0.1, None, 0.0]}
+    tables = snapshot(collaborative=scores)
+    frame = build_ranking_frame(tables, pl.Series([1, 2]), CONFIG, category_encoding(tables.item_features))
+    assert frame["als_score_vs_best"].is_null().all()
+    assert frame["als_candidate_rank"].drop_nulls().to_list() != []  # the scores themselves still rank

@@ -81,6 +81,7 @@ def snapshot() -> SnapshotTables:
                 "events": [3, 1, 2],
             },
         ),
+        collaborative_scores=pl.DataFrame(schema=contracts.COLLABORATIVE_SCORES.schema),  # no cf candidates here
     )
 
 

@@ -44,6 +44,7 @@ def tiny_week() -> tuple[SnapshotTables, pl.DataFrame]:
         user_category_affinity=table(contracts.USER_CATEGORY_AFFINITY, user_id=[1], share_12w=[1.0]),
         user_creator_affinity=table(contracts.USER_CREATOR_AFFINITY, user_id=[1], share_12w=[1.0]),
         user_item_history=history,
+        collaborative_scores=pl.DataFrame(schema=contracts.COLLABORATIVE_SCORES.schema),  # no cf candidates here
     )
     labels = table(
         contracts.LABELS, user_id=[1, 1, 2, 3, 4], item_id=[3, 1, 4, 6, 1], is_new=[True, False, True, True, True]

@@ -1,5 +1,6 @@
 """Feature and label computation on tiny hand-built logs: values, windows, edges, point-in-time."""
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -8,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from features import contracts, transform
+from features import collaborative, contracts, transform
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.raw import conform_items
 
@@ -326,7 +327,8 @@ def test_labels_are_the_weeks_pairs_marked_new_when_never_consumed_before():
 
 
 def test_a_weeks_snapshot_holds_its_features_and_the_labels_of_the_week_that_closed():
-    last_week = build_events((1, 11, START - timedelta(days=3), 1.0))
+    # User 2 leaves items unconsumed: every table, collaborative scores included, has rows.
+    last_week = build_events((1, 11, START - timedelta(days=3), 1.0), (2, 10, START - timedelta(days=3), 1.0))
 
     tables = transform.build_week_tables(pl.concat([HISTORY, last_week]), ITEMS, AS_OF, recent_items=20, neighbours=50)
 
@@ -380,6 +382,7 @@ def test_no_events_gives_empty_tables_but_lists_released_items():
         "user_category_affinity": 0,
         "user_creator_affinity": 0,
         "user_item_history": 0,
+        "collaborative_scores": 0,
     }
     assert tables["item_features"]["plays_total"].to_list() == [0, 0, 0]
     assert all(f.schema == pl.Schema(contracts.CONTRACTS[n].schema) for n, f in tables.items())
@@ -471,3 +474,78 @@ def test_neighbours_counted_in_item_ranges_equal_neighbours_counted_at_once(bask
 
     at_once = transform.build_item_neighbours(frame, AS_OF, 3, pairs_per_chunk=10**9)
     assert_frame_equal(in_ranges, at_once, check_exact=True)
+
+
+# Collaborative scores: EASE and ALS fitted on the snapshot's history, each user's top unconsumed items.
+# Users 1-4 share taste A (items 1-3), users 5-8 taste B (items 4-6); each user misses one item of their taste.
+TASTES = build_events(
+    *[
+        (user, item, days_before(1 + user), 1.0)
+        for user in range(1, 9)
+        for item in ((1, 2, 3) if user <= 4 else (4, 5, 6))
+        if item != (user - 1) % 3 + (1 if user <= 4 else 4)
+    ]
+)
+COLLABORATIVE = collaborative.CollaborativeConfig(als_factors=2, als_iterations=3, threads=1)
+
+
+def build_scores(events: pl.DataFrame, config=COLLABORATIVE, items_per_user: int = 3) -> pl.DataFrame:
+    tables = build_tables(events, ITEMS.clear(), collaborative=config, collaborative_items=items_per_user)
+    return tables[contracts.COLLABORATIVE_SCORES.name]
+
+
+def test_collaborative_scores_rank_each_users_unconsumed_items_by_ease_and_als():
+    scores = build_scores(TASTES)
+
+    consumed = TASTES.select("user_id", "item_id").unique()
+    assert scores.join(consumed, on=["user_id", "item_id"]).is_empty()
+    assert scores["user_id"].unique().to_list() == list(range(1, 9))
+    for model in ("ease", "als"):
+        ranked = scores.drop_nulls(f"{model}_rank")
+        assert (
+            ranked.group_by("user_id").agg(pl.col(f"{model}_rank").sort())[f"{model}_rank"].to_list() == [[1, 2, 3]] * 8
+        )
+        # Best first: the rank follows the score within each user.
+        assert ranked.sort("user_id", f"{model}_rank").equals(
+            ranked.sort(["user_id", f"{model}_score", "item_id"], descending=[False, True, False])
+        )
+    # EASE's first pick is the one item of the user's own taste they have not consumed.
+    best = scores.filter(pl.col("ease_rank") == 1).select("user_id", "item_id").rows()
+    assert best == [(u, (u - 1) % 3 + (1 if u <= 4 else 4)) for u in range(1, 9)]
+
+
+def test_collaborative_scores_keep_items_per_user_from_each_model():
+    scores = build_scores(TASTES, items_per_user=1)
+
+    assert scores.group_by("user_id").agg(pl.col("ease_rank").max(), pl.col("als_rank").max()).select(
+        pl.col("ease_rank", "als_rank").max()
+    ).row(0) == (1, 1)
+    assert scores.height <= 2 * 8
+
+
+def test_collaborative_scores_leave_ease_out_above_its_catalogue_bound():
+    bounded = replace(COLLABORATIVE, ease_max_items=5)  # the history holds 6 items
+
+    scores = build_scores(TASTES, bounded)
+
+    assert scores["ease_score"].null_count() == scores.height
+    assert scores["ease_rank"].null_count() == scores.height
+    assert scores["als_rank"].null_count() == 0
+
+
+def test_collaborative_scores_never_see_events_at_or_after_as_of():
+    later = build_events((1, 1, START, 1.0), (5, 4, START + timedelta(days=2), 1.0), (9, 2, START, 1.0))
+
+    assert_frame_equal(build_scores(pl.concat([TASTES, later])), build_scores(TASTES), check_exact=True)
+    # The same events before as_of do change them: the check above can fail.
+    earlier = later.with_columns(pl.col("ts") - timedelta(days=3))
+    assert not build_scores(pl.concat([TASTES, earlier])).equals(build_scores(TASTES))
+
+
+def test_collaborative_scores_of_an_empty_history_are_an_empty_table():
+    scores = transform.build_collaborative_scores(
+        pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64}), AS_OF, COLLABORATIVE, items_per_user=3
+    )
+
+    assert scores.is_empty()
+    assert scores.schema == pl.Schema(contracts.COLLABORATIVE_SCORES.schema)

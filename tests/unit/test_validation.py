@@ -9,6 +9,7 @@ import pytest
 
 from features.contracts import (
     ALL_TABLES,
+    COLLABORATIVE_SCORES,
     LABELS,
     USER_CATEGORY_AFFINITY,
     USER_FEATURES,
@@ -348,3 +349,35 @@ def test_blocking_drift_names_the_settings_that_relax_it():
     assert "set RECSYS_DRIFT_THRESHOLD higher (now 0.25) or RECSYS_DRIFT_BLOCKS=false" in str(
         ValidationFailed([blocked])
     )
+
+
+SCORES = build_good_frame(COLLABORATIVE_SCORES)
+SCORE_VIOLATIONS = {
+    "NaN EASE score": (with_column(SCORES, "ease_score", [0.5, math.nan, 0.2]), ("ease_score",)),
+    "infinite ALS score": (with_column(SCORES, "als_score", [math.inf, 0.5, 0.2]), ("als_score",)),
+    "duplicate (user, item)": (
+        with_column(SCORES, "item_id", [4, 4, 5]).with_columns(user_id=pl.lit(1, pl.Int64)),
+        ("as_of", "user_id", "item_id"),
+    ),
+    "null user": (with_column(SCORES, "user_id", [1, None, 3]), ("user_id",)),
+    "null item": (with_column(SCORES, "item_id", [None, 2, 3]), ("item_id",)),
+    "rank 0": (with_column(SCORES, "ease_rank", [0, 1, 2]), ("ease_rank",)),
+}
+
+
+@pytest.mark.parametrize("case", SCORE_VIOLATIONS, ids=str)
+def test_a_bad_collaborative_scores_table_fails_naming_the_column(case):
+    frame, columns = SCORE_VIOLATIONS[case]
+
+    report = validate(COLLABORATIVE_SCORES, frame)
+
+    assert not report.success
+    assert columns in {c for _, c in failed_checks(report)}
+    assert "collaborative_scores" in str(ValidationFailed([report]))
+
+
+def test_collaborative_scores_may_lack_one_models_score_and_rank():
+    # A pair in ALS's top list only, and EASE left out above its catalogue bound: nulls, not failures.
+    frame = with_column(with_column(SCORES, "ease_score", [None, 0.5, None]), "ease_rank", [None, 1, None])
+
+    assert validate(COLLABORATIVE_SCORES, frame).success

@@ -31,7 +31,17 @@ def conform(contract: contracts.TableContract, columns: dict, defaults: dict | N
     return contract.conform(pl.DataFrame(filled | columns))
 
 
-def snapshot(neighbours: dict | None = None, history: dict | None = None) -> SnapshotTables:
+TRANSITIONS = {
+    "item_id": [1, 1, 1, 2, 4, 5],
+    "next_item_id": [2, 3, 4, 6, 5, 7],
+    "share": [0.5, 0.3, 0.2, 1.0, 1.0, 1.0],
+    "rank": [1, 2, 3, 1, 1, 1],
+}
+
+
+def snapshot(
+    neighbours: dict | None = None, history: dict | None = None, transitions: dict | None = None
+) -> SnapshotTables:
     """Eight items; user 1 consumed items 1 (yesterday) and 4, user 2 item 5; user 3 is cold."""
     plays_4w = [20, 10, 8, 15, 30, 5, 25, 1]
     items = conform(
@@ -74,6 +84,7 @@ def snapshot(neighbours: dict | None = None, history: dict | None = None) -> Sna
             history or {"user_id": [1, 1, 2], "item_id": [1, 4, 5], "days_since_last_event": [1.0, 10.0, 3.0]},
             {"events": 1},
         ),
+        item_transitions=conform(contracts.ITEM_TRANSITIONS, transitions or TRANSITIONS, {"transitions": 1}),
     )
 
 
@@ -145,8 +156,10 @@ def test_each_candidate_appears_once_tagged_with_every_source_that_proposed_it()
     candidates = generate_candidates(snapshot(), pl.Series([1, 2, 3]), CONFIG)
     assert candidates.select("user_id", "item_id").is_duplicated().sum() == 0
     item5 = candidates.filter(user_id=1, item_id=5).row(0, named=True)
-    assert {s for s in SOURCES if item5[f"{s}_rank"] is not None} == {"cooc", "pop", "category", "creator", "new"}
-    assert item5["n_sources"] == 5
+    assert {s for s in SOURCES if item5[f"{s}_rank"] is not None} == {
+        "cooc", "pop", "category", "creator", "new", "seq"
+    }  # fmt: skip
+    assert item5["n_sources"] == 6
     ranks = pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES)
     assert (candidates.select(ranks == pl.col("n_sources")).to_series()).all()
 
@@ -161,6 +174,7 @@ def test_ties_break_by_item_id_and_input_order_does_not_matter():
         **{
             name: getattr(tables, name).sample(fraction=1.0, shuffle=True, seed=3)
             for name in tables.__dataclass_fields__
+            if getattr(tables, name) is not None
         }
     )
     assert generate_candidates(shuffled, pl.Series([1]), CONFIG).equals(first)
@@ -199,3 +213,43 @@ def test_popularity_prior_orders_candidates_like_recent_popularity():
 
 def test_category_encoding_is_the_sorted_distinct_categories():
     assert category_encoding(snapshot().item_features) == ["jazz", "pop", "rock"]
+
+
+def test_seq_follows_the_transitions_out_of_the_last_items_and_two_steps_from_the_last():
+    candidates = generate_candidates(snapshot(), pl.Series([1]), CONFIG)
+    # Last items: 1 (position 1), 4 (position 2). Direct: 2 0.5, 3 0.3, 5 1.0/2; item 4 is consumed.
+    # Two steps from item 1: 1 -> 2 -> 6 (0.5 x 1.0) and 1 -> 4 -> 5 (0.2 x 1.0). Ties (2, 6) by item id.
+    assert ranked(candidates, 1, "seq") == [5, 2, 6, 3]
+    scores = {r["item_id"]: r for r in candidates.iter_rows(named=True)}
+    assert (scores[2]["seq_score"], scores[2]["seq_last_share"], scores[2]["seq_2step_share"]) == (0.5, 0.5, 0.0)
+    assert (scores[5]["seq_score"], scores[5]["seq_last_share"], scores[5]["seq_2step_share"]) == (0.5, 0.0, 0.2)
+    assert (scores[6]["seq_score"], scores[6]["seq_2step_share"]) == (0.0, 0.5)
+
+
+def test_candidates_of_other_sources_get_sequence_scores_zero_without_a_path():
+    candidates = generate_candidates(snapshot(), pl.Series([1, 3]), CONFIG)
+    # Item 7 follows item 5, which is no last item of user 1; user 3 has no history at all.
+    item7 = candidates.filter(user_id=1, item_id=7).row(0, named=True)
+    assert item7["seq_rank"] is None and item7["seq_score"] == 0.0 and item7["seq_2step_share"] == 0.0
+    cold = candidates.filter(user_id=3)
+    assert cold["seq_rank"].is_null().all() and (cold["seq_score"] == 0).all()
+
+
+def test_without_a_transitions_table_there_are_no_seq_candidates_and_every_feature_is_there():
+    tables = snapshot()
+    without = SnapshotTables(**(vars(tables) | {"item_transitions": None}))
+    frame = build_ranking_frame(without, pl.Series([1]), CONFIG, category_encoding(tables.item_features))
+    assert frame.columns == ["user_id", "item_id", *FEATURE_NAMES]
+    assert frame["seq_rank"].is_null().all() and (frame["seq_score"] == 0).all()
+
+
+def test_last_item_features_compare_the_candidate_with_the_users_last_items():
+    tables = snapshot()
+    frame = build_ranking_frame(tables, pl.Series([1]), CONFIG, category_encoding(tables.item_features))
+    rows = {r["item_id"]: r for r in frame.iter_rows(named=True)}
+    # The last item, 1, is rock by creator a; the one before, 4, jazz by c: one of five slots each.
+    assert rows[2]["same_creator_as_last"] == 1 and rows[2]["same_category_as_last"] == 1
+    assert rows[5]["same_creator_as_last"] == 0 and rows[5]["same_category_as_last"] == 0
+    assert rows[2]["last_items_creator_share"] == pytest.approx(0.2)
+    assert rows[5]["last_items_creator_share"] == pytest.approx(0.2)
+    assert rows[7]["last_items_creator_share"] == 0.0

@@ -81,6 +81,7 @@ def snapshot() -> SnapshotTables:
                 "events": [3, 1, 2],
             },
         ),
+        item_transitions=pl.DataFrame(schema=contracts.ITEM_TRANSITIONS.schema),  # no sequence signal here
     )
 
 

@@ -27,8 +27,6 @@ import polars as pl
 import sqlalchemy as sa
 
 from features.contracts import RAW_EVENTS_SCHEMA, require_columns
-from features.synthetic import DEFAULT_KIND, folder_kind
-from features.synthetic import KINDS as SYNTHETIC_KINDS
 from features.raw import (
     EVENT_KEY,
     ITEM_ALIASES,
@@ -40,6 +38,8 @@ from features.raw import (
     timestamp_expr,
     validate_events,
 )
+from features.synthetic import DEFAULT_KIND, folder_kind
+from features.synthetic import KINDS as SYNTHETIC_KINDS
 from recsys.partitions import Partition, in_partition, partition_sql
 
 log = logging.getLogger(__name__)

@@ -2,11 +2,12 @@
 
 Two kinds (`KINDS`), each drawn from a seed alone:
 
-- `demo` (`generate_log`): a listening log. Items belong to ~20 genres and to artists (creators) who mostly stay in one genre;
-popularity is Zipf-like; new releases appear during the window, trend, then fade.
-Users join over time, differ widely in activity, concentrate on a few favourite genres
-(Dirichlet taste) and keep returning to a few favourite artists. Taste is fixed, so the
-next week is predictable from the past ones by a model of user×genre/artist affinity.
+- `demo` (`generate_log`): a listening log. Items belong to ~20 genres and to artists
+  (creators) who mostly stay in one genre; popularity is Zipf-like; new releases appear
+  during the window, trend, then fade. Users join over time, differ widely in activity,
+  concentrate on a few favourite genres (Dirichlet taste) and keep returning to a few
+  favourite artists. Taste is fixed, so the next week is predictable from the past ones by
+  a model of user×genre/artist affinity.
 - `sequential` (`generate_sequential_log`): episodes of series, watched in order. Popularity
   is nearly useless (taste clusters of equal size, each with its own series); what predicts
   the next week is collaborative and sequential: a user who watched episode k of a series
@@ -233,7 +234,8 @@ def generate_sequential_log(
         lo, hi = positions[u], positions[u + 1]
         picked[lo:hi] = walk.walk(draws[lo:hi], cluster[u])
     plays = rng.geometric(0.5, n_events)
-    events = pl.DataFrame({"user_id": user + 1, "item_id": item_id[picked], "ts": ts, "weight": plays.astype(np.float64)})
+    weight = plays.astype(np.float64)
+    events = pl.DataFrame({"user_id": user + 1, "item_id": item_id[picked], "ts": ts, "weight": weight})
     events = events.with_columns(pl.col("ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC"))
     items = (
         pl.DataFrame(

@@ -205,7 +205,9 @@ def test_validation_failure_writes_nothing_records_the_report_and_names_table_an
     assert "expect_table_row_count_to_be_between" in report
 
 
-def test_a_bad_transitions_table_fails_validation_and_writes_nothing(flow_env, clean_stores, log, tmp_path, monkeypatch):
+def test_a_bad_transitions_table_fails_validation_and_writes_nothing(
+    flow_env, clean_stores, log, tmp_path, monkeypatch
+):
     engine = clean_stores.engine
     source = write_source(tmp_path / "full", log.events, log.items)
     run_flow(as_of=LAST_WEEK, source=source).result()

@@ -300,7 +300,9 @@ def count_transitions(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
     A user's events are ordered by (ts, item_id); a repeat of the same item is no transition.
     """
     age_days = _days_before(as_of, pl.col("next_ts"))
-    decay = (pl.lit(0.5) ** (age_days / TRANSITION_HALF_LIFE_DAYS) * TRANSITION_UNITS).round().cast(pl.Int64)
+    # At least one unit: a transition years old still counts, and every share stays defined.
+    decay = (pl.lit(0.5) ** (age_days / TRANSITION_HALF_LIFE_DAYS) * TRANSITION_UNITS).round().clip(lower_bound=1)
+    decay = decay.cast(pl.Int64)
     return _collect(
         events_before(events, as_of)
         .lazy()

@@ -67,6 +67,14 @@ def test_events_at_or_after_as_of_do_not_change_the_transitions():
     assert_frame_equal(table(later), table(LOG), check_exact=True)
 
 
+def test_a_transition_years_old_still_weighs_one_unit_so_shares_stay_defined():
+    old = events((1, 1, T - 3000 * DAY), (1, 2, T - 2999 * DAY))
+
+    frame = table(old)
+
+    assert frame.select("transitions", "score", "share").rows() == [(1, 1 / transform.TRANSITION_UNITS, 1.0)]
+
+
 def test_same_instant_events_are_ordered_by_item_id():
     same = events((1, 5, T - DAY), (1, 4, T - DAY))
 

@@ -31,9 +31,12 @@ def conform(contract: contracts.TableContract, columns: dict, defaults: dict | N
     return contract.conform(pl.DataFrame(filled | columns))
 
 
+# Items 1, 4 and 5 have 90 (decayed) transitions out, item 2 has 10: shrunk by the prior of 10
+# transitions, their shares count 0.9 and 0.5 times.
 TRANSITIONS = {
     "item_id": [1, 1, 1, 2, 4, 5],
     "next_item_id": [2, 3, 4, 6, 5, 7],
+    "score": [45.0, 27.0, 18.0, 10.0, 90.0, 90.0],
     "share": [0.5, 0.3, 0.2, 1.0, 1.0, 1.0],
     "rank": [1, 2, 3, 1, 1, 1],
 }
@@ -217,13 +220,29 @@ def test_category_encoding_is_the_sorted_distinct_categories():
 
 def test_seq_follows_the_transitions_out_of_the_last_items_and_two_steps_from_the_last():
     candidates = generate_candidates(snapshot(), pl.Series([1]), CONFIG)
-    # Last items: 1 (position 1), 4 (position 2). Direct: 2 0.5, 3 0.3, 5 1.0/2; item 4 is consumed.
-    # Two steps from item 1: 1 -> 2 -> 6 (0.5 x 1.0) and 1 -> 4 -> 5 (0.2 x 1.0). Ties (2, 6) by item id.
-    assert ranked(candidates, 1, "seq") == [5, 2, 6, 3]
+    # Last items: 1 (position 1), 4 (position 2); shrunk shares out of 1: 2 0.45, 3 0.27, 4 0.18 (consumed);
+    # out of 4: 5 0.9, halved at position 2. Two steps from 1: 1 -> 2 -> 6 (0.45 x 0.5), 1 -> 4 -> 5 (0.18 x 0.9).
+    assert ranked(candidates, 1, "seq") == [5, 2, 3, 6]
     scores = {r["item_id"]: r for r in candidates.iter_rows(named=True)}
-    assert (scores[2]["seq_score"], scores[2]["seq_last_share"], scores[2]["seq_2step_share"]) == (0.5, 0.5, 0.0)
-    assert (scores[5]["seq_score"], scores[5]["seq_last_share"], scores[5]["seq_2step_share"]) == (0.5, 0.0, 0.2)
-    assert (scores[6]["seq_score"], scores[6]["seq_2step_share"]) == (0.0, 0.5)
+    assert (scores[2]["seq_score"], scores[2]["seq_last_share"], scores[2]["seq_2step_share"]) == pytest.approx(
+        (0.45, 0.45, 0.0)
+    )
+    assert (scores[5]["seq_score"], scores[5]["seq_last_share"], scores[5]["seq_2step_share"]) == pytest.approx(
+        (0.45, 0.0, 0.162)
+    )
+    assert (scores[6]["seq_score"], scores[6]["seq_2step_share"]) == pytest.approx((0.0, 0.225))
+
+
+def test_seq_keeps_only_paths_scoring_at_least_the_minimum():
+    strict = generate_candidates(snapshot(), pl.Series([1]), CandidateConfig(seq=10, seq_min_score=0.3))
+    assert ranked(strict, 1, "seq") == [5, 2]  # 3 (0.27) and 6 (0.225) are too weak
+
+
+def test_an_item_with_few_transitions_weighs_less_than_one_with_many_at_the_same_share():
+    few = dict(TRANSITIONS, score=[x / 30 for x in TRANSITIONS["score"]])  # 3 transitions out of 1, not 90
+    candidates = generate_candidates(snapshot(transitions=few), pl.Series([1]), CONFIG)
+    item2 = candidates.filter(user_id=1, item_id=2).row(0, named=True)
+    assert item2["seq_last_share"] == pytest.approx(1.5 / 13)  # 0.5 x 3 / (3 + 10)
 
 
 def test_candidates_of_other_sources_get_sequence_scores_zero_without_a_path():

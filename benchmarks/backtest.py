@@ -2,9 +2,11 @@
 
     python -m benchmarks.backtest --source movielens:../shared/data/ml-100k --from 1998-02-23 --to 1998-04-13
     python -m benchmarks.backtest --source synthetic
+    python -m benchmarks.backtest --source synthetic:sequential
 
-`synthetic` draws the demo log in memory (default Settings sizes, seed 42) ending the
-Monday after `--to`. Any other spec is read with `features.sources.read_source`.
+`synthetic[:KIND]` draws that synthetic world in memory (default Settings sizes, seed 42;
+bare `synthetic`: RECSYS_SYNTHETIC_KIND, the demo by default) ending the Monday after
+`--to`. Any other spec is read with `features.sources.read_source`.
 The markdown table and a verdict go to stdout (and to `--out` if given). Exit status 0 when
 the target of issue #14 is met: the model's overall NDCG@10 at least `--min-ratio` (1.20)
 times the best baseline's, with the interval's lower bound above `--min-lower-bound` (1.0);
@@ -19,8 +21,8 @@ from datetime import date
 from pathlib import Path
 
 from features.raw import RawData
-from features.sources import read_source
-from features.synthetic import generate_log
+from features.sources import read_source, resolve_synthetic, synthetic_kind
+from features.synthetic import generate_world
 from features.transform import week_start
 from flows.configs import backtest_options
 from recsys.clock import mondays
@@ -35,9 +37,10 @@ MIN_LOWER_BOUND = 1.0  # with the ratio's interval's lower bound above 1.0×
 
 
 def read_raw(source: str, settings: Settings, last_week: date) -> RawData:
-    """The raw log: drawn in memory for `synthetic`, otherwise read from the spec."""
-    if source == "synthetic":
-        return generate_log(
+    """The raw log: drawn in memory for `synthetic[:KIND]`, otherwise read from the spec."""
+    if kind := synthetic_kind(resolve_synthetic(source, settings.synthetic_kind)):
+        return generate_world(
+            kind,
             n_users=settings.synthetic_users,
             n_items=settings.synthetic_items,
             n_events=settings.synthetic_events,
@@ -78,7 +81,9 @@ def positive_float(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="synthetic", help="synthetic, movielens:DIR or any source spec")
+    parser.add_argument(
+        "--source", default="synthetic", help="synthetic[:KIND] (demo, sequential), movielens:DIR or any source spec"
+    )
     parser.add_argument("--from", dest="start", help="first evaluated as_of (a Monday)")
     parser.add_argument("--to", dest="end", help="last evaluated as_of (a Monday)")
     parser.add_argument("--training-weeks", type=int, help="labelled weeks to train on (default: Settings)")
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
     settings = Settings()
-    defaults = SYNTHETIC_WEEKS if args.source == "synthetic" else MOVIELENS_WEEKS
+    defaults = SYNTHETIC_WEEKS if synthetic_kind(args.source) else MOVIELENS_WEEKS
     weeks = mondays(args.start or defaults[0], args.end or defaults[1])
     try:
         raw = read_raw(args.source, settings, weeks[-1])

@@ -6,6 +6,8 @@ from datetime import UTC, date, datetime, timedelta
 from recsys.clock import parse_as_of, week_floor
 from recsys.settings import Settings
 
+SYNTHETIC_KINDS = ("demo", "sequential")  # features.synthetic.KINDS, without its imports at CLI start
+
 
 def as_of_argument(value: str) -> date:
     try:
@@ -20,6 +22,9 @@ def this_week() -> date:
 
 def add_commands(commands) -> None:
     demo = commands.add_parser("demo", help="generate a synthetic log and run the whole weekly job on it")
+    demo.add_argument(
+        "--kind", choices=SYNTHETIC_KINDS, help="synthetic world: demo or sequential (default: RECSYS_SYNTHETIC_KIND)"
+    )
     demo.set_defaults(handler=cmd_demo)
 
     features = commands.add_parser("features", help="run the feature flow (one week or a backfill range)")
@@ -100,7 +105,8 @@ def cmd_demo(args, settings: Settings) -> int:
     from flows.weekly_job import run_weekly_job
 
     as_of = this_week()
-    trained, published = run_weekly_job(settings, as_of, "synthetic")
+    kind = args.kind or settings.synthetic_kind
+    trained, published = run_weekly_job(settings, as_of, "synthetic" if kind == "demo" else f"synthetic:{kind}")
     print_summary(settings, as_of, trained, published)
     return 0
 
@@ -112,20 +118,20 @@ def cmd_evaluate(args, settings: Settings) -> int:
     from features.sources import check_source_spec
 
     check_source_spec(source)
-    from features.sources import read_source
+    from features.sources import read_source, synthetic_kind
     from features.synthetic import ensure_synthetic_log
     from features.transform import week_start
-    from flows.configs import backtest_options, synthetic_log_config
+    from flows.configs import backtest_options, source_spec, synthetic_log_config
     from recsys.clock import mondays
     from training.backtest import format_table, run_backtest
 
     weeks = mondays(args.first, args.last)
-    if source == "synthetic":
-        ensure_synthetic_log(synthetic_log_config(settings), this_week())
+    source = source_spec(settings, source)
+    synthetic = synthetic_log_config(settings, source)
+    if synthetic_kind(source):
+        ensure_synthetic_log(synthetic, this_week())
     # Each evaluated week [T, T+7d) needs its events; nothing later is read.
-    raw = read_source(
-        source, before=week_start(weeks[-1] + timedelta(weeks=1)), synthetic_dir=settings.data_dir / "synthetic"
-    )
+    raw = read_source(source, before=week_start(weeks[-1] + timedelta(weeks=1)), synthetic_dir=synthetic.folder)
     print(format_table(run_backtest(raw, weeks, **backtest_options(settings))))
     return 0
 

@@ -37,6 +37,9 @@ def cmd_replay(args, settings: Settings) -> int:
         raise ValueError(f"--to {args.last} is in the future: its features would need events not seen yet")
     source = args.source or settings.source
     check_source_spec(source)
+    from flows.configs import source_spec
+
+    source = source_spec(settings, source)
     from flows.replay import replay
 
     def show(week: dict) -> None:

@@ -57,6 +57,8 @@ class TableContract:
     # Read by inference to serve recommendations: a collapse or drift against the recent
     # snapshots fails validation; in a table that is not served it is only a warning.
     served: bool = True
+    # Two columns that may never hold the same value in a row (an item is not its own transition).
+    distinct_columns: tuple[str, str] | None = None
 
     @property
     def column_names(self) -> list[str]:
@@ -152,6 +154,23 @@ ITEM_NEIGHBOURS = TableContract(
     drift_columns=("score",),
 )
 
+ITEM_TRANSITIONS = TableContract(
+    name="item_transitions",
+    key=("as_of", "item_id", "next_item_id"),
+    description="Top-K directed transitions of each item: what users consumed right after it (time-decayed).",
+    columns=(
+        AS_OF,
+        ITEM,
+        Column("next_item_id", pl.Int64()),
+        Column("transitions", pl.Int64(), min=1),
+        _amount("score"),
+        _share("share"),
+        Column("rank", pl.Int64(), min=1),
+    ),
+    drift_columns=("share",),
+    distinct_columns=("item_id", "next_item_id"),
+)
+
 USER_CATEGORY_AFFINITY = TableContract(
     name="user_category_affinity",
     key=("as_of", "user_id", "category"),
@@ -214,6 +233,7 @@ FEATURE_TABLES: tuple[TableContract, ...] = (
     USER_CREATOR_AFFINITY,
     USER_ITEM_HISTORY,
     COLLABORATIVE_SCORES,
+    ITEM_TRANSITIONS,
 )
 """Tables of a feature snapshot as_of=T (events with ts < T)."""
 

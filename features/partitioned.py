@@ -3,8 +3,9 @@
 Users fall into `count` partitions by a hash of their id (`recsys.partitions`: the same in
 polars and in Postgres, and the one inference scores its partitions by). Each partition's
 events alone give its users' rows of the user-keyed tables (user features, affinities,
-history, labels) and two small partial aggregates: per-item play counts and the users'
-baskets (their recent items). Merging them once gives the item-keyed tables. The result
+history, labels) and three small partial aggregates: per-item play counts, the users'
+baskets (their recent items) and the counts of item-to-next-item transitions (each user's
+sequence lies in one partition). Merging them once gives the item-keyed tables. The result
 equals `transform.build_week_tables` on the whole log, row for row and bit for bit
 (tests/unit/test_partitioned.py), so the digests too.
 
@@ -34,6 +35,7 @@ class PartitionTables:
     baskets: pl.DataFrame  # transform.select_baskets of the partition's pairs
     items: pl.DataFrame  # item metadata as conformed by the partition's read
     first_plays: pl.DataFrame  # (item_id, ts): each item's first event in the partition
+    transitions: pl.DataFrame  # transform.count_transitions of the partition's events
 
 
 def build_partition_tables(
@@ -48,6 +50,7 @@ def build_partition_tables(
         baskets=transform.select_baskets(pairs, recent_items),
         items=items,
         first_plays=events.group_by("item_id").agg(pl.col("ts").min()),
+        transitions=transform.count_transitions(events, week),
     )
 
 
@@ -75,6 +78,8 @@ def merge_partition_tables(
     tables[contracts.COLLABORATIVE_SCORES.name] = transform.build_collaborative_scores(
         tables[contracts.USER_ITEM_HISTORY.name], week, collaborative, items_per_user=collaborative_items
     )
+    transitions = transform.merge_transitions([p.transitions for p in parts])
+    tables[contracts.ITEM_TRANSITIONS.name] = transform.build_item_transitions(transitions, week, neighbours)
     return transform.order_tables(tables)
 
 

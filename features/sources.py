@@ -2,7 +2,9 @@
 
 Spec forms (see `read_source`):
 
-    synthetic                          the generated demo log under synthetic_dir
+    synthetic[:KIND]                   a generated synthetic log under synthetic_dir; KIND is a world of
+                                       features.synthetic.KINDS (demo, sequential); bare: the demo
+                                       (entry points read a bare spec as RECSYS_SYNTHETIC_KIND: `resolve_synthetic`)
     parquet:GLOB[;items=PATH]          Parquet event files (+ optional items file)
     csv:GLOB[;items=PATH]              CSV event files (+ optional items file)
     movielens:DIR                      a MovieLens 100K folder (u.data, u.item)
@@ -36,12 +38,14 @@ from features.raw import (
     timestamp_expr,
     validate_events,
 )
+from features.synthetic import DEFAULT_KIND, folder_kind
+from features.synthetic import KINDS as SYNTHETIC_KINDS
 from recsys.partitions import Partition, in_partition, partition_sql
 
 log = logging.getLogger(__name__)
 
 SPEC_FORMS = (
-    "synthetic",
+    "synthetic[:KIND]",
     "parquet:GLOB[;items=PATH]",
     "csv:GLOB[;items=PATH]",
     "movielens:DIR",
@@ -79,7 +83,7 @@ def read_source(
     # Readers skip events at or after `before` but keep those after `now`: they are
     # errors in the source, which validation must name rather than silently drop.
     if kind == "synthetic":
-        extract = _read_synthetic(synthetic_dir, before, now, partition)
+        extract = _read_synthetic(synthetic_dir, before, now, partition, target or DEFAULT_KIND)
     elif kind in ("parquet", "csv"):
         extract = _read_files(kind, target, options.get("items"), before, now, partition)
     elif kind == "movielens":
@@ -134,7 +138,12 @@ def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     forms = ", ".join(SPEC_FORMS)
     if kind not in _KINDS:
         raise RawDataError(f"source {spec!r}: unknown source kind {kind!r}; valid forms: {forms}")
-    if (kind == "synthetic") == bool(target):
+    if kind == "synthetic" and target:
+        if target not in SYNTHETIC_KINDS:
+            raise RawDataError(
+                f"source {spec!r}: unknown synthetic kind {target!r}; allowed kinds: {', '.join(SYNTHETIC_KINDS)}"
+            )
+    elif (kind == "synthetic") == bool(target):
         raise RawDataError(
             f"source {spec!r}: {kind} {'takes no' if target else 'needs a'} target; valid forms: {forms}"
         )
@@ -145,8 +154,33 @@ def _parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return kind, target, options
 
 
+def synthetic_kind(spec: str) -> str | None:
+    """The world kind a synthetic `spec` names (bare `synthetic`: the demo); None for any other source."""
+    kind, target, _ = _parse_spec(spec)
+    return (target or DEFAULT_KIND) if kind == "synthetic" else None
+
+
+def resolve_synthetic(spec: str, default_kind: str) -> str:
+    """`spec` with a bare `synthetic` read as the `default_kind` world (RECSYS_SYNTHETIC_KIND), written
+    canonically: `synthetic` for the demo, `synthetic:KIND` otherwise; other specs unchanged.
+
+    Entry points resolve once, so lineage (the spec stored with each snapshot) names the world.
+    """
+    kind, target, _ = _parse_spec(spec)
+    if kind != "synthetic":
+        return spec
+    world = target or default_kind
+    if world not in SYNTHETIC_KINDS:
+        raise RawDataError(f"synthetic kind {world!r} is unknown; allowed kinds: {', '.join(SYNTHETIC_KINDS)}")
+    return "synthetic" if world == DEFAULT_KIND else f"synthetic:{world}"
+
+
 def _read_synthetic(
-    folder: Path | None, before: datetime | None, now: datetime | None, partition: Partition | None = None
+    folder: Path | None,
+    before: datetime | None,
+    now: datetime | None,
+    partition: Partition | None = None,
+    kind: str = DEFAULT_KIND,
 ) -> _Extract:
     if folder is None:
         raise RawDataError("source synthetic: no synthetic_dir given")
@@ -154,8 +188,10 @@ def _read_synthetic(
     if not (events_path.exists() and items_path.exists()):
         raise RawDataError(
             f"source synthetic: no generated log in {folder}; generate it first "
-            "(features.synthetic.generate_log + write_log)"
+            "(features.synthetic.generate_world + write_log)"
         )
+    if (found := folder_kind(folder)) != kind:
+        raise RawDataError(f"source synthetic:{kind}: {folder} holds a {found} log, not a {kind} one")
     return _read_files("parquet", str(events_path), str(items_path), before, now, partition)
 
 

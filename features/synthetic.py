@@ -1,10 +1,18 @@
-"""A synthetic listening log with structure a ranker can learn and popularity cannot.
+"""Synthetic logs (worlds) with structure a ranker can learn and popularity cannot.
 
-Items belong to ~20 genres and to artists (creators) who mostly stay in one genre;
-popularity is Zipf-like; new releases appear during the window, trend, then fade.
-Users join over time, differ widely in activity, concentrate on a few favourite genres
-(Dirichlet taste) and keep returning to a few favourite artists. Taste is fixed, so the
-next week is predictable from the past ones by a model of user×genre/artist affinity.
+Two kinds (`KINDS`), each drawn from a seed alone:
+
+- `demo` (`generate_log`): a listening log. Items belong to ~20 genres and to artists
+  (creators) who mostly stay in one genre; popularity is Zipf-like; new releases appear
+  during the window, trend, then fade. Users join over time, differ widely in activity,
+  concentrate on a few favourite genres (Dirichlet taste) and keep returning to a few
+  favourite artists. Taste is fixed, so the next week is predictable from the past ones by
+  a model of user×genre/artist affinity.
+- `sequential` (`generate_sequential_log`): episodes of series, watched in order. Popularity
+  is nearly useless (taste clusters of equal size, each with its own series); what predicts
+  the next week is collaborative and sequential: a user who watched episode k of a series
+  watches k+1 next, starts new series by the creators they follow, and draws them from the
+  series their taste cluster (a group of users sharing item sets) watches.
 """
 
 from dataclasses import dataclass
@@ -44,10 +52,26 @@ RETURNING_USER_SHARE = 0.6  # users present from the first day; the others join 
 BRANCH_SHARES = (0.3, 0.55, 0.15)
 GENRE_EXPONENT = 0.8  # Zipf exponent of genres' overall popularity
 
+KINDS = ("demo", "sequential")
+DEFAULT_KIND = "demo"
+
+# Shape of the sequential world.
+EPISODES = (3, 12)  # episodes per series, uniform between the bounds
+SERIES_PER_CREATOR = 3
+USERS_PER_CLUSTER = 200  # taste clusters of about this many users, all the same size on average
+CLUSTER_CREATORS = 5  # creators whose every series a cluster watches
+CLUSTER_EXTRA_SERIES = 5  # and a few other series
+SEQUENTIAL_ACTIVITY_SIGMA = 0.8
+NEXT_EPISODE = 0.8  # after an episode, the next one of the series (otherwise a new series)
+SAME_CREATOR = 0.5  # a new series: one by the creator of the last one, if any is left
+OUTSIDE_CLUSTER = 0.05  # a new series: any in the catalogue (noise)
+REWATCH = 0.05  # an event re-plays an item the user consumed before
+KIND_FILE = "kind.txt"  # names the kind of the log written in a folder
+
 
 @dataclass(frozen=True)
 class SyntheticLogConfig:
-    """Where the demo log lives and how it is drawn."""
+    """Where a synthetic log lives, which kind of world it is and how it is drawn."""
 
     folder: Path
     n_users: int
@@ -55,6 +79,29 @@ class SyntheticLogConfig:
     n_events: int
     n_weeks: int
     seed: int
+    kind: str = DEFAULT_KIND
+
+
+class SyntheticKindError(ValueError):
+    """A synthetic world kind that does not exist, or a folder holding another kind's log."""
+
+
+def check_kind(kind: str) -> str:
+    """`kind` if it is one of `KINDS`; otherwise a SyntheticKindError naming it and the allowed kinds."""
+    if kind not in KINDS:
+        raise SyntheticKindError(f"synthetic kind {kind!r} is unknown; allowed kinds: {', '.join(KINDS)}")
+    return kind
+
+
+def synthetic_folder(data_dir: Path, kind: str) -> Path:
+    """The folder of the `kind` log under `data_dir`: one per kind, so a cached log is never read as another."""
+    return data_dir / ("synthetic" if check_kind(kind) == DEFAULT_KIND else f"synthetic-{kind}")
+
+
+def folder_kind(folder: Path) -> str:
+    """The kind of the log written in `folder` (logs written before kinds existed are the demo's)."""
+    marker = folder / KIND_FILE
+    return marker.read_text().strip() if marker.exists() else DEFAULT_KIND
 
 
 @dataclass(frozen=True)
@@ -92,11 +139,27 @@ def generate_log(*, n_users: int, n_items: int, n_events: int, n_weeks: int, end
     return RawData(events=events, items=items)
 
 
+def generate_world(
+    kind: str, *, n_users: int, n_items: int, n_events: int, n_weeks: int, end: datetime, seed: int
+) -> RawData:
+    """The log of the world `kind` (`KINDS`): `generate_log` for demo, `generate_sequential_log` for sequential."""
+    generate = generate_log if check_kind(kind) == DEFAULT_KIND else generate_sequential_log
+    return generate(n_users=n_users, n_items=n_items, n_events=n_events, n_weeks=n_weeks, end=end, seed=seed)
+
+
 def ensure_synthetic_log(config: SyntheticLogConfig, end: date) -> None:
-    """Draw the demo log ending at the Monday `end` and write it, unless `config.folder` already holds one."""
+    """Draw the `config.kind` log ending at the Monday `end` and write it, unless `config.folder` already
+    holds one; a folder holding another kind's log is an error, never read as this kind."""
+    check_kind(config.kind)
     if (config.folder / "events.parquet").exists():
+        if (found := folder_kind(config.folder)) != config.kind:
+            raise SyntheticKindError(
+                f"{config.folder} holds a {found} synthetic log, not a {config.kind} one: "
+                "use that kind's folder (features.synthetic.synthetic_folder) or remove the folder"
+            )
         return
-    raw = generate_log(
+    raw = generate_world(
+        config.kind,
         n_users=config.n_users,
         n_items=config.n_items,
         n_events=config.n_events,
@@ -104,14 +167,135 @@ def ensure_synthetic_log(config: SyntheticLogConfig, end: date) -> None:
         end=week_start(end),
         seed=config.seed,
     )
-    write_log(raw, config.folder)
+    write_log(raw, config.folder, kind=config.kind)
 
 
-def write_log(raw: RawData, folder: Path) -> None:
-    """Write events.parquet and items.parquet under `folder` (created if missing)."""
+def write_log(raw: RawData, folder: Path, *, kind: str = DEFAULT_KIND) -> None:
+    """Write events.parquet, items.parquet and the world's kind under `folder` (created if missing)."""
     folder.mkdir(parents=True, exist_ok=True)
     raw.events.write_parquet(folder / "events.parquet")
     raw.items.write_parquet(folder / "items.parquet")
+    (folder / KIND_FILE).write_text(check_kind(kind) + "\n")
+
+
+def generate_sequential_log(
+    *, n_users: int, n_items: int, n_events: int, n_weeks: int, end: datetime, seed: int
+) -> RawData:
+    """Draw about n_events events of the sequential world in [end - n_weeks weeks, end); same arguments, same log.
+
+    Every item is an episode of a series by one creator, released before the window. Each
+    user belongs to a taste cluster and walks through series: after an episode, the next one
+    (`NEXT_EPISODE`), else a new series, from episode 1: by the same creator (`SAME_CREATOR`),
+    else one their cluster watches, rarely any (`OUTSIDE_CLUSTER`); now and then a re-play.
+    """
+    if min(n_users, n_items, n_events, n_weeks) < 1:
+        raise ValueError(
+            f"generate_sequential_log: sizes must be positive, got n_users={n_users}, n_items={n_items}, "
+            f"n_events={n_events}, n_weeks={n_weeks}"
+        )
+    rng = np.random.default_rng(seed)
+    end_us = _epoch_us(end)
+    start_us = end_us - n_weeks * WEEK_US
+    # Series and their episodes, in catalogue order; item ids are shuffled so they say nothing.
+    lengths = rng.integers(EPISODES[0], EPISODES[1] + 1, n_items)
+    n_series = int(np.searchsorted(np.cumsum(lengths), n_items)) + 1
+    series = np.repeat(np.arange(n_series), lengths[:n_series])[:n_items]
+    first = np.searchsorted(series, np.arange(n_series))
+    episode = np.arange(n_items) - first[series]
+    n_creators = max(1, n_series // SERIES_PER_CREATOR)
+    creator = rng.integers(0, n_creators, n_series)
+    genre = rng.integers(0, len(CATEGORIES), n_creators)[creator]
+    genre = np.where(rng.random(n_series) < CREATOR_GENRE_LOYALTY, genre, rng.integers(0, len(CATEGORIES), n_series))
+    start_day = -rng.integers(7 * EPISODES[1] + 1, CATALOGUE_MAX_AGE_DAYS, n_series)
+    item_id = rng.permutation(n_items) + 1
+    # Taste clusters: the series of a few creators, and a few more.
+    n_clusters = max(1, n_users // USERS_PER_CLUSTER)
+    cluster_series = []
+    for _ in range(n_clusters):
+        creators = rng.choice(n_creators, min(CLUSTER_CREATORS, n_creators), replace=False)
+        extra = rng.choice(n_series, min(CLUSTER_EXTRA_SERIES, n_series), replace=False)
+        cluster_series.append(np.union1d(np.flatnonzero(np.isin(creator, creators)), extra))
+    # Users: who joins when, how active.
+    cluster = rng.integers(0, n_clusters, n_users)
+    late = rng.random(n_users) >= RETURNING_USER_SHARE
+    join_us = start_us + np.where(late, rng.random(n_users) * (end_us - start_us), 0).astype(np.int64)
+    rate = rng.lognormal(0.0, SEQUENTIAL_ACTIVITY_SIGMA, n_users) * (end_us - join_us) / (end_us - start_us)
+    counts = rng.multinomial(n_events, rate / rate.sum())
+    user = np.repeat(np.arange(n_users), counts)
+    ts = join_us[user] + (rng.random(n_events) * (end_us - join_us[user])).astype(np.int64)
+    ts = np.concatenate([np.sort(part) for part in np.split(ts, np.cumsum(counts)[:-1])])
+    draws = rng.random((n_events, 4))
+    by_creator = [np.flatnonzero(creator == c) for c in range(n_creators)]
+    walk = _SeriesWalk(first, lengths[:n_series].copy(), creator, by_creator, cluster_series)
+    walk.lengths[-1] = n_items - first[-1]
+    positions = np.concatenate([[0], np.cumsum(counts)])
+    picked = np.empty(n_events, dtype=np.int64)
+    for u in range(n_users):
+        lo, hi = positions[u], positions[u + 1]
+        picked[lo:hi] = walk.walk(draws[lo:hi], cluster[u])
+    plays = rng.geometric(0.5, n_events)
+    weight = plays.astype(np.float64)
+    events = pl.DataFrame({"user_id": user + 1, "item_id": item_id[picked], "ts": ts, "weight": weight})
+    events = events.with_columns(pl.col("ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC"))
+    items = (
+        pl.DataFrame(
+            {
+                "item_id": item_id,
+                "category": np.asarray(CATEGORIES)[genre[series]],
+                "creator": creator[series] + 1,
+                "release_ts": start_us + (start_day[series] + 7 * episode) * DAY_US,
+            }
+        )
+        .select(
+            "item_id",
+            "category",
+            pl.format("creator_{}", pl.col("creator").cast(pl.Utf8).str.zfill(5)).alias("creator"),
+            pl.col("release_ts").cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
+        )
+        .sort("item_id")
+        .cast(RAW_ITEMS_SCHEMA)
+    )
+    return RawData(events=drop_duplicate_events(events.cast(RAW_EVENTS_SCHEMA))[0], items=items)
+
+
+@dataclass
+class _SeriesWalk:
+    """One user's walk through series (catalogue positions of items), from uniform draws."""
+
+    first: np.ndarray  # catalogue position of each series' first episode
+    lengths: np.ndarray  # episodes per series
+    creator: np.ndarray  # creator of each series
+    by_creator: list[np.ndarray]  # series of each creator
+    cluster_series: list[np.ndarray]  # series each cluster watches
+
+    def walk(self, draws: np.ndarray, cluster: int) -> np.ndarray:
+        """Catalogue positions of one user's events, in time order; `draws` holds 4 uniforms per event."""
+        picked = np.empty(len(draws), dtype=np.int64)
+        started: set[int] = set()
+        current, episode = -1, 0
+        for i, (replay, go_on, branch, choice) in enumerate(draws.tolist()):
+            if i and replay < REWATCH:
+                picked[i] = picked[int(choice * i)]
+                continue
+            if current >= 0 and go_on < NEXT_EPISODE and episode + 1 < self.lengths[current]:
+                episode += 1
+            else:
+                current, episode = self._new_series(current, started, cluster, branch, choice), 0
+                started.add(current)
+            picked[i] = self.first[current] + episode
+        return picked
+
+    def _new_series(self, current: int, started: set[int], cluster: int, branch: float, choice: float) -> int:
+        own = self.cluster_series[cluster]
+        if current >= 0 and branch < SAME_CREATOR:
+            pool = [s for s in self.by_creator[self.creator[current]] if s not in started]
+        elif branch > 1 - OUTSIDE_CLUSTER:
+            pool = range(len(self.first))
+        else:
+            pool = [s for s in own if s not in started]
+        if not pool:  # the creator's or the cluster's series are all started: any other one
+            pool = [s for s in own if s not in started] or range(len(self.first))
+        return int(pool[int(choice * len(pool))])
 
 
 def _draw_catalogue(rng: np.random.Generator, n_items: int, n_weeks: int) -> _Catalogue:

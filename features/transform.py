@@ -24,6 +24,10 @@ WINDOWS = (1, 4, 12)  # weeks
 FAVOURITE_CREATORS = 20
 # Item pairs (of the baskets' self-join) the neighbour step counts at a time: ~0.3 GB of working memory.
 NEIGHBOUR_PAIRS_PER_CHUNK = 5_000_000
+# Transitions: a transition's weight halves every TRANSITION_HALF_LIFE_DAYS before as_of and is
+# counted in integer units of 2^-20, so partial sums of disjoint users add up exactly in any order.
+TRANSITION_HALF_LIFE_DAYS = 28.0
+TRANSITION_UNITS = 1 << 20
 # The streaming engine adds floats up in an order that varies from run to run, so a
 # re-run would change weight sums in their last bits, and with them the digests.
 ENGINE = "in-memory"
@@ -96,6 +100,7 @@ def build_feature_tables(
         contracts.COLLABORATIVE_SCORES.name: build_collaborative_scores(
             history, as_of, collaborative, items_per_user=collaborative_items
         ),
+        contracts.ITEM_TRANSITIONS.name: build_item_transitions(count_transitions(events, as_of), as_of, neighbours),
     }
     return order_tables(users | items_tables)
 
@@ -355,6 +360,57 @@ def build_item_neighbours(
         "rank",
     )
     return _finish(contracts.ITEM_NEIGHBOURS, frame, as_of)
+
+
+def count_transitions(events: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """Per directed pair (item_id, next_item_id) of different items a user consumed one right after the
+    other before `as_of`: `transitions` (how often) and `weight_units` (each transition's weight, halving
+    every TRANSITION_HALF_LIFE_DAYS from the later event to as_of, in units of 1/TRANSITION_UNITS).
+
+    Integer counts and units: the counts of disjoint user sets add up exactly (`merge_transitions`).
+    A user's events are ordered by (ts, item_id); a repeat of the same item is no transition.
+    """
+    age_days = _days_before(as_of, pl.col("next_ts"))
+    # At least one unit: a transition years old still counts, and every share stays defined.
+    decay = (pl.lit(0.5) ** (age_days / TRANSITION_HALF_LIFE_DAYS) * TRANSITION_UNITS).round().clip(lower_bound=1)
+    decay = decay.cast(pl.Int64)
+    return _collect(
+        events_before(events, as_of)
+        .lazy()
+        .select("user_id", "item_id", "ts")
+        .sort("user_id", "ts", "item_id")
+        .with_columns(
+            pl.col("user_id").shift(-1).alias("next_user_id"),
+            pl.col("item_id").shift(-1).alias("next_item_id"),
+            pl.col("ts").shift(-1).alias("next_ts"),
+        )
+        .filter((pl.col("next_user_id") == pl.col("user_id")) & (pl.col("next_item_id") != pl.col("item_id")))
+        .group_by("item_id", "next_item_id")
+        .agg(pl.len().cast(pl.Int64).alias("transitions"), decay.sum().alias("weight_units"))
+        .sort("item_id", "next_item_id")
+    )
+
+
+def merge_transitions(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """`count_transitions` of the union of disjoint user sets, from each set's own counts."""
+    merged = pl.concat(parts).lazy().group_by("item_id", "next_item_id")
+    return _collect(merged.agg(pl.col("transitions", "weight_units").sum()).sort("item_id", "next_item_id"))
+
+
+def build_item_transitions(counts: pl.DataFrame, as_of: date, top_k: int) -> pl.DataFrame:
+    """Each item's `top_k` next items by decayed weight (`count_transitions`; ties: more transitions,
+    then lower id), with the weight (`score`, in transitions) and its `share` of all the item's transitions."""
+    frame = (
+        counts.lazy()
+        .with_columns(
+            (pl.col("weight_units") * (1 / TRANSITION_UNITS)).alias("score"),
+            (pl.col("weight_units") / pl.col("weight_units").sum().over("item_id")).alias("share"),
+        )
+        .sort(["item_id", "weight_units", "transitions", "next_item_id"], descending=[False, True, True, False])
+        .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("item_id").alias("rank"))
+        .filter(pl.col("rank") <= top_k)
+    )
+    return _finish(contracts.ITEM_TRANSITIONS, frame, as_of)
 
 
 def _affinity(pairs: pl.DataFrame, items: pl.DataFrame, as_of: date, column: str, top: int | None) -> pl.DataFrame:

@@ -224,6 +224,7 @@ def validate_table(
     """
     started = time.perf_counter()
     failures = _check_types(contract, frame) + _check_finite(contract, frame) + _check_as_of(frame, as_of)
+    failures += _check_distinct(contract, frame)
     failures += (runner or SuiteRunner()).run(build_expectation_suite(contract), frame)
     profile = profile_table(contract, frame)
     reference = build_reference_profile(previous)
@@ -442,6 +443,27 @@ def _check_finite(contract: TableContract, frame: pl.DataFrame) -> list[dict[str
                 )
             )
     return failures
+
+
+def _check_distinct(contract: TableContract, frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Rows whose two `contract.distinct_columns` are equal (e.g. an item as its own next item)."""
+    if contract.distinct_columns is None or any(c not in frame.columns for c in contract.distinct_columns):
+        return []  # missing columns are reported by the column-set expectation
+    first, second = contract.distinct_columns
+    same = frame.filter(pl.col(first) == pl.col(second)).select(first, second)
+    if same.is_empty():
+        return []
+    return [
+        _failure(
+            "expect_column_pair_values_to_differ",
+            [first, second],
+            {},
+            None,
+            unexpected_count=same.height,
+            examples=same.head(_MAX_EXAMPLES).rows(),
+            hint=f"{contract.name}: {first} and {second} must differ in every row",
+        )
+    ]
 
 
 def _check_as_of(frame: pl.DataFrame, as_of: date) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ evaluation and inference are configured alike.
 """
 
 from features.collaborative import CollaborativeConfig
-from features.synthetic import SyntheticLogConfig
+from features.sources import resolve_synthetic, synthetic_kind
+from features.synthetic import SyntheticLogConfig, synthetic_folder
 from inference.checks import CheckBounds
 from ranking.candidates import CandidateConfig
 from recsys.settings import Settings
@@ -82,16 +83,25 @@ def scoring_options(settings: Settings) -> dict:
     }
 
 
-def synthetic_log_config(settings: Settings) -> SyntheticLogConfig:
-    """Where the demo log lives (under the data folder) and its sizes and seed."""
+def synthetic_log_config(settings: Settings, spec: str | None = None) -> SyntheticLogConfig:
+    """Where the synthetic log of the world `spec` names lives (a folder per kind under the data folder),
+    its sizes and seed; a bare or absent spec is the RECSYS_SYNTHETIC_KIND world."""
+    kind = synthetic_kind(resolve_synthetic(spec or "synthetic", settings.synthetic_kind)) or settings.synthetic_kind
     return SyntheticLogConfig(
-        folder=settings.data_dir / "synthetic",
+        folder=synthetic_folder(settings.data_dir, kind),
         n_users=settings.synthetic_users,
         n_items=settings.synthetic_items,
         n_events=settings.synthetic_events,
         n_weeks=settings.synthetic_weeks,
         seed=settings.seed,
+        kind=kind,
     )
+
+
+def source_spec(settings: Settings, source: str | None = None) -> str:
+    """The raw source spec a run uses: `source` or RECSYS_SOURCE, a bare `synthetic` resolved to the
+    RECSYS_SYNTHETIC_KIND world (`features.sources.resolve_synthetic`)."""
+    return resolve_synthetic(source or settings.source, settings.synthetic_kind)
 
 
 def feature_options(settings: Settings) -> dict:

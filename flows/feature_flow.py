@@ -18,11 +18,11 @@ from pydantic import SecretStr
 
 from features import partitioned, report, store, transform, validation
 from features.raw import RawData, RawDataError
-from features.sources import read_source
+from features.sources import read_source, synthetic_kind
 from features.synthetic import SyntheticLogConfig, ensure_synthetic_log
 from features.validation import ValidationFailed, ValidationReport
 from flows.common import IO, PURE, current_run_id, partition_runner, resolve_as_of, run_name
-from flows.configs import feature_options, history_weeks, synthetic_log_config, validation_options
+from flows.configs import feature_options, history_weeks, source_spec, synthetic_log_config, validation_options
 from flows.runs import run_body
 from recsys import partitions
 from recsys.clock import mondays
@@ -53,7 +53,7 @@ def plan_weeks(engine, weeks: list[date], source: str, force: bool) -> list[date
 @task(**IO, retry_condition_fn=retry_unless_bad_input)
 def extract_events(engine, source: str, before: date, now: datetime, synthetic: SyntheticLogConfig) -> RawData:
     """Read and check the raw source; only events before the newest week are ever read."""
-    if source == "synthetic":
+    if synthetic_kind(source):
         ensure_synthetic_log(synthetic, before)
     return read_source(
         source, before=transform.week_start(before), engine=engine, synthetic_dir=synthetic.folder, now=now
@@ -158,7 +158,7 @@ def compute_whole_log(
     backfill_history: bool,
 ) -> Iterator[Week]:
     """The snapshots of `todo` from one read of the whole log, held in this process."""
-    raw = extract_events(stores.engine, spec, as_of, now, synthetic_log_config(settings))
+    raw = extract_events(stores.engine, spec, as_of, now, synthetic_log_config(settings, spec))
     if backfill_history:
         seen = transform.required_weeks(as_of, history_weeks(settings), raw.events.get_column("ts").min())
         todo = [w for w in todo if w in weeks or w in seen]
@@ -175,8 +175,8 @@ def compute_in_partitions(
 ) -> Iterator[Week]:
     """The snapshots of `todo`, each from `settings.feature_partitions` user partitions that read their
     own events (tasks on threads or a Dask cluster), merged here: no process holds the whole log."""
-    synthetic, options = synthetic_log_config(settings), feature_options(settings)
-    if spec == "synthetic":
+    synthetic, options = synthetic_log_config(settings, spec), feature_options(settings)
+    if synthetic_kind(spec):
         ensure_synthetic_log(synthetic, as_of)  # once, before partitions read it
     connection = {"database_url": SecretStr(stores.database_url), "spec": spec, "now": now,
                   "synthetic_dir": synthetic.folder, "recent_items": options["recent_items"]}  # fmt: skip
@@ -219,7 +219,7 @@ def feature_flow(
     With `backfill_history` (the scheduled run), also the missing weeks training needs before
     `as_of`, from the source's first event on; `force` redoes only the weeks asked for."""
     settings = Settings()
-    spec, check_options = source or settings.source, validation_options(settings)
+    spec, check_options = source_spec(settings, source), validation_options(settings)
     as_of, now = resolve_as_of(as_of), datetime.now(UTC)
     if transform.week_start(as_of) > now:
         raise ValueError(f"as_of {as_of} is in the future: its features would need events not seen yet")

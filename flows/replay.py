@@ -13,8 +13,9 @@ from datetime import UTC, date, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from features.sources import synthetic_kind
 from features.synthetic import ensure_synthetic_log
-from flows.configs import synthetic_log_config
+from flows.configs import source_spec, synthetic_log_config
 from flows.feature_flow import feature_flow
 from flows.inference_flow import inference_flow
 from flows.training_flow import training_flow
@@ -90,8 +91,9 @@ def replay(
     ran}}, quality: the realized quality row of the week before, or None}.
     """
     weeks = mondays(first, last)
-    if source == "synthetic":  # the demo log must reach the last week, or later weeks would have no events
-        ensure_synthetic_log(synthetic_log_config(settings), last)
+    source = source_spec(settings, source)
+    if synthetic_kind(source):  # the synthetic log must reach the last week, or later weeks would have no events
+        ensure_synthetic_log(synthetic_log_config(settings, source), last)
     with open_stores(settings) as stores:
         engine = stores.engine
         ensure_state_schema(engine)

@@ -11,9 +11,17 @@ import polars as pl
 from scipy import sparse
 
 from features import contracts
+from features.raw import UNKNOWN
 from recsys.settings import default_of
 
-SOURCES = ("cooc", "pop", "category", "creator", "new", "cf")
+SOURCES = ("cooc", "pop", "category", "creator", "new", "cf", "seq")
+# Sequence signals: how far each of the user's last few items weighs (1/position, last item first),
+# and how many of each item's best next items a two-step walk from the last item follows.
+SEQ_TWO_STEP_FANOUT = 10
+# Shares are shrunk as if each item had this many more (decayed) transitions going nowhere: an item
+# followed once by another is weak evidence (most MovieLens items), one followed 70 times is not.
+SEQ_PRIOR_TRANSITIONS = 10.0
+LAST_ITEMS = 5  # the user's last items the seq source starts from and the last-items features describe
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class SnapshotTables:
     user_creator_affinity: pl.DataFrame
     user_item_history: pl.DataFrame
     collaborative_scores: pl.DataFrame
+    item_transitions: pl.DataFrame | None = None  # None: no sequence signals (frames built before they existed)
 
     @classmethod
     def from_frames(cls, frames: dict[str, pl.DataFrame]) -> "SnapshotTables":
@@ -44,6 +53,8 @@ class CandidateConfig:
     creator: int = 30
     new: int = 30
     cf: int = 50
+    seq: int = 30
+    seq_min_score: float = 0.1  # a seq candidate needs at least this (shrunk) score: weak paths are noise
     recent_items: int = default_of("recent_items_per_user")
     new_release_days: float = 28.0
     exclude_consumed: bool = default_of("exclude_consumed")
@@ -159,6 +170,64 @@ def select_collaborative(scores: pl.DataFrame, consumed: pl.DataFrame | None, li
     return _ranked(_exclude(best, consumed), "cf_score", "cf", limit)
 
 
+SEQ_SCORES = {"seq_score": pl.Float64, "seq_last_share": pl.Float64, "seq_2step_share": pl.Float64}
+
+
+def score_transitions(last_items: pl.DataFrame, transitions: pl.DataFrame | None) -> pl.DataFrame:
+    """Per user and item reachable from the user's last items (`last_items`: user_id, item_id, position,
+    1 = the last item) through `item_transitions`:
+
+    Shares are shrunk towards 0 for items with few transitions (`SEQ_PRIOR_TRANSITIONS`):
+
+    - `seq_score`: the transition shares out of each last item, weighted 1/position;
+    - `seq_last_share`: the share of the transition out of the last item alone;
+    - `seq_2step_share`: the chance of reaching the item in two steps from the last item (over each
+      item's `SEQ_TWO_STEP_FANOUT` best next items).
+
+    Every score is 0 where there is no such path; consumed items are not removed here.
+    """
+    schema = {"user_id": pl.Int64, "item_id": pl.Int64} | SEQ_SCORES
+    if transitions is None or transitions.is_empty() or last_items.is_empty():
+        return pl.DataFrame(schema=schema)
+    # score / share is the item's whole decayed weight out; the shrunk share adds the prior to it.
+    shrunk = pl.col("score") / (pl.col("score") / pl.col("share") + SEQ_PRIOR_TRANSITIONS)
+    steps = transitions.select("item_id", "next_item_id", shrunk.alias("share"), "rank")
+    direct = (
+        last_items.join(steps, on="item_id")
+        .group_by("user_id", "next_item_id")
+        .agg(
+            (pl.col("share") / pl.col("position")).sum().alias("seq_score"),
+            pl.col("share").filter(pl.col("position") == 1).sum().alias("seq_last_share"),
+        )
+    )
+    short = steps.filter(pl.col("rank") <= SEQ_TWO_STEP_FANOUT).select("item_id", "next_item_id", "share")
+    two_step = (
+        last_items.filter(pl.col("position") == 1)
+        .join(short, on="item_id")
+        .select("user_id", pl.col("next_item_id").alias("item_id"), pl.col("share").alias("first"))
+        .join(short, on="item_id")
+        .group_by("user_id", "next_item_id")
+        .agg((pl.col("first") * pl.col("share")).sum().alias("seq_2step_share"))
+    )
+    return (
+        direct.join(two_step, on=["user_id", "next_item_id"], how="full", coalesce=True)
+        .rename({"next_item_id": "item_id"})
+        .with_columns(
+            # Rounded so that float summation order cannot reorder near-equal scores.
+            pl.col(list(SEQ_SCORES)).fill_null(0.0).round(9)
+        )
+        .select(*schema)
+        .cast(schema)
+    )
+
+
+def select_last_items(history: pl.DataFrame, limit: int) -> pl.DataFrame:
+    """Each user's `limit` last items (`select_recent_items`) with their position, 1 = the last one."""
+    return select_recent_items(history, limit).with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id").alias("position")
+    )
+
+
 def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
     """Union of every source's candidates per user, tagged with each source's rank (null if absent)."""
     user_frame = pl.DataFrame({"user_id": users.cast(pl.Int64).unique().sort()})
@@ -200,17 +269,31 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
 
     cf = select_collaborative(tables.collaborative_scores.join(user_frame, on="user_id"), consumed, config.cf)
 
-    tagged = pl.concat([cooc, pop, new, category, creator, cf], how="diagonal")
+    # Sequence: what follows the user's last items; ranked by the direct and two-step scores together.
+    sequence = score_transitions(select_last_items(history, LAST_ITEMS), tables.item_transitions)
+    reachable = _exclude(sequence, consumed).with_columns(
+        (pl.col("seq_score") + pl.col("seq_2step_share")).alias("seq_rank_score")
+    )
+    strong = reachable.filter(pl.col("seq_rank_score") >= max(config.seq_min_score, 1e-12))
+    seq = _ranked(strong, "seq_rank_score", "seq", config.seq)
+
+    tagged = pl.concat([cooc, pop, new, category, creator, cf, seq], how="diagonal")
     # One group-by merges the sources: each column is non-null in exactly one source's rows.
     merged = tagged.group_by("user_id", "item_id").agg(pl.all().max())
-    return merged.select(
-        "user_id",
-        "item_id",
-        *[f"{s}_rank" for s in SOURCES],
-        "cooc_score",
-        "cooc_count",
-        pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES).alias("n_sources"),
-    ).sort("user_id", "item_id")
+    return (
+        merged.select(
+            "user_id",
+            "item_id",
+            *[f"{s}_rank" for s in SOURCES],
+            "cooc_score",
+            "cooc_count",
+            pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES).alias("n_sources"),
+        )
+        # Every candidate's sequence scores, whichever source proposed it (0: no path from the last items).
+        .join(sequence, on=["user_id", "item_id"], how="left")
+        .with_columns(pl.col(list(SEQ_SCORES)).fill_null(0.0))
+        .sort("user_id", "item_id")
+    )
 
 
 _USER_COLUMNS = [c for c in contracts.USER_FEATURES.column_names if c not in ("as_of", "user_id")]
@@ -243,6 +326,13 @@ USER_ITEM_COLUMNS = [
 # the plays at 4:1 odds (2^2).
 PRIOR_FEATURE = "popularity_prior"
 PRIOR_WEIGHT = 2.0
+# What follows the user's last items (`score_transitions`), and how the candidate relates to them.
+SEQUENCE_COLUMNS = [
+    *SEQ_SCORES,
+    "same_creator_as_last",
+    "same_category_as_last",
+    "last_items_creator_share",
+]
 FEATURE_NAMES = [
     *CANDIDATE_COLUMNS,
     *USER_FEATURE_COLUMNS,
@@ -251,6 +341,7 @@ FEATURE_NAMES = [
     *USER_ITEM_COLUMNS,
     *COLLABORATIVE_COLUMNS,
     PRIOR_FEATURE,
+    *SEQUENCE_COLUMNS,
 ]
 CATEGORICAL_FEATURES = ["category_code"]
 # Directions the ranker must respect (+1: more is better, -1: less is better). Popularity,
@@ -274,6 +365,9 @@ MONOTONE_FEATURES = {
     "ease_score": 1,
     "als_score": 1,
     PRIOR_FEATURE: 1,
+    "seq_score": 1,
+    "seq_last_share": 1,
+    "seq_2step_share": 1,
 }
 
 
@@ -302,6 +396,7 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
     return (
         candidates.join(users, on="user_id", how="left")
         .join(_user_tastes(tables, items), on="user_id", how="left")
+        .join(_last_items(tables, candidates, items), on="user_id", how="left")
         .join(items, on="item_id", how="left")
         .join(codes, on="category", how="left")
         .join(
@@ -342,12 +437,44 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
             ],
             pl.col("category_share_12w", "creator_share_12w").fill_null(0.0),
             pl.col("creator_events_12w").fill_null(0),
+            _same_as_last("creator"),
+            _same_as_last("category"),
             (pl.col("cooc_score") / pl.col("cooc_score").max().over("user_id")).alias("cooc_score_vs_best"),
             (pl.col("log_popularity_rank") - pl.col("user_log_popularity_rank")).alias("popularity_vs_user"),
             (pl.col("log_release_age") - pl.col("user_log_release_age")).alias("release_age_vs_user"),
         )
+        .join(_last_items_creator_share(tables, candidates, items), on=["user_id", "creator"], how="left")
+        .with_columns(pl.col("last_items_creator_share").fill_null(0.0))
         .select("user_id", "item_id", *FEATURE_NAMES)
         .sort("user_id", "item_id")
+    )
+
+
+def _same_as_last(column: str) -> pl.Expr:
+    """1 when the candidate's `column` (creator, category) is the user's last item's, and known."""
+    same = (pl.col(column) == pl.col(f"last_{column}")) & (pl.col(column) != UNKNOWN)
+    return same.fill_null(False).cast(pl.Int32).alias(f"same_{column}_as_last")
+
+
+def _last_items_of(tables: SnapshotTables, candidates: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """The last `LAST_ITEMS` items of the candidates' users, with position and their creator and category."""
+    history = tables.user_item_history.join(candidates.select("user_id").unique(), on="user_id", how="semi")
+    return select_last_items(history, LAST_ITEMS).join(
+        items.select("item_id", "category", "creator"), on="item_id", how="left"
+    )
+
+
+def _last_items(tables: SnapshotTables, candidates: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """Per user: the creator and category of the last item consumed (`last_creator`, `last_category`)."""
+    last = _last_items_of(tables, candidates, items).filter(pl.col("position") == 1)
+    return last.select("user_id", pl.col("creator").alias("last_creator"), pl.col("category").alias("last_category"))
+
+
+def _last_items_creator_share(tables: SnapshotTables, candidates: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """Per (user, creator): the share of the user's last `LAST_ITEMS` items by that (known) creator."""
+    last = _last_items_of(tables, candidates, items).filter(pl.col("creator") != UNKNOWN)
+    return last.group_by("user_id", "creator").agg(
+        (pl.len() / LAST_ITEMS).cast(pl.Float64).alias("last_items_creator_share")
     )
 
 

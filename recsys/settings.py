@@ -2,7 +2,7 @@
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path(".recsys"), description="Embedded servers and data.")
     source: str = Field(default="synthetic", description="Raw events source spec.")
+    synthetic_kind: Literal["demo", "sequential"] = Field(
+        default="demo",
+        description="The world a bare `synthetic` source spec draws: demo (listening log) or sequential "
+        "(series watched in order, taste clusters); `synthetic:KIND` names one explicitly.",
+    )
 
     seed: int = 42
     top_n: int = Field(default=20, ge=1, le=500)

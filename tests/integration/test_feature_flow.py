@@ -207,6 +207,33 @@ def test_validation_failure_writes_nothing_records_the_report_and_names_table_an
     assert "expect_table_row_count_to_be_between" in report
 
 
+def test_a_bad_transitions_table_fails_validation_and_writes_nothing(
+    flow_env, clean_stores, log, tmp_path, monkeypatch
+):
+    engine = clean_stores.engine
+    source = write_source(tmp_path / "full", log.events, log.items)
+    run_flow(as_of=LAST_WEEK, source=source).result()
+    before = dump_store(engine)
+    build = transform.build_item_transitions
+
+    def with_a_self_transition(counts, as_of, top_k):
+        # A defect the contract must catch: an item as its own next item.
+        good = build(counts, as_of, top_k)
+        return pl.concat([good, good.head(1).with_columns(pl.col("item_id").alias("next_item_id"))])
+
+    monkeypatch.setattr(transform, "build_item_transitions", with_a_self_transition)
+
+    state = run_flow(as_of=AS_OF, source=source)
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ValidationFailed)
+    assert "item_transitions as_of=2024-03-04" in str(error)
+    assert "expect_column_pair_values_to_differ(item_id, next_item_id)" in str(error)
+    assert feature_rows(dump_store(engine)) == feature_rows(before)
+    assert not store.snapshot_passed(engine, AS_OF, FEATURE_TABLES)
+
+
 def test_drift_warns_in_the_artifact_and_blocks_when_configured(flow_env, clean_stores, log, tmp_path, monkeypatch):
     engine = clean_stores.engine
     spec = write_source(tmp_path / "src", log.events, log.items)

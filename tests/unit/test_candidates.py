@@ -41,10 +41,22 @@ COLLABORATIVE = {
     "als_score": [0.5, 0.9, None, 0.1],
     "als_rank": [2, 1, None, 1],
 }
+# Items 1, 4 and 5 have 90 (decayed) transitions out, item 2 has 10: shrunk by the prior of 10
+# transitions, their shares count 0.9 and 0.5 times.
+TRANSITIONS = {
+    "item_id": [1, 1, 1, 2, 4, 5],
+    "next_item_id": [2, 3, 4, 6, 5, 7],
+    "score": [45.0, 27.0, 18.0, 10.0, 90.0, 90.0],
+    "share": [0.5, 0.3, 0.2, 1.0, 1.0, 1.0],
+    "rank": [1, 2, 3, 1, 1, 1],
+}
 
 
 def snapshot(
-    neighbours: dict | None = None, history: dict | None = None, collaborative: dict | None = None
+    neighbours: dict | None = None,
+    history: dict | None = None,
+    collaborative: dict | None = None,
+    transitions: dict | None = None,
 ) -> SnapshotTables:
     """Eight items; user 1 consumed items 1 (yesterday) and 4, user 2 item 5; user 3 is cold."""
     plays_4w = [20, 10, 8, 15, 30, 5, 25, 1]
@@ -93,6 +105,7 @@ def snapshot(
                 pl.DataFrame(collaborative or COLLABORATIVE)
             )
         ),
+        item_transitions=conform(contracts.ITEM_TRANSITIONS, transitions or TRANSITIONS, {"transitions": 1}),
     )
 
 
@@ -164,8 +177,10 @@ def test_each_candidate_appears_once_tagged_with_every_source_that_proposed_it()
     candidates = generate_candidates(snapshot(), pl.Series([1, 2, 3]), CONFIG)
     assert candidates.select("user_id", "item_id").is_duplicated().sum() == 0
     item5 = candidates.filter(user_id=1, item_id=5).row(0, named=True)
-    assert {s for s in SOURCES if item5[f"{s}_rank"] is not None} == {"cooc", "pop", "category", "creator", "new"}
-    assert item5["n_sources"] == 5
+    assert {s for s in SOURCES if item5[f"{s}_rank"] is not None} == {
+        "cooc", "pop", "category", "creator", "new", "seq"
+    }  # fmt: skip
+    assert item5["n_sources"] == 6
     ranks = pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES)
     assert (candidates.select(ranks == pl.col("n_sources")).to_series()).all()
 
@@ -180,6 +195,7 @@ def test_ties_break_by_item_id_and_input_order_does_not_matter():
         **{
             name: getattr(tables, name).sample(fraction=1.0, shuffle=True, seed=3)
             for name in tables.__dataclass_fields__
+            if getattr(tables, name) is not None
         }
     )
     assert generate_candidates(shuffled, pl.Series([1]), CONFIG).equals(first)
@@ -264,3 +280,59 @@ def test_score_vs_best_is_null_when_a_users_best_score_is_not_positive():
     frame = build_ranking_frame(tables, pl.Series([1, 2]), CONFIG, category_encoding(tables.item_features))
     assert frame["als_score_vs_best"].is_null().all()
     assert frame["als_candidate_rank"].drop_nulls().to_list() != []  # the scores themselves still rank
+
+
+def test_seq_follows_the_transitions_out_of_the_last_items_and_two_steps_from_the_last():
+    candidates = generate_candidates(snapshot(), pl.Series([1]), CONFIG)
+    # Last items: 1 (position 1), 4 (position 2); shrunk shares out of 1: 2 0.45, 3 0.27, 4 0.18 (consumed);
+    # out of 4: 5 0.9, halved at position 2. Two steps from 1: 1 -> 2 -> 6 (0.45 x 0.5), 1 -> 4 -> 5 (0.18 x 0.9).
+    assert ranked(candidates, 1, "seq") == [5, 2, 3, 6]
+    scores = {r["item_id"]: r for r in candidates.iter_rows(named=True)}
+    assert (scores[2]["seq_score"], scores[2]["seq_last_share"], scores[2]["seq_2step_share"]) == pytest.approx(
+        (0.45, 0.45, 0.0)
+    )
+    assert (scores[5]["seq_score"], scores[5]["seq_last_share"], scores[5]["seq_2step_share"]) == pytest.approx(
+        (0.45, 0.0, 0.162)
+    )
+    assert (scores[6]["seq_score"], scores[6]["seq_2step_share"]) == pytest.approx((0.0, 0.225))
+
+
+def test_seq_keeps_only_paths_scoring_at_least_the_minimum():
+    strict = generate_candidates(snapshot(), pl.Series([1]), CandidateConfig(seq=10, seq_min_score=0.3))
+    assert ranked(strict, 1, "seq") == [5, 2]  # 3 (0.27) and 6 (0.225) are too weak
+
+
+def test_an_item_with_few_transitions_weighs_less_than_one_with_many_at_the_same_share():
+    few = dict(TRANSITIONS, score=[x / 30 for x in TRANSITIONS["score"]])  # 3 transitions out of 1, not 90
+    candidates = generate_candidates(snapshot(transitions=few), pl.Series([1]), CONFIG)
+    item2 = candidates.filter(user_id=1, item_id=2).row(0, named=True)
+    assert item2["seq_last_share"] == pytest.approx(1.5 / 13)  # 0.5 x 3 / (3 + 10)
+
+
+def test_candidates_of_other_sources_get_sequence_scores_zero_without_a_path():
+    candidates = generate_candidates(snapshot(), pl.Series([1, 3]), CONFIG)
+    # Item 7 follows item 5, which is no last item of user 1; user 3 has no history at all.
+    item7 = candidates.filter(user_id=1, item_id=7).row(0, named=True)
+    assert item7["seq_rank"] is None and item7["seq_score"] == 0.0 and item7["seq_2step_share"] == 0.0
+    cold = candidates.filter(user_id=3)
+    assert cold["seq_rank"].is_null().all() and (cold["seq_score"] == 0).all()
+
+
+def test_without_a_transitions_table_there_are_no_seq_candidates_and_every_feature_is_there():
+    tables = snapshot()
+    without = SnapshotTables(**(vars(tables) | {"item_transitions": None}))
+    frame = build_ranking_frame(without, pl.Series([1]), CONFIG, category_encoding(tables.item_features))
+    assert frame.columns == ["user_id", "item_id", *FEATURE_NAMES]
+    assert frame["seq_rank"].is_null().all() and (frame["seq_score"] == 0).all()
+
+
+def test_last_item_features_compare_the_candidate_with_the_users_last_items():
+    tables = snapshot()
+    frame = build_ranking_frame(tables, pl.Series([1]), CONFIG, category_encoding(tables.item_features))
+    rows = {r["item_id"]: r for r in frame.iter_rows(named=True)}
+    # The last item, 1, is rock by creator a; the one before, 4, jazz by c: one of five slots each.
+    assert rows[2]["same_creator_as_last"] == 1 and rows[2]["same_category_as_last"] == 1
+    assert rows[5]["same_creator_as_last"] == 0 and rows[5]["same_category_as_last"] == 0
+    assert rows[2]["last_items_creator_share"] == pytest.approx(0.2)
+    assert rows[5]["last_items_creator_share"] == pytest.approx(0.2)
+    assert rows[7]["last_items_creator_share"] == 0.0

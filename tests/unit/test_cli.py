@@ -33,6 +33,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["features", "--as-of", "1998-03-02", "--source", "csv:/nonexistent/*.csv"], "/nonexistent/*.csv"),
         (["run", "--as-of", "2998-12-31"], "2998-12-31"),
         (["features", "--from", "1998-03-09", "--to", "1998-03-02"], "1998-03-09"),
+        (["run", "--as-of", "1998-03-02", "--source", "synthetic:serial"], "unknown synthetic kind 'serial'"),
     ],
 )
 def test_a_bad_argument_is_one_error_line_before_any_server_or_flow(args, named):
@@ -54,6 +55,19 @@ def test_invalid_settings_are_one_line_naming_the_variable(monkeypatch):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid settings: RECSYS_TOP_N"), done.stderr
+
+
+def test_a_bad_synthetic_kind_is_named_with_the_allowed_kinds():
+    from features.synthetic import KINDS
+
+    done = run_cli("demo", "--kind", "serial")
+    assert done.returncode == 2
+    assert "invalid choice: 'serial' (choose from 'demo', 'sequential')" in done.stderr
+    assert jobs.SYNTHETIC_KINDS == KINDS  # the CLI's copy, kept without importing the generator at start
+    done = run_cli("models", "list", env={**_env(), "RECSYS_SYNTHETIC_KIND": "serial"})
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: invalid settings: RECSYS_SYNTHETIC_KIND"), done.stderr
+    assert "'demo' or 'sequential'" in done.stderr
 
 
 def test_an_interrupt_exits_130(monkeypatch, capsys):

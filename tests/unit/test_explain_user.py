@@ -82,6 +82,7 @@ def snapshot() -> SnapshotTables:
             },
         ),
         collaborative_scores=pl.DataFrame(schema=contracts.COLLABORATIVE_SCORES.schema),  # no cf candidates here
+        item_transitions=pl.DataFrame(schema=contracts.ITEM_TRANSITIONS.schema),  # no sequence signal here
     )
 
 

@@ -337,7 +337,7 @@ def test_check_source_spec_accepts_what_it_can_check_without_reading(tmp_path, e
         ("movielens:{tmp}", "u.data not found"),
         ("sql:events--", "not an identifier"),
         ("sql:events;items=a.b.c", "not an identifier"),
-        ("synthetic:x", "takes no target"),
+        ("synthetic:x", "unknown synthetic kind 'x'; allowed kinds: demo, sequential"),
     ],
 )
 def test_check_source_spec_names_the_spec_and_the_problem(tmp_path, events_csv, spec, problem):

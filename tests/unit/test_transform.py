@@ -383,6 +383,7 @@ def test_no_events_gives_empty_tables_but_lists_released_items():
         "user_creator_affinity": 0,
         "user_item_history": 0,
         "collaborative_scores": 0,
+        "item_transitions": 0,
     }
     assert tables["item_features"]["plays_total"].to_list() == [0, 0, 0]
     assert all(f.schema == pl.Schema(contracts.CONTRACTS[n].schema) for n, f in tables.items())

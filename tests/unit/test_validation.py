@@ -10,6 +10,7 @@ import pytest
 from features.contracts import (
     ALL_TABLES,
     COLLABORATIVE_SCORES,
+    ITEM_TRANSITIONS,
     LABELS,
     USER_CATEGORY_AFFINITY,
     USER_FEATURES,
@@ -42,6 +43,8 @@ def build_good_frame(contract: TableContract, rows: int = 3) -> pl.DataFrame:
             values[column.name] = [i % 2 == 0 for i in range(rows)]
         elif column.dtype == pl.Float64:
             values[column.name] = [0.25 * (i + 1) for i in range(rows)]
+        elif contract.distinct_columns and column.name == contract.distinct_columns[1]:
+            values[column.name] = [rows + i + 1 for i in range(rows)]  # never equal to the first column's
         else:
             values[column.name] = [i + 1 for i in range(rows)]
     return pl.DataFrame(values, schema=contract.schema)
@@ -118,6 +121,42 @@ def test_each_violation_fails_and_is_named_in_report_and_exception(case):
     assert "user_category_affinity" in message
     assert expectation in message
     assert expectation in report.to_markdown()
+
+
+TRANSITIONS = build_good_frame(ITEM_TRANSITIONS)
+TRANSITION_VIOLATIONS = {
+    "an item as its own next item": (
+        with_column(TRANSITIONS, "next_item_id", [4, 2, 6]),
+        ("expect_column_pair_values_to_differ", ("item_id", "next_item_id")),
+    ),
+    "share above one": (
+        with_column(TRANSITIONS, "share", [0.5, 1.25, 0.5]),
+        ("expect_column_values_to_be_between", ("share",)),
+    ),
+    "zero transitions": (
+        with_column(TRANSITIONS, "transitions", [1, 0, 2]),
+        ("expect_column_values_to_be_between", ("transitions",)),
+    ),
+    "duplicate pair": (
+        with_column(TRANSITIONS, "next_item_id", [5, 5, 5]).with_columns(item_id=pl.lit(1, pl.Int64)),
+        ("expect_compound_columns_to_be_unique", ("as_of", "item_id", "next_item_id")),
+    ),
+    "null next item": (
+        with_column(TRANSITIONS, "next_item_id", [4, None, 6]),
+        ("expect_column_values_to_not_be_null", ("next_item_id",)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRANSITION_VIOLATIONS, ids=str)
+def test_each_transitions_violation_fails_and_is_named(case):
+    frame, (expectation, columns) = TRANSITION_VIOLATIONS[case]
+
+    report = validate(ITEM_TRANSITIONS, frame)
+
+    assert not report.success
+    assert (expectation, columns) in failed_checks(report)
+    assert "item_transitions" in str(ValidationFailed([report]))
 
 
 def test_positive_infinity_fails_a_column_bounded_only_below():

@@ -255,7 +255,11 @@ def feature_flow(
             snapshots = compute_whole_log(stores, settings, spec, todo, weeks, as_of, now, backfill_history)
         else:
             snapshots = compute_in_partitions(stores, settings, spec, todo, weeks, as_of, now)
-        for done, (week, frames, raw_digest, read, checked) in enumerate(snapshots, 1):
+        # Not enumerate(): it keeps its last item (this week's tables) until the generator has
+        # computed the next week, so two snapshots would be held at once.
+        done = 0
+        for week, frames, raw_digest, read, checked in snapshots:
+            done += 1  # noqa: SIM113 (see above)
             history = read_history(stores.engine, list(frames), week, settings.min_rows_weeks)
             reports = validate_snapshot(frames, week, history, check_options, checked)
             if not all(r.success for r in reports.values()):

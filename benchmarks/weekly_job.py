@@ -62,12 +62,15 @@ class Size:
     items: int
     events: int
     weeks: int = 16
+    # RECSYS_FEATURE_PARTITIONS of the size's job (unless set in the environment): about 3M events
+    # (60k users) per partition at most, so the feature flow's peak is set by the partition count.
+    feature_partitions: int = 1
 
 
 SIZES = {
     "small": Size(10_000, 5_000, 1_000_000),
-    "medium": Size(100_000, 20_000, 10_000_000),
-    "large": Size(1_000_000, 50_000, 50_000_000),
+    "medium": Size(100_000, 20_000, 10_000_000, feature_partitions=4),
+    "large": Size(1_000_000, 50_000, 50_000_000, feature_partitions=16),
 }
 # Available memory the default plan wants before it includes the large size: the job's 6 GB
 # goal, Postgres (shared buffers, sorts, page cache of 50M-event snapshots) and Redis beside it.
@@ -78,7 +81,8 @@ def scale_size(size: Size, scale: float) -> Size:
     """`size` with users, items and events multiplied by `scale` (at least 1 each)."""
     if scale <= 0:
         raise ValueError(f"--scale must be positive, got {scale}")
-    return Size(*(max(1, round(n * scale)) for n in (size.users, size.items, size.events)), weeks=size.weeks)
+    scaled = (max(1, round(n * scale)) for n in (size.users, size.items, size.events))
+    return Size(*scaled, weeks=size.weeks, feature_partitions=size.feature_partitions)
 
 
 def plan_sizes(sizes: str | None, *, large: bool, scale: float, available_gib: float) -> list[tuple[str, Size]]:
@@ -288,6 +292,7 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
                 "users per ref",
                 "job peak RSS MB",
                 "backfilled snapshots",
+                "feature partitions",
                 "features backfill s",
             ],
             [
@@ -302,6 +307,7 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
                     else None,
                     r["job_peak_rss_mb"],
                     r["snapshots"],
+                    r.get("feature_partitions", 1),
                     r["features_backfill_s"],
                 ]
                 for n, r in ((n, results[n]) for n in names)
@@ -759,6 +765,7 @@ def run_size(name: str, size: Size, as_of: date, root: Path, keep: bool) -> dict
                 "RECSYS_SYNTHETIC_ITEMS": str(size.items),
                 "RECSYS_SYNTHETIC_EVENTS": str(size.events),
                 "RECSYS_SYNTHETIC_WEEKS": str(size.weeks),
+                "RECSYS_FEATURE_PARTITIONS": os.environ.get("RECSYS_FEATURE_PARTITIONS", str(size.feature_partitions)),
                 "PREFECT_HOME": str(work / "prefect"),
                 "BENCH_OUT": str(work),
             }  # fmt: skip
@@ -768,6 +775,7 @@ def run_size(name: str, size: Size, as_of: date, root: Path, keep: bool) -> dict
             meta = {
                 "size": name, "users": size.users, "items": size.items, "requested_events": size.events,
                 "as_of": str(as_of), "stores": kind, "load_at_start": round(load, 1),
+                "feature_partitions": int(env["RECSYS_FEATURE_PARTITIONS"]),
             }  # fmt: skip
             (work / "meta.json").write_text(json.dumps(meta))
             try:

@@ -9,17 +9,26 @@ sequence lies in one partition). Merging them once gives the item-keyed tables. 
 equals `transform.build_week_tables` on the whole log, row for row and bit for bit
 (tests/unit/test_partitioned.py), so the digests too.
 
+Each partition also checks its own rows of the user-keyed tables (`check_partition_tables`:
+every expectation made row by row, where the rows were computed), so the process that merges
+them never converts a whole user table for great-expectations; it checks what needs the
+whole table (row count, profile, drift against history) and the item-keyed tables.
+
 Peak memory is one partition's events and pairs (times the partitions computed at once)
 plus what does not shrink with the partition count: the snapshot's own tables (the writer
-needs them whole) and the neighbour step (bounded by users x basket size, not by events).
+needs them whole, sorted, for the snapshot's digest and its one-transaction swap) and the
+neighbour step (bounded by users x basket size, not by events). The merge releases each
+partition's share of a table as soon as that table is merged, so the shares and the merged
+snapshot are never held whole side by side.
 """
 
+import threading
 from dataclasses import dataclass
 from datetime import date
 
 import polars as pl
 
-from features import contracts, transform
+from features import contracts, transform, validation
 from features.collaborative import CollaborativeConfig
 from features.raw import conform_items
 from recsys.partitions import all_partitions, in_partition
@@ -54,6 +63,23 @@ def build_partition_tables(
     )
 
 
+_runners = threading.local()
+
+
+def check_partition_tables(tables: dict[str, pl.DataFrame], week: date) -> dict[str, list[dict]]:
+    """Per user-keyed table, the failures of the row checks on one partition's rows (`validation.check_rows`
+    without the row count); merged over partitions by `validation.merge_failures`."""
+    runner = getattr(_runners, "runner", None)
+    if runner is None:  # one great-expectations context per worker thread, reused by its partitions
+        runner = _runners.runner = validation.SuiteRunner()
+    return {
+        name: validation.check_rows(
+            contracts.CONTRACTS[name], frame, as_of=transform.assign_as_of(name, week), runner=runner, row_count=False
+        )
+        for name, frame in tables.items()
+    }
+
+
 def merge_partition_tables(
     parts: list[PartitionTables],
     week: date,
@@ -62,12 +88,14 @@ def merge_partition_tables(
     collaborative: CollaborativeConfig = transform.DEFAULT_COLLABORATIVE,
     collaborative_items: int = default_of("collaborative_items_per_user"),
 ) -> dict[str, pl.DataFrame]:
-    """The snapshot computed at `week` from its partitions: `transform.build_week_tables` of the whole log."""
+    """The snapshot computed at `week` from its partitions: `transform.build_week_tables` of the whole log.
+
+    Consumes the parts' user-keyed tables: each table's shares leave the parts once merged."""
     if not parts:
         raise ValueError("merge_partition_tables: no partitions to merge")
     # A release date after an item's first event moves back to it: the first event over all partitions.
     items = conform_items(parts[0].items, pl.concat([p.first_plays for p in parts]), source="merged partitions")
-    tables = {name: _concat_sorted(name, [p.tables[name] for p in parts]) for name in parts[0].tables}
+    tables = {name: _concat_sorted(name, [p.tables.pop(name) for p in parts]) for name in list(parts[0].tables)}
     if not tables[contracts.LABELS.name].height:
         del tables[contracts.LABELS.name]  # as for the whole log: a week without events has no labels
     plays = transform.merge_item_plays([p.item_plays for p in parts])

@@ -84,15 +84,19 @@ class ValidationFailed(ExpectedError):
         super().__init__("feature validation failed: " + " | ".join(r.describe_failures() for r in self.reports))
 
 
-def build_expectation_suite(contract: TableContract) -> "gx.ExpectationSuite":
-    """The table's whole expectation suite, generated from its contract (history is checked apart)."""
+def build_expectation_suite(contract: TableContract, *, row_count: bool = True) -> "gx.ExpectationSuite":
+    """The table's whole expectation suite, generated from its contract (history is checked apart).
+
+    Without `row_count`, the suite of one user partition's rows: every expectation but the
+    table's row count (a partition may hold no users; the merged table's count is checked).
+    """
     gx = _import_gx()
     import great_expectations.expectations as gxe
 
     key = list(contract.key)
     expectations: list[gxe.Expectation] = [
         gxe.ExpectTableColumnsToMatchSet(column_set=contract.column_names, exact_match=True),
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        *([gxe.ExpectTableRowCountToBeBetween(min_value=1)] if row_count else []),
         gxe.ExpectColumnValuesToBeUnique(column=key[0])
         if len(key) == 1
         else gxe.ExpectCompoundColumnsToBeUnique(column_list=key),
@@ -223,9 +227,83 @@ def validate_table(
     table gets its own.
     """
     started = time.perf_counter()
+    failures = check_rows(contract, frame, as_of=as_of, runner=runner)
+    return finish_report(
+        contract,
+        frame,
+        failures,
+        as_of=as_of,
+        previous=previous,
+        min_rows_ratio=min_rows_ratio,
+        drift_threshold=drift_threshold,
+        drift_blocks=drift_blocks,
+        started=started,
+    )
+
+
+def check_rows(
+    contract: TableContract,
+    frame: pl.DataFrame,
+    *,
+    as_of: date,
+    runner: "SuiteRunner | None" = None,
+    row_count: bool = True,
+) -> list[dict[str, Any]]:
+    """The failures of the checks made row by row: types, finite floats, as_of and the expectation suite.
+
+    With `row_count=False`, on one user partition of a table (see `build_expectation_suite`):
+    the failures of the partitions, merged (`merge_failures`), are those of the whole table
+    but its row count, since no two partitions share a key (every user-keyed key starts with
+    user_id and a user falls in one partition).
+    """
     failures = _check_types(contract, frame) + _check_finite(contract, frame) + _check_as_of(frame, as_of)
     failures += _check_distinct(contract, frame)
-    failures += (runner or SuiteRunner()).run(build_expectation_suite(contract), frame)
+    return failures + (runner or SuiteRunner()).run(build_expectation_suite(contract, row_count=row_count), frame)
+
+
+def check_not_empty(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """The suite's row-count expectation on a table merged from partitions checked without it."""
+    if frame.height:
+        return []
+    return [_failure("expect_table_row_count_to_be_between", [], {"min_value": 1}, 0)]
+
+
+def merge_failures(parts: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The failures of a table from those of its partitions: one per expectation (and columns and
+    expected values), unexpected counts summed, the first examples kept, in order of first appearance."""
+    merged: dict[str, dict[str, Any]] = {}
+    for failures in parts:
+        for failure in failures:
+            key = repr((failure["expectation"], failure["columns"], _json_safe(failure["expected"])))
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = {**failure, "examples": list(failure["examples"])}
+                continue
+            if failure["unexpected_count"] is not None:
+                seen["unexpected_count"] = (seen["unexpected_count"] or 0) + failure["unexpected_count"]
+            if seen["observed"] is None:
+                seen["observed"] = failure["observed"]
+            room = _MAX_EXAMPLES - len(seen["examples"])
+            seen["examples"] += [e for e in failure["examples"] if e not in seen["examples"]][: max(room, 0)]
+    return list(merged.values())
+
+
+def finish_report(
+    contract: TableContract,
+    frame: pl.DataFrame,
+    failures: list[dict[str, Any]],
+    *,
+    as_of: date,
+    previous: Sequence[dict[str, Any]] | None,
+    min_rows_ratio: float,
+    drift_threshold: float,
+    drift_blocks: bool,
+    started: float | None = None,
+) -> ValidationReport:
+    """The table's report from the failures of its row checks (`check_rows`) and the checks of the
+    whole table: its profile, its row count and drift against its recent passed snapshots."""
+    started = time.perf_counter() if started is None else started
+    failures = list(failures)
     profile = profile_table(contract, frame)
     reference = build_reference_profile(previous)
     collapse, row_count_warning = check_row_count(contract, frame.height, reference, min_rows_ratio)
@@ -260,25 +338,27 @@ def validate_tables(
     min_rows_ratio: float,
     drift_threshold: float,
     drift_blocks: bool,
+    checked: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, ValidationReport]:
     """Validate each named table against its contract, all through one GX context.
 
     `as_ofs` and `previous` (profiles of the last few passed snapshots, see `validate_table`) are per table.
+    A table in `checked` had its rows checked where it was computed, in user partitions (`check_rows`
+    without the row count, failures merged by `merge_failures`): only its row count, profile and
+    history are checked here, on the merged table.
     """
     runner = SuiteRunner()
-    return {
-        name: validate_table(
-            CONTRACTS[name],
-            frame,
-            as_of=as_ofs[name],
-            previous=previous.get(name),
-            min_rows_ratio=min_rows_ratio,
-            drift_threshold=drift_threshold,
-            drift_blocks=drift_blocks,
-            runner=runner,
-        )
-        for name, frame in frames.items()
-    }
+    checked = checked or {}
+    reports = {}
+    for name, frame in frames.items():
+        options = {"previous": previous.get(name), "min_rows_ratio": min_rows_ratio,
+                   "drift_threshold": drift_threshold, "drift_blocks": drift_blocks}  # fmt: skip
+        if name in checked:
+            failures = check_not_empty(frame) + checked[name]
+            reports[name] = finish_report(CONTRACTS[name], frame, failures, as_of=as_ofs[name], **options)
+        else:
+            reports[name] = validate_table(CONTRACTS[name], frame, as_of=as_ofs[name], runner=runner, **options)
+    return reports
 
 
 class SuiteRunner:

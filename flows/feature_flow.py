@@ -70,6 +70,7 @@ class PartitionResult(NamedTuple):
     """One partition's share of a week's snapshot and of what was read for it."""
 
     tables: partitioned.PartitionTables
+    failures: dict[str, list[dict]]  # per user-keyed table, its row checks' failures on these rows
     event_hashes: pl.Series  # store.hash_raw_window of its events
     events: int
     duplicates: int
@@ -86,7 +87,7 @@ def compute_partition(
     recent_items: int,
 ) -> PartitionResult:
     """Read one user partition's events before `week` (over connections of its own, so it runs on any
-    worker) and compute its share of the snapshot."""
+    worker), compute its share of the snapshot and check its rows of the user-keyed tables."""
     engine = sa.create_engine(sqlalchemy_url(database_url.get_secret_value()), poolclass=sa.NullPool)
     try:
         before = transform.week_start(week)
@@ -94,14 +95,16 @@ def compute_partition(
     finally:
         engine.dispose()
     tables = partitioned.build_partition_tables(raw.events, raw.items, week, recent_items=recent_items)
-    return PartitionResult(tables, store.hash_raw_window(raw.events, before), raw.events.height, raw.duplicates)
+    failures = partitioned.check_partition_tables(tables.tables, week)
+    hashes = store.hash_raw_window(raw.events, before)
+    return PartitionResult(tables, failures, hashes, raw.events.height, raw.duplicates)
 
 
 @task(**PURE)
-def merge_partitions(parts: list[PartitionResult], week: date, options: dict) -> dict[str, pl.DataFrame]:
-    """The week's snapshot from its partitions' shares: what compute_snapshot gives for the whole log."""
+def merge_partitions(parts: list[partitioned.PartitionTables], week: date, options: dict) -> dict[str, pl.DataFrame]:
+    """The week's snapshot from its partitions' shares (consumed): what compute_snapshot gives for the whole log."""
     merged = {k: options[k] for k in ("neighbours", "collaborative", "collaborative_items")}
-    return partitioned.merge_partition_tables([p.tables for p in parts], week, **merged)
+    return partitioned.merge_partition_tables(parts, week, **merged)
 
 
 @task(**IO)
@@ -112,11 +115,16 @@ def read_history(engine, tables: list[str], week: date, count: int) -> dict[str,
 
 @task(**PURE)
 def validate_snapshot(
-    frames: dict[str, pl.DataFrame], week: date, history: dict[str, list[dict]], options: dict
+    frames: dict[str, pl.DataFrame],
+    week: date,
+    history: dict[str, list[dict]],
+    options: dict,
+    checked: dict[str, list[dict]] | None = None,
 ) -> dict[str, ValidationReport]:
-    """Run each table's expectation suite and compare it with its recent passed snapshots."""
+    """Run each table's expectation suite and compare it with its recent passed snapshots (tables in
+    `checked` had their rows checked in their partitions: see `validation.validate_tables`)."""
     as_ofs = {name: transform.assign_as_of(name, week) for name in frames}
-    return validation.validate_tables(frames, as_ofs=as_ofs, previous=history, **options)
+    return validation.validate_tables(frames, as_ofs=as_ofs, previous=history, checked=checked, **options)
 
 
 @task(**IO)
@@ -145,6 +153,7 @@ class Week(NamedTuple):
     frames: dict[str, pl.DataFrame]
     raw_digest: str
     read: str  # report.describe_read
+    checked: dict[str, list[dict]] | None = None  # tables whose rows their partitions checked: their failures
 
 
 def compute_whole_log(
@@ -168,6 +177,7 @@ def compute_whole_log(
     for week in todo:
         frames = compute_snapshot(raw, week, feature_options(settings))
         yield Week(week, frames, store.digest_raw_window(raw.events, transform.week_start(week)), read)
+        del frames  # written: not held while the next week is computed
 
 
 def compute_in_partitions(
@@ -189,10 +199,15 @@ def compute_in_partitions(
                     raise RawDataError(f"source {spec}: no events before {transform.week_start(week).isoformat()}")
                 log.info("week %s precedes the source's first event: nothing to compute", week)
                 continue
-            frames = merge_partitions(parts, week, options)
             raw_digest = store.digest_event_hashes([p.event_hashes for p in parts])
-            del parts  # the shares are merged: not held while the week is validated and written
-            yield Week(week, frames, raw_digest, report.describe_read(events, duplicates, spec))
+            shares = [p.tables for p in parts]
+            checked = {name: validation.merge_failures([p.failures[name] for p in parts]) for name in shares[0].tables}
+            del parts  # the event hashes go; the shares leave one table at a time as they are merged
+            frames = merge_partitions(shares, week, options)
+            del shares
+            checked = {name: failures for name, failures in checked.items() if name in frames}  # empty labels go
+            yield Week(week, frames, raw_digest, report.describe_read(events, duplicates, spec), checked)
+            del frames  # written: not held while the next week's partitions run
 
 
 def run_partitions(runner: TaskRunner, parameters: dict, count: int) -> list[PartitionResult]:
@@ -241,13 +256,18 @@ def feature_flow(
             snapshots = compute_whole_log(stores, settings, spec, todo, weeks, as_of, now, backfill_history)
         else:
             snapshots = compute_in_partitions(stores, settings, spec, todo, weeks, as_of, now)
-        for done, (week, frames, raw_digest, read) in enumerate(snapshots, 1):
+        # Not enumerate(): it keeps its last item (this week's tables) until the generator has
+        # computed the next week, so two snapshots would be held at once.
+        done = 0
+        for week, frames, raw_digest, read, checked in snapshots:
+            done += 1  # noqa: SIM113 (see above)
             history = read_history(stores.engine, list(frames), week, settings.min_rows_weeks)
-            reports = validate_snapshot(frames, week, history, check_options)
+            reports = validate_snapshot(frames, week, history, check_options, checked)
             if not all(r.success for r in reports.values()):
                 fail_snapshot(stores.engine, reports, report.render_failed(read, reports, sections))
             written[str(week)] = write_snapshot(stores.engine, frames, reports, spec, raw_digest)
             sections.append(report.summarise_week(week, reports))
+            del frames  # the next week is computed without this one's tables
             log.info("feature week %s written", week, extra={"progress": ("feature weeks", done, len(todo))})
         if written:
             weeks_written = sorted(written)

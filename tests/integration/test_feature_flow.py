@@ -174,10 +174,12 @@ def test_bad_raw_input_fails_naming_file_and_column_and_changes_nothing(case, fl
     assert dump_store(engine) == before
 
 
+@pytest.mark.parametrize("partitions", ["1", "3"])
 def test_validation_failure_writes_nothing_records_the_report_and_names_table_and_expectation(
-    flow_env, clean_stores, log, tmp_path, monkeypatch
+    partitions, flow_env, clean_stores, log, tmp_path, monkeypatch
 ):
     engine = clean_stores.engine
+    monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", partitions)
     run_flow(as_of=LAST_WEEK, source=write_source(tmp_path / "full", log.events, log.items)).result()
     before = dump_store(engine)
     shrunk = write_source(tmp_path / "shrunk", log.events.filter(pl.col("user_id") <= 10), log.items)
@@ -232,6 +234,39 @@ def test_a_bad_transitions_table_fails_validation_and_writes_nothing(
     assert "expect_column_pair_values_to_differ(item_id, next_item_id)" in str(error)
     assert feature_rows(dump_store(engine)) == feature_rows(before)
     assert not store.snapshot_passed(engine, AS_OF, FEATURE_TABLES)
+
+
+def test_a_partition_whose_rows_fail_their_checks_writes_no_partition_of_its_week(
+    flow_env, clean_stores, log, tmp_path, monkeypatch
+):
+    engine = clean_stores.engine
+    run_flow(as_of=LAST_WEEK, source=write_source(tmp_path / "full", log.events, log.items)).result()
+    before = dump_store(engine)
+    # Two finite weights (the raw checks pass them) whose sum overflows: one user's weight_1w is infinite.
+    user = log.events["user_id"][0]
+    start = datetime.combine(LAST_WEEK, datetime.min.time(), UTC)
+    huge = pl.DataFrame(
+        {
+            "user_id": [user, user],
+            "item_id": log.events["item_id"][:2],
+            "weight": [1.5e308, 1.5e308],
+            "ts": [start + timedelta(days=1), start + timedelta(days=2)],
+        },  # fmt: skip
+        schema=log.events.schema,
+    )
+    spec = write_source(tmp_path / "bad", pl.concat([log.events, huge]), log.items)
+    monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", "3")
+
+    state = run_flow(as_of=AS_OF, source=spec)
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ValidationFailed)
+    assert "user_features as_of=2024-03-04: expect_column_values_to_be_finite(weight_1w)" in str(error)
+    assert "1 unexpected" in str(error)
+    assert feature_rows(dump_store(engine)) == feature_rows(before)
+    assert not store.snapshot_passed(engine, AS_OF, FEATURE_TABLES[:1])
+    assert {t for t, as_of, passed in validation_runs(engine) if as_of == AS_OF and not passed} == {"user_features"}
 
 
 def test_drift_warns_in_the_artifact_and_blocks_when_configured(flow_env, clean_stores, log, tmp_path, monkeypatch):

@@ -190,6 +190,7 @@ def test_a_scaled_plan_shrinks_every_size_and_labels_it():
     ((label, size),) = plan_sizes("large", large=False, scale=0.05, available_gib=1.0)
     assert label == "large-x0.05"
     assert (size.users, size.items, size.events, size.weeks) == (50_000, 2_500, 2_500_000, 16)
+    assert size.feature_partitions == SIZES["large"].feature_partitions == 16
 
 
 def test_plan_refuses_unknown_sizes_and_bad_scales():

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from features import partitioned, store, transform
+from features import contracts, partitioned, store, transform, validation
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.raw import conform_items
 from recsys.partitions import all_partitions, in_partition
@@ -102,3 +102,107 @@ def test_raw_digest_from_partition_hashes_equals_the_whole_window_digest():
     parts = [store.hash_raw_window(events.filter(in_partition("user_id", p)), before) for p in all_partitions(3)]
     assert store.digest_event_hashes(parts) == store.digest_raw_window(events, before)
     assert store.digest_raw_window(events, before).startswith("29:")
+
+
+# --- each partition checks its own rows; the merged table is checked for what needs it whole ---
+
+CHECK_OPTIONS = {"min_rows_ratio": 0.5, "drift_threshold": 0.25, "drift_blocks": False}
+
+
+def partition_log() -> tuple[pl.DataFrame, pl.DataFrame]:
+    rows = [
+        (u, (u * 7 + k) % 9 + 1, -(u * 5 + k) * 3_600 - k * 86_400, 1.0 + k) for u in range(1, 30) for k in range(4)
+    ]
+    rows += [(u, u % 9 + 1, 86_400 + u, 1.0) for u in range(1, 30, 3)]  # the label week
+    return build_events(rows), build_items([-200, -100, None, -50, -10, 3, -30, None, -80])
+
+
+def checked_partitions(events: pl.DataFrame, metadata: pl.DataFrame, count: int, spoil=None):
+    """As the feature flow's partitions do: compute each partition's share and check its rows;
+    `spoil(index, tables)` may corrupt a partition's tables before its check."""
+    shares, failures = [], []
+    for index, partition in enumerate(all_partitions(count)):
+        own = events.filter(in_partition("user_id", partition))
+        share = partitioned.build_partition_tables(own, conform_items(metadata, own, source="t"), WEEK, recent_items=3)
+        if spoil is not None:
+            spoil(index, share.tables)
+        shares.append(share)
+        failures.append(partitioned.check_partition_tables(share.tables, WEEK))
+    checked = {name: validation.merge_failures([f[name] for f in failures]) for name in shares[0].tables}
+    return shares, checked
+
+
+def test_partitions_checked_apart_give_the_reports_of_the_whole_tables():
+    events, metadata = partition_log()
+    whole = transform.build_week_tables(
+        events, conform_items(metadata, events, source="t"), WEEK, recent_items=3, neighbours=2
+    )
+    shares, checked = checked_partitions(events, metadata, 3)
+    merged = partitioned.merge_partition_tables(shares, WEEK, neighbours=2)
+    as_ofs = {name: transform.assign_as_of(name, WEEK) for name in whole}
+
+    expected = validation.validate_tables(whole, as_ofs=as_ofs, previous={}, **CHECK_OPTIONS)
+    reports = validation.validate_tables(merged, as_ofs=as_ofs, previous={}, checked=checked, **CHECK_OPTIONS)
+
+    assert set(checked) == {name for name in whole if name.startswith("user_") or name == "labels"}
+    assert all(not share.tables for share in shares)  # the merge took every share of every user table
+    assert {name: r.to_dict() for name, r in reports.items()} == {name: r.to_dict() for name, r in expected.items()}
+    assert all(r.success for r in reports.values())
+
+
+def test_a_bad_row_in_one_partition_fails_its_table_with_the_counts_of_the_whole_table():
+    events, metadata = partition_log()
+
+    def spoil(index, tables):
+        if index == 1:  # two shares above 1 in one partition's affinities
+            frame = tables["user_category_affinity"]
+            bad = pl.int_range(pl.len()) < 2
+            tables["user_category_affinity"] = frame.with_columns(
+                pl.when(bad).then(pl.lit(1.5)).otherwise(pl.col("share_12w")).alias("share_12w")
+            )
+
+    shares, checked = checked_partitions(events, metadata, 3, spoil)
+    merged = partitioned.merge_partition_tables(shares, WEEK, neighbours=2)
+    as_ofs = {name: transform.assign_as_of(name, WEEK) for name in merged}
+    whole_check = validation.validate_table(
+        contracts.CONTRACTS["user_category_affinity"],
+        merged["user_category_affinity"],
+        as_of=WEEK,
+        previous=None,
+        **CHECK_OPTIONS,
+    )
+
+    reports = validation.validate_tables(merged, as_ofs=as_ofs, previous={}, checked=checked, **CHECK_OPTIONS)
+
+    bad = reports["user_category_affinity"]
+    assert not bad.success
+    assert [(f["expectation"], f["columns"], f["unexpected_count"]) for f in bad.failures] == [
+        ("expect_column_values_to_be_between", ["share_12w"], 2)
+    ]
+    assert bad.failures == whole_check.failures
+    assert "user_category_affinity as_of=2024-03-04" in bad.describe_failures()
+    assert all(r.success for name, r in reports.items() if name != "user_category_affinity")
+
+
+def test_failures_of_several_partitions_merge_into_one_per_expectation():
+    def failure(count, examples, observed=None):
+        return {"expectation": "expect_column_values_to_not_be_null", "columns": ["x"], "expected": {},
+                "observed": observed, "unexpected_count": count, "examples": examples}  # fmt: skip
+
+    other = failure(1, [9]) | {"columns": ["y"]}
+
+    merged = validation.merge_failures([[failure(2, [1, 2])], [], [failure(5, [2, 3, 4, 5, 6]), other]])
+
+    assert merged == [failure(7, [1, 2, 3, 4, 5]), other]
+
+
+def test_a_merged_table_without_rows_fails_its_row_count():
+    frame = pl.DataFrame(schema=contracts.USER_FEATURES.schema)
+
+    reports = validation.validate_tables(
+        {"user_features": frame}, as_ofs={"user_features": WEEK}, previous={}, checked={"user_features": []},
+        **CHECK_OPTIONS,
+    )  # fmt: skip
+
+    assert not reports["user_features"].success
+    assert reports["user_features"].failures[0]["expectation"] == "expect_table_row_count_to_be_between"

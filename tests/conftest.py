@@ -9,8 +9,12 @@ of its own, with its own embedded servers and Prefect harness; on configured ser
 worker gets a database and a Redis database number of its own (`worker_settings`).
 """
 
+import atexit
+import itertools
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -61,8 +65,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def session_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("recsys")
+def server_dir() -> Iterator[Callable[[str], Path]]:
+    """New folders for embedded Postgres servers, outside pytest's temp root.
+
+    An embedded Postgres started by root runs as pgserver's own user, which pgserver lets through
+    the folders above its data; but every pytest session that starts takes the group and other
+    permissions off pytest's root (/tmp/pytest-of-<user>), so a second pytest run beside this one
+    cut a running server off its data (it stopped with "Permission denied"). Removed at exit, after
+    pgserver's exit handlers (registered later, so run earlier) have stopped the servers.
+    """
+    root = Path(tempfile.mkdtemp(prefix="recsys-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    numbers = itertools.count()
+
+    def make(name: str) -> Path:
+        folder = root / f"{name}{next(numbers)}"
+        folder.mkdir()
+        return folder
+
+    yield make
+
+
+@pytest.fixture(scope="session")
+def session_data_dir(server_dir: Callable[[str], Path]) -> Path:
+    return server_dir("recsys")
 
 
 def worker_settings(data_dir: Path, worker: str | None) -> Settings:

@@ -66,8 +66,8 @@ class Template:
 
 
 @pytest.fixture(scope="session")
-def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(tmp_path_factory.mktemp("private-pg") / "data")
+def private_postgres(server_dir) -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres(server_dir("private-pg") / "data")
     yield server
     server.close()
 

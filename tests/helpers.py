@@ -1,10 +1,12 @@
 """Test helpers that set up data: a Postgres events table, a written synthetic log, a whole Redis publication."""
 
 from collections.abc import Sequence
-from datetime import date
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import redis
 import sqlalchemy as sa
@@ -85,3 +87,40 @@ def user_lists(users: int, salt: int = 0) -> pl.DataFrame:
         {"user_id": list(range(users)), "items": [[salt * 100 + u, salt * 100 + u + 1] for u in range(users)]},
         schema={"user_id": pl.Int64, "items": pl.List(pl.Int64)},
     )
+
+
+@dataclass(frozen=True)
+class NextWeek:
+    """A log's week after `as_of` as dense (users, items) matrices, for judging a synthetic world's scorers."""
+
+    past: pl.DataFrame  # the events before as_of, with their items' columns
+    seen: np.ndarray  # consumed before as_of
+    truth: np.ndarray  # consumed in the week, new to the user
+    users: np.ndarray  # users with a past and something new in the week
+    popularity: np.ndarray  # items' plays in the 4 weeks before as_of, plus one
+    n_users: int
+    n_items: int
+
+    def ndcg_at_10(self, scores: np.ndarray) -> float:
+        """Mean NDCG@10 over `users` of `scores` (per item, or per user and item), consumed items left out."""
+        users, seen, truth = self.users, self.seen, self.truth
+        scores = np.where(seen[users], -np.inf, np.broadcast_to(scores, seen.shape)[users])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        gains = np.take_along_axis(truth[users], top, axis=1) / np.log2(np.arange(2, 12))
+        ideal = np.cumsum(1 / np.log2(np.arange(2, 12)))[np.minimum(truth[users].sum(1), 10) - 1]
+        return float((gains.sum(axis=1) / ideal).mean())
+
+
+def next_week(raw: RawData, as_of: datetime) -> NextWeek:
+    events = raw.events.join(raw.items, on="item_id")
+    past, week = events.filter(pl.col("ts") < as_of), events.filter(pl.col("ts") >= as_of)
+    n_users, n_items = raw.events["user_id"].max() + 1, raw.items["item_id"].max() + 1
+    seen = np.zeros((n_users, n_items), dtype=bool)
+    seen[past["user_id"].to_numpy(), past["item_id"].to_numpy()] = True
+    truth = np.zeros_like(seen)
+    truth[week["user_id"].to_numpy(), week["item_id"].to_numpy()] = True
+    truth &= ~seen
+    users = np.flatnonzero(truth.any(axis=1) & seen.any(axis=1))
+    recent = past.filter(pl.col("ts") >= as_of - timedelta(weeks=4))
+    popularity = np.bincount(recent["item_id"].to_numpy(), minlength=n_items) + 1.0
+    return NextWeek(past, seen, truth, users, popularity, n_users, n_items)

@@ -10,7 +10,7 @@ from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.raw import RawData
 from features.sources import read_source
 from features.synthetic import SyntheticLogConfig, ensure_synthetic_log, generate_log, write_log
-from tests.helpers import read_log
+from tests.helpers import next_week, read_log
 
 END = datetime(2024, 6, 3, tzinfo=UTC)  # a Monday
 WEEKS = 10
@@ -196,28 +196,12 @@ def _ndcg_at_10_of_popularity_and_affinity(raw: RawData, as_of: datetime) -> tup
     Popularity: plays in the 4 weeks before as_of. Affinity: the same, times the user's
     share of past plays in the item's category and by the item's creator.
     """
-    events = raw.events.join(raw.items, on="item_id")
-    past, week = events.filter(pl.col("ts") < as_of), events.filter(pl.col("ts") >= as_of)
-    n_users, n_items = raw.events["user_id"].max() + 1, raw.items["item_id"].max() + 1
-    seen = np.zeros((n_users, n_items), dtype=bool)
-    seen[past["user_id"].to_numpy(), past["item_id"].to_numpy()] = True
-    truth = np.zeros_like(seen)
-    truth[week["user_id"].to_numpy(), week["item_id"].to_numpy()] = True
-    truth &= ~seen
-    users = np.flatnonzero(truth.any(axis=1) & seen.any(axis=1))
-    recent = past.filter(pl.col("ts") >= as_of - timedelta(weeks=4))
-    popularity = np.bincount(recent["item_id"].to_numpy(), minlength=n_items) + 1.0
+    nw = next_week(raw, as_of)
+    past, popularity, n_users = nw.past, nw.popularity, nw.n_users
     affinity = popularity[None, :] * (0.02 + _share(past, "category", raw.items, n_users))
     affinity *= 1 + 5 * _share(past, "creator", raw.items, n_users)
 
-    def ndcg(scores: np.ndarray) -> float:
-        scores = np.where(seen[users], -np.inf, np.broadcast_to(scores, seen.shape)[users])
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        gains = np.take_along_axis(truth[users], top, axis=1) / np.log2(np.arange(2, 12))
-        ideal = np.cumsum(1 / np.log2(np.arange(2, 12)))[np.minimum(truth[users].sum(1), 10) - 1]
-        return float((gains.sum(axis=1) / ideal).mean())
-
-    return ndcg(popularity), ndcg(affinity)
+    return nw.ndcg_at_10(popularity), nw.ndcg_at_10(affinity)
 
 
 def _share(past: pl.DataFrame, column: str, items: pl.DataFrame, n_users: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from features.synthetic import (
 )
 from flows.configs import source_spec, synthetic_log_config
 from recsys.settings import Settings
+from tests.helpers import next_week
 
 END = datetime(2024, 6, 3, tzinfo=UTC)  # a Monday
 WEEKS = 8
@@ -163,17 +164,8 @@ def test_sequential_sizes_must_be_positive():
 def _ndcg_at_10_of_popularity_and_next_episode(raw: RawData, as_of: datetime) -> tuple[float, float]:
     """NDCG@10 on items new to each user in [as_of, as_of+7d) of two scorers: plays in the 4 weeks before
     as_of, and the next episodes (same creator, released 1, 2, ... weeks later) of the user's last item."""
-    events = raw.events.join(raw.items, on="item_id")
-    past, week = events.filter(pl.col("ts") < as_of), events.filter(pl.col("ts") >= as_of)
-    n_users, n_items = raw.events["user_id"].max() + 1, raw.items["item_id"].max() + 1
-    seen = np.zeros((n_users, n_items), dtype=bool)
-    seen[past["user_id"].to_numpy(), past["item_id"].to_numpy()] = True
-    truth = np.zeros_like(seen)
-    truth[week["user_id"].to_numpy(), week["item_id"].to_numpy()] = True
-    truth &= ~seen
-    users = np.flatnonzero(truth.any(axis=1) & seen.any(axis=1))
-    recent = past.filter(pl.col("ts") >= as_of - timedelta(weeks=4))
-    popularity = np.bincount(recent["item_id"].to_numpy(), minlength=n_items) + 1.0
+    nw = next_week(raw, as_of)
+    past, popularity, n_users, n_items = nw.past, nw.popularity, nw.n_users, nw.n_items
 
     last = past.sort("ts").group_by("user_id").last().select("user_id", "creator", "release_ts")
     later = last.join(raw.items, on="creator", suffix="_item").with_columns(
@@ -183,11 +175,4 @@ def _ndcg_at_10_of_popularity_and_next_episode(raw: RawData, as_of: datetime) ->
     next_episode = np.zeros((n_users, n_items))
     next_episode[following["user_id"].to_numpy(), following["item_id"].to_numpy()] = 20 - following["weeks"].to_numpy()
 
-    def ndcg(scores: np.ndarray) -> float:
-        scores = np.where(seen[users], -np.inf, np.broadcast_to(scores, seen.shape)[users])
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-        gains = np.take_along_axis(truth[users], top, axis=1) / np.log2(np.arange(2, 12))
-        ideal = np.cumsum(1 / np.log2(np.arange(2, 12)))[np.minimum(truth[users].sum(1), 10) - 1]
-        return float((gains.sum(axis=1) / ideal).mean())
-
-    return ndcg(popularity), ndcg(next_episode + popularity[None, :] * 1e-6)
+    return nw.ndcg_at_10(popularity), nw.ndcg_at_10(next_episode + popularity[None, :] * 1e-6)

@@ -18,6 +18,8 @@ from recsys.stores import open_stores
 from training import frames, gate, report, store
 from training.plan import WeekPlan, staleness
 from training.promotion import Decision
+from training.ranker import RankerParams
+from training.tuning import TuningConfig, TuningResult
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,9 @@ def train_and_evaluate_week(
 
 
 @task(**IO)
-def tune(plan: WeekPlan, categories: list[str], cache: gate.FrameCache, params, tuning) -> gate.TuningResult:
+def tune(
+    plan: WeekPlan, categories: list[str], cache: gate.FrameCache, params: RankerParams, tuning: TuningConfig
+) -> TuningResult:
     """The ranker's hyper-parameters chosen by Optuna on the earliest gate plan's validation week, which
     comes before every holdout the gate scores; every gate model is trained with them."""
     return gate.tune_on_plan(plan, categories, frame_of=cache.get, params=params, tuning=tuning)

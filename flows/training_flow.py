@@ -16,6 +16,7 @@ from ranking.candidates import CandidateConfig, category_encoding
 from recsys.settings import Settings
 from recsys.stores import open_stores
 from training import frames, gate, report, store
+from training.allocation import Allocation
 from training.plan import WeekPlan, staleness
 from training.promotion import Decision
 from training.ranker import RankerParams
@@ -71,6 +72,16 @@ def tune(
     return gate.tune_on_plan(plan, categories, frame_of=cache.get, params=params, tuning=tuning)
 
 
+@task(**TRANSIENT_IO)
+def allocate(engine, plan: WeekPlan, config: CandidateConfig, options: dict) -> Allocation | None:
+    """Candidate counts per source by their recall on the earliest gate plan's training and validation
+    weeks: before every gate holdout, so each gate week is scored on weeks its counts never saw."""
+    return gate.allocate_on_plan(
+        plan, tables_of=lambda w: store.read_tables(engine, w), labels_of=lambda w: store.read_labels(engine, w),
+        config=config, **options,
+    )  # fmt: skip
+
+
 @task(**PURE)
 def pool_weeks(runs: list[gate.WeekRun], gate_options: dict) -> gate.PooledEvaluation:
     """Every gate week's results as (user, week) units, with the model's gain over each recommender and its interval."""
@@ -116,6 +127,10 @@ def training_flow(as_of: date | None = None) -> dict:
         registry.ensure_schema(engine)
         plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks)
         champion = load_champion(engine, settings.model_name)
+        allocated = allocate(engine, plans[0], config, configs.allocation_options(settings))
+        if allocated is not None:
+            config = allocated.config(config)
+            options["config"] = config
         cache = gate.FrameCache(
             lambda week, categories: frames.labelled_frame(
                 store.read_tables(engine, week), store.read_labels(engine, week), week, config, categories, **sampling
@@ -134,15 +149,19 @@ def training_flow(as_of: date | None = None) -> dict:
             runs.append(train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress))
             cache.keep(w for later in plans[i + 1 :] for w in (*later.train, later.validation))
         pooled = pool_weeks(runs, gate_options)
-        if tuned is not None:  # stored with the model (its params in the registry)
-            model = runs[-1].model
-            runs[-1] = replace(runs[-1], model=replace(model, params=model.params | {"tuning": tuned.record()}))
+        # Stored with the model (its params in the registry); the counts themselves are in its "candidates".
+        stored = {"tuning": tuned.record()} if tuned is not None else {}
+        stored |= {"allocation": allocated.record()} if allocated is not None else {}
+        model = runs[-1].model
+        runs[-1] = replace(runs[-1], model=replace(model, params=model.params | stored))
         version, decision, live = register_and_gate(
             engine, settings.model_name, runs[-1], plans, pooled, config, k, margin
         )
     create_markdown_artifact(
         key="training-metrics",
-        markdown=report.metrics_markdown(version, plans, pooled, decision, k, live.label),
+        markdown=report.metrics_markdown(
+            version, plans, pooled, decision, k, live.label, allocated.record() if allocated is not None else None
+        ),
         description=f"Model v{version}, gate over {len(pooled.weeks)} weeks up to {plans[-1].holdout}",
     )
     return {
@@ -156,6 +175,7 @@ def training_flow(as_of: date | None = None) -> dict:
         "gains": pooled.gains_record(),
         "candidate_recall": pooled.candidate_recall,
         "tuning": tuned.record() if tuned is not None else None,
+        "allocation": allocated.record() if allocated is not None else None,
         **asdict(decision),
         "champion": live.label,
     }

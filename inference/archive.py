@@ -24,6 +24,8 @@ import sqlalchemy as sa
 
 from inference import publications
 from inference.serving import Recommendation, check_recommendations, check_version, client_keys
+from ranking import registry
+from ranking.candidates import CandidateConfig, with_stored_counts
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +259,23 @@ def model_version_of(engine: sa.Engine, version: str) -> int | None:
     table = publications.publications
     with engine.connect() as conn:
         return conn.execute(sa.select(table.c.model_version).where(table.c.version == version)).scalar_one_or_none()
+
+
+def served_candidates(engine: sa.Engine, version: str, config: CandidateConfig) -> CandidateConfig:
+    """`config` with the candidate counts of the model that produced a publication (as it was trained);
+    `config` itself when the publication has no model lineage or the model is no longer registered."""
+    table = publications.publications
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(table.c.model_name, table.c.model_version).where(table.c.version == version)
+        ).one_or_none()
+    if row is None or row.model_name is None or row.model_version is None:
+        return config
+    try:
+        record = registry.get_model(engine, row.model_name, row.model_version)
+    except registry.ModelNotFoundError:
+        return config
+    return with_stored_counts(config, record.params)
 
 
 def select_served_version(moves: pl.DataFrame, week: date) -> str | None:

@@ -24,6 +24,7 @@ from ranking.candidates import (
     SnapshotTables,
     build_ranking_frame,
     category_encoding,
+    with_stored_counts,
 )
 from ranking.scoring import ScoringModel, check_model, feature_matrix, prior_scores, score, top_n
 
@@ -211,7 +212,7 @@ def explain(
         )
     item_tables = {c.name: store.read_table(engine, c.name, snapshot) for c in scoring.ITEM_TABLES}
     tables = SnapshotTables.from_frames(user_tables | item_tables)
-    model, model_info, notes = _load_champion(engine, model_name)
+    model, model_info, notes = _load_champion(engine, model_name, config)
     labels = None
     if as_of in store.passed_as_ofs(engine, contracts.LABELS.name):
         labels = store.read_table(engine, contracts.LABELS.name, as_of, user_ids=users)
@@ -219,7 +220,7 @@ def explain(
         notes.append(f"no labels for the week of {as_of} yet (the week is not over, or its features were not run)")
     if snapshot < as_of:
         notes.append(f"the newest passed feature snapshot is {snapshot}, older than the week {as_of}")
-    explained = explain_user(tables, user_id, model, config, n, labels)
+    explained = explain_user(tables, user_id, model, model.config if model else config, n, labels)
     published, published_note = _published_list(redis_client, prefix, user_id, as_of, archived_list)
     if published is not None:
         published["same_as_explained"] = published["items"] == [r["item_id"] for r in explained["recommended"]]
@@ -235,8 +236,11 @@ def explain(
     }
 
 
-def _load_champion(engine: sa.Engine, model_name: str) -> tuple[ScoringModel | None, dict | None, list[str]]:
-    """The champion as a ScoringModel (None without one, or when it is not a LightGBM model), its summary, notes."""
+def _load_champion(
+    engine: sa.Engine, model_name: str, config: CandidateConfig
+) -> tuple[ScoringModel | None, dict | None, list[str]]:
+    """The champion as a ScoringModel with the candidate counts it was trained on (`config`'s otherwise; None
+    without one, or when it is not a LightGBM model), its summary, notes."""
     # Read-only: a database where no model was ever registered has no registry tables yet.
     record = registry.get_champion(engine, model_name) if sa.inspect(engine).has_table("model_aliases") else None
     if record is None:
@@ -246,7 +250,10 @@ def _load_champion(engine: sa.Engine, model_name: str) -> tuple[ScoringModel | N
         return None, info, [f"champion {record.name} v{record.version} is not a LightGBM model: no scores to explain"]
     booster, record = registry.load_model(engine, model_name, record.version)
     check_model(record.feature_names, record.encodings, f"{record.name} v{record.version}")
-    return ScoringModel(booster, record.feature_names, record.encodings["category"]), info, []
+    scoring_model = ScoringModel(
+        booster, record.feature_names, record.encodings["category"], with_stored_counts(config, record.params)
+    )
+    return scoring_model, info, []
 
 
 def _published_list(

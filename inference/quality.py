@@ -256,7 +256,8 @@ def measure_week(
     }
     row = measure_realized_quality(
         archive.read_lists(engine, version), archive.read_fallback(engine, version),
-        SnapshotTables.from_frames(frames), labels, config, k=k, batch_users=batch_users,
+        SnapshotTables.from_frames(frames), labels, archive.served_candidates(engine, version, config), k=k,
+        batch_users=batch_users,
     )  # fmt: skip
     row = {"as_of": week, "version": version, "model_version": archive.model_version_of(engine, version), **row}
     statement = postgresql.insert(realized_quality).values(**row)

@@ -25,7 +25,7 @@ from features import contracts, store
 from features.collaborative import CollaborativeConfig, FittedScorer
 from inference import publish
 from ranking import baselines, registry
-from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.candidates import CandidateConfig, SnapshotTables, with_stored_counts
 from ranking.scoring import check_model, recommend_with_model, timed, user_batches
 from recsys.partitions import all_partitions, in_partition
 
@@ -188,6 +188,7 @@ def score_partition(
             f"score_partition: {record.label} serves a baseline: pass baseline=fit_served_baseline(...), "
             "fitted once per run"
         )
+    config = with_stored_counts(config, record.params)  # the candidates the model was trained on
     stats = {"users": len(users), "personal": 0, "read_s": 0.0, "score_s": 0.0, "write_s": 0.0, "pid": os.getpid()}
     steps: dict[str, float] = {}
     with _timing(stats, "read_s"):

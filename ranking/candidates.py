@@ -4,7 +4,7 @@
 rows the ranker scores; inference calls it exactly as training did.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -58,6 +58,20 @@ class CandidateConfig:
     recent_items: int = default_of("recent_items_per_user")
     new_release_days: float = 28.0
     exclude_consumed: bool = default_of("exclude_consumed")
+
+
+def source_counts(config: CandidateConfig) -> dict[str, int]:
+    """How many candidates each source gives per user under `config`, by source name."""
+    return {source: getattr(config, source) for source in SOURCES}
+
+
+def with_stored_counts(config: CandidateConfig, params: dict) -> CandidateConfig:
+    """`config` with the per-source counts a registered model was trained with (`params["candidates"]`, as
+    the training flow stores them: measured on its validation weeks), so that a model is always served and
+    evaluated on the candidates it learned from. The other fields (recent items, excluding consumed items)
+    stay `config`'s, the Settings' of the run; a model stored without counts keeps `config` as it is."""
+    stored = params.get("candidates") or {}
+    return replace(config, **{source: int(stored[source]) for source in SOURCES if source in stored})
 
 
 def _ranked(frame: pl.DataFrame, score: str, source: str, limit: int, keep: tuple[str, ...] = ()) -> pl.DataFrame:
@@ -228,8 +242,12 @@ def select_last_items(history: pl.DataFrame, limit: int) -> pl.DataFrame:
     )
 
 
-def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
-    """Union of every source's candidates per user, tagged with each source's rank (null if absent)."""
+def source_candidates(
+    tables: SnapshotTables, users: pl.Series, config: CandidateConfig
+) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
+    """Every source's candidates for `users`, each (user_id, item_id, `<source>_rank`, and the source's
+    scores), as many per user as `config` gives that source; and the users' sequence scores
+    (`score_transitions` of their last items, consumed items included)."""
     user_frame = pl.DataFrame({"user_id": users.cast(pl.Int64).unique().sort()})
     history = tables.user_item_history.join(user_frame, on="user_id")
     consumed = history.select("user_id", "item_id") if config.exclude_consumed else None
@@ -276,8 +294,14 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     )
     strong = reachable.filter(pl.col("seq_rank_score") >= max(config.seq_min_score, 1e-12))
     seq = _ranked(strong, "seq_rank_score", "seq", config.seq)
+    lists = {"cooc": cooc, "pop": pop, "category": category, "creator": creator, "new": new, "cf": cf, "seq": seq}
+    return lists, sequence
 
-    tagged = pl.concat([cooc, pop, new, category, creator, cf, seq], how="diagonal")
+
+def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
+    """Union of every source's candidates per user, tagged with each source's rank (null if absent)."""
+    lists, sequence = source_candidates(tables, users, config)
+    tagged = pl.concat([lists[s] for s in ("cooc", "pop", "new", "category", "creator", "cf", "seq")], how="diagonal")
     # One group-by merges the sources: each column is non-null in exactly one source's rows.
     merged = tagged.group_by("user_id", "item_id").agg(pl.all().max())
     return (

@@ -17,11 +17,13 @@ TIE_BREAK = "item_popularity_rank_4w"
 
 @dataclass(frozen=True)
 class ScoringModel:
-    """A booster with the feature names and category encoding it was trained with."""
+    """A booster with the feature names and category encoding it was trained with, and the candidate
+    counts it was trained on (None: whatever the caller's config gives)."""
 
     booster: lgb.Booster
     feature_names: list[str]
     categories: list[str]
+    config: CandidateConfig | None = None
 
 
 class IncompatibleModelError(ExpectedError, ValueError):

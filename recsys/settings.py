@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     als_regularization: float = Field(default=10.0, ge=0, description="ALS baseline: L2 regularisation.")
     als_iterations: int = Field(default=15, ge=1, description="ALS baseline: alternating least-squares sweeps.")
     als_alpha: float = Field(default=2.0, gt=0, description="ALS baseline: confidence of a consumed pair.")
+    candidates_per_user: int = Field(
+        default=200,
+        ge=0,
+        description="Candidate budget per user: the training flow splits it between the candidate sources by "
+        "their measured recall on the weeks before its holdouts, and stores the counts with the model "
+        "(inference serves each model with its own); 0 keeps the fixed counts of ranking.candidates.CandidateConfig.",
+    )
     negatives_per_user: int = Field(
         default=50,
         ge=1,

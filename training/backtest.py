@@ -31,9 +31,10 @@ from features import transform
 from features.collaborative import CollaborativeConfig
 from features.raw import RawData
 from ranking import metrics
-from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, category_encoding
 from recsys.clock import parse_as_of
-from training import evaluation, frames, gate
+from training import allocation, evaluation, frames, gate
+from training.allocation import Allocation
 from training.plan import WEEK, WeekPlan, plan_weeks
 from training.ranker import RankerParams
 from training.tuning import TuningConfig
@@ -50,6 +51,8 @@ class BacktestResult:
     - `metrics`: one row per (week, recommender); week is the ISO date or "overall".
     - `candidate_recall`: one row per week and overall: share of the truth pairs among
       the candidates, for all sources together and for each one.
+    - `allocations`: one row per week and overall when the candidates were allocated by recall: the counts,
+      the recall on the holdout and the best single source's at the same number of candidates per user.
     - `timings`: one row per week: training rows, best iteration and seconds spent.
     - `gains`: one row per baseline: the model's relative NDCG@k gain over it, overall, with
       its paired bootstrap interval over (user, week) (`low`, `high`) and the units.
@@ -57,6 +60,7 @@ class BacktestResult:
 
     metrics: pl.DataFrame
     candidate_recall: pl.DataFrame
+    allocations: pl.DataFrame
     timings: pl.DataFrame
     gains: pl.DataFrame
     k: int
@@ -121,12 +125,15 @@ def run_backtest(
     confidence: float,
     resamples: int,
     tuning: TuningConfig | None = None,
+    candidate_budget: int = 0,
 ) -> BacktestResult:
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
     The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
     the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. With `tuning`
-    enabled, each week's hyper-parameters are tuned on its own plan's validation week first.
+    enabled, each week's hyper-parameters are tuned on its own plan's validation week first. With a
+    `candidate_budget`, each week's candidate counts are allocated on its plan's training and validation
+    weeks (`training.allocation`), as the training flow does; 0 keeps `config`'s counts.
     """
     if not weeks:
         raise ValueError("run_backtest: no weeks given")
@@ -138,25 +145,35 @@ def run_backtest(
         raw, {"recent_items": recent_items, "neighbours": neighbours, "collaborative": collaborative,
               "collaborative_items": collaborative_items},
     )  # fmt: skip
-    cache = gate.FrameCache(
-        lambda week, categories: frames.labelled_frame(
-            snapshots.tables(week),
-            snapshots.labels(week),
-            week,
-            config,
-            categories,
-            negatives_per_user=negatives_per_user,
-            seed=seed,
-            max_users=max_users,
-            batch_users=batch_users,
-        )  # fmt: skip
-    )
-    options = {"params": params, "config": config, "collaborative": collaborative, "k": k, "batch_users": batch_users}
 
-    metric_rows, recall_rows, timing_rows, evaluations = [], [], [], {}
+    def frame_cache(week_config: CandidateConfig) -> gate.FrameCache:
+        return gate.FrameCache(
+            lambda week, categories: frames.labelled_frame(
+                snapshots.tables(week),
+                snapshots.labels(week),
+                week,
+                week_config,
+                categories,
+                negatives_per_user=negatives_per_user,
+                seed=seed,
+                max_users=max_users,
+                batch_users=batch_users,
+            )  # fmt: skip
+        )
+
+    cache, cached_config = frame_cache(config), config
+    options = {"params": params, "collaborative": collaborative, "k": k, "batch_users": batch_users}
+    measure = {"tables_of": snapshots.tables, "labels_of": snapshots.labels, "max_users": max_users, "seed": seed}
+
+    metric_rows, recall_rows, allocation_rows, timing_rows, evaluations = [], [], [], [], {}
     for as_of in weeks:
         features_before = snapshots.seconds
         plan = plan_backtest_week(snapshots, as_of, training_weeks)
+        # The training flow's allocation: counts measured on the plan's own past, never its holdout.
+        allocated = gate.allocate_on_plan(plan, config=config, budget=candidate_budget, **measure)
+        week_config = allocated.config(config) if allocated is not None else config
+        if week_config != cached_config:  # frames are built from the candidates: new counts, new frames
+            cache, cached_config = frame_cache(week_config), week_config
         # Known at as_of: the encoding is fixed from the snapshot the model will score.
         categories = category_encoding(snapshots.tables(as_of).item_features)
         week_options, tuned = options, None
@@ -165,8 +182,12 @@ def run_backtest(
             week_options = options | {"params": tuned.params}
         run = gate.train_and_evaluate_week(
             plan, categories, frame_of=cache.get, holdout_of=lambda w: (snapshots.tables(w), snapshots.labels(w)),
-            champion=None, **week_options,
+            champion=None, config=week_config, **week_options,
         )  # fmt: skip
+        if allocated is not None:
+            allocation_rows.append(
+                _allocation_row(as_of, allocated, week_config, run.evaluation.candidate_recall, measure)
+            )
         features_s = snapshots.seconds - features_before
         evaluations[as_of] = run.evaluation
         metric_rows += [{"week": str(as_of), "recommender": n, **m} for n, m in run.evaluation.metrics.items()]
@@ -195,12 +216,61 @@ def run_backtest(
     return BacktestResult(
         metrics=pl.DataFrame(metric_rows + _overall_metrics(metric_rows)),
         candidate_recall=pl.DataFrame(recall_rows + [{"week": OVERALL, **evaluation.combine_recall(recall_rows)}]),
+        allocations=pl.DataFrame(allocation_rows + _overall_allocation(allocation_rows), schema=ALLOCATION_SCHEMA),
         timings=pl.DataFrame(timing_rows),
         gains=gains,
         k=k,
         training_weeks=training_weeks,
         confidence=confidence,
     )
+
+
+ALLOCATION_SCHEMA = {
+    "week": pl.Utf8,
+    "counts": pl.Utf8,
+    "allocated_on": pl.Utf8,
+    "candidates_per_user": pl.Float64,
+    "recall": pl.Float64,
+    "best_single_source": pl.Utf8,
+    "best_single_recall": pl.Float64,
+    "truth_items": pl.Int64,
+} | {f"single_{s}": pl.Float64 for s in SOURCES}
+
+
+def _allocation_row(
+    week: date, allocated: Allocation, config: CandidateConfig, recall: dict[str, float], measure: dict
+) -> dict:
+    """A week's allocation and, on its holdout, the recall of its candidates (`config`) against each source
+    alone cut at the same candidates per user (`single_<source>`, the best of them named)."""
+    per_user = recall["candidates_per_user"]
+    holdout = allocation.measure_weeks([week], config=config, depth=allocated.budget, **measure)
+    single = allocation.single_source_recall(holdout, per_user)
+    row = {
+        "week": str(week),
+        "counts": ", ".join(f"{s} {n}" for s, n in allocated.counts.items() if n),
+        "allocated_on": f"{allocated.weeks[0]} … {allocated.weeks[-1]}",
+        "candidates_per_user": per_user,
+        "recall": recall["all"],
+        "truth_items": recall["truth_items"],
+    }
+    return row | _best_single({f"single_{s}": v for s, v in single.items()})
+
+
+def _best_single(single: dict[str, float]) -> dict:
+    best = max(SOURCES, key=lambda s: single[f"single_{s}"])
+    return single | {"best_single_source": best, "best_single_recall": single[f"single_{best}"]}
+
+
+def _overall_allocation(rows: list[dict]) -> list[dict]:
+    """The weeks together: recalls weighted by truth pairs, candidates per user averaged over weeks."""
+    total = sum(r["truth_items"] for r in rows)
+    if not total:
+        return []
+    columns = ["recall", *[f"single_{s}" for s in SOURCES]]
+    weighted = {c: sum(r[c] * r["truth_items"] for r in rows) / total for c in columns}
+    per_user = sum(r["candidates_per_user"] for r in rows) / len(rows)
+    overall = {"week": OVERALL, "counts": "", "allocated_on": "", "candidates_per_user": per_user, "truth_items": total}
+    return [overall | {"recall": weighted.pop("recall")} | _best_single(weighted)]
 
 
 def _overall_metrics(rows: list[dict]) -> list[dict]:
@@ -311,6 +381,8 @@ def format_table(result: BacktestResult) -> str:
     for row in result.candidate_recall.iter_rows(named=True):
         cells = [row["week"], *[f"{row[c]:.3f}" for c in recall_columns]]
         lines.append(_markdown_row([*cells, f"{row['candidates_per_user']:.0f}", str(row["truth_items"])]))
+    if not result.allocations.is_empty():
+        lines += _allocation_lines(result.allocations)
 
     timing_columns = ["train_rows", "best_iteration", "features_s", "frames_s", "train_s", "evaluate_s"]
     lines += ["", "Timings (seconds; features are computed once per snapshot and reused):", ""]
@@ -324,6 +396,35 @@ def format_table(result: BacktestResult) -> str:
         lines += [_markdown_row(["week", "trials", "chosen"]), _markdown_row(["---"] * 3)]
         lines += [_markdown_row([r["week"], str(r["tuning_trials"]), r["tuned"]]) for r in tuned.iter_rows(named=True)]
     return "\n".join(lines) + "\n"
+
+
+def _allocation_lines(allocations: pl.DataFrame) -> list[str]:
+    """The counts each week's candidates were allocated, and their recall against the best source alone."""
+    lines = [
+        "",
+        "Candidates allocated by measured recall (counts per user chosen on each plan's training and validation "
+        "weeks; recall on the holdout, against each source alone cut at the same candidates per user):",
+        "",
+        _markdown_row(
+            [
+                "week",
+                "counts",
+                "allocated on",
+                "candidates / user",
+                "recall",
+                "best single source",
+                "its recall",
+                "gain",
+            ]
+        ),  # fmt: skip
+        _markdown_row(["---"] * 8),
+    ]
+    for row in allocations.iter_rows(named=True):
+        gain = row["recall"] - row["best_single_recall"]
+        cells = [row["week"], row["counts"], row["allocated_on"], f"{row['candidates_per_user']:.0f}"]
+        cells += [f"{row['recall']:.3f}", row["best_single_source"], f"{row['best_single_recall']:.3f}", f"{gain:+.3f}"]
+        lines.append(_markdown_row(cells))
+    return lines
 
 
 def _number(value: float | None) -> str:

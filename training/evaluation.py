@@ -11,7 +11,7 @@ import polars as pl
 
 from features.collaborative import CollaborativeConfig, FittedScorer
 from ranking import baselines, metrics
-from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame, with_stored_counts
 from ranking.registry import ModelRecord
 from ranking.scoring import ScoringModel, recommend_with_model, timed, user_batches
 from training.frames import labelled_users
@@ -51,7 +51,9 @@ def evaluate_model(
     held = None
     if champion is not None:
         booster, record = champion
-        held = ScoringModel(booster, record.feature_names, record.encodings["category"])
+        held = ScoringModel(
+            booster, record.feature_names, record.encodings["category"], with_stored_counts(config, record.params)
+        )
     return evaluate_week(
         scoring, tables, labels, config, k, champion=held, collaborative=collaborative, batch_users=batch_users
     )
@@ -88,8 +90,9 @@ def evaluate_week(
         with timed(steps, "baselines"):
             recs |= recommend_baselines(tables, batch, k, config, fitted)
         if champion is not None:
-            same_frame = frame if champion.categories == model.categories else None
-            recs["champion"] = _recommend(champion, tables, batch, config, k, same_frame, steps)
+            held_config = champion.config or config
+            same = champion.categories == model.categories and held_config == config
+            recs["champion"] = _recommend(champion, tables, batch, held_config, k, frame if same else None, steps)
         for name, top in recs.items():
             parts.setdefault(name, []).append(top)
         with timed(steps, "recall"):

@@ -22,7 +22,8 @@ from features.collaborative import CollaborativeConfig
 from ranking import metrics
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.registry import ModelRecord
-from training import evaluation
+from training import allocation, evaluation
+from training.allocation import Allocation
 from training.bootstrap import GainEstimate, bootstrap_gain_of_units
 from training.evaluation import WeekEvaluation
 from training.plan import WeekPlan
@@ -121,6 +122,34 @@ def tune_on_plan(
     """Hyper-parameters tuned on `plan`'s training weeks and scored on its validation week (never its holdout)."""
     train = pl.concat([frame_of(w, categories) for w in plan.train])
     return tune_params(train, frame_of(plan.validation, categories), params, tuning)
+
+
+def allocate_on_plan(
+    plan: WeekPlan,
+    *,
+    tables_of: Callable[[date], SnapshotTables],
+    labels_of: Callable[[date], pl.DataFrame],
+    config: CandidateConfig,
+    budget: int,
+    max_users: int | None,
+    seed: int,
+) -> Allocation | None:
+    """Candidate counts per source measured on `plan`'s training and validation weeks (never its holdout),
+    within `budget` candidates per user (`training.allocation`); None when the budget is 0 (fixed counts)."""
+    if budget == 0:
+        return None
+    measured = allocation.measure_weeks(
+        [*plan.train, plan.validation], tables_of=tables_of, labels_of=labels_of, config=config, depth=budget,
+        max_users=max_users, seed=seed,
+    )  # fmt: skip
+    chosen = allocation.allocate(measured, budget)
+    best, best_recall = chosen.best_single_source
+    log.info(
+        "candidates allocated on %s: %s; recall %.3f at %.0f per user (best single source %s: %.3f)",
+        ", ".join(str(w) for w in chosen.weeks), chosen.counts, chosen.recall, chosen.candidates_per_user, best,
+        best_recall,
+    )  # fmt: skip
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,17 @@ def format_gain(gain: GainEstimate | None) -> str:
 
 
 def metrics_markdown(
-    version: int, plans: list[WeekPlan], pooled: PooledEvaluation, decision: Decision, k: int, champion: str
+    version: int,
+    plans: list[WeekPlan],
+    pooled: PooledEvaluation,
+    decision: Decision,
+    k: int,
+    champion: str,
+    allocation: dict | None = None,
 ) -> str:
     """Markdown: the decision and the champion now live, every recommender's pooled metrics with the
-    model's gain over it, NDCG per week, and candidate recall."""
+    model's gain over it, NDCG per week, and candidate recall, with the candidates' allocation (its
+    `Allocation.record()`) when they were allocated by recall."""
     names = metrics.METRIC_NAMES
     confidence = next(iter(pooled.gains.values())).confidence if pooled.gains else 0.95
     header = (
@@ -76,5 +83,18 @@ def metrics_markdown(
             "| " + " | ".join(RECALL_KEYS) + " |",
             "|---" * len(RECALL_KEYS) + "|",
             "| " + " | ".join(f"{recall[key]:.3f}" for key in RECALL_KEYS) + " |",
+            *([] if allocation is None else ["", allocation_sentence(allocation)]),
         ]
+    )
+
+
+def allocation_sentence(allocation: dict) -> str:
+    """The candidates' counts per source and what they held where they were measured (`Allocation.record()`)."""
+    counts = ", ".join(f"{source} {n}" for source, n in allocation["counts"].items() if n)
+    best = allocation["best_single_source"]
+    return (
+        f"Candidates per user allocated by measured recall on {', '.join(allocation['weeks'])} "
+        f"({allocation['users']} (user, week) units, budget {allocation['budget']}): {counts}; there they held "
+        f"{allocation['recall']:.3f} of the new items at {allocation['candidates_per_user']:.0f} per user, "
+        f"{best} alone {allocation['single_source'][best]:.3f} at as many."
     )

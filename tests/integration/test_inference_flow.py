@@ -11,7 +11,7 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from features.transform import week_start
 from flows.inference_flow import inference_flow
 from inference import publications, publish, scoring, serving
 from ranking import registry
-from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables
 from ranking.scoring import IncompatibleModelError
 from recsys.settings import Settings
 from recsys.stores import connect_redis, open_stores
@@ -219,6 +219,30 @@ def test_consumed_items_are_recommended_when_exclusion_is_off(seeded: Settings, 
     recommended = {(user, item) for user, rec in lists.items() if not rec.is_fallback for item in rec.items}
     assert recommended & consumed_pairs(seed)
     assert publication_rows(seeded)["fallback_user_count"].to_list() == [0]
+
+
+def test_the_champion_is_served_on_the_candidate_counts_it_was_trained_on(seeded: Settings, seed: Seed):
+    # A champion trained on other counts than the Settings' default ones (the training flow stores its
+    # allocation in params["candidates"]): it is served on its own, not on the run's.
+    counts = dict.fromkeys(SOURCES, 0) | {"pop": 30, "cf": 15}
+    model = replace(seed.model, params=seed.model.params | {"candidates": counts})
+    with open_stores(seeded) as stores:
+        register_champion(stores.engine, seeded.model_name, model, seed.categories, EARLIER)
+
+    inference_flow(as_of=AS_OF)
+
+    personal = {user: rec.items for user, rec in live_lists(seeded).items() if not rec.is_fallback}
+    frames = seed.snapshots[AS_OF]
+
+    def served_on(config: CandidateConfig) -> dict[int, list[int]]:
+        expected = scoring.recommend_users(
+            lgb.Booster(model_str=seed.model.model_text), seed.model.feature_names, seed.categories,
+            SnapshotTables.from_frames(frames), frames["user_features"]["user_id"], config, seeded.top_n,
+        )  # fmt: skip
+        return dict(zip(expected["user_id"].to_list(), expected["items"].to_list(), strict=True))
+
+    assert personal == served_on(CandidateConfig(**counts))
+    assert personal != served_on(CandidateConfig())
 
 
 def test_tampered_champion_fails_before_anything_is_published(seeded: Settings):

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from flows.feature_flow import feature_flow
 from flows.training_flow import training_flow
 from ranking import registry
-from ranking.candidates import FEATURE_NAMES
+from ranking.candidates import FEATURE_NAMES, SOURCES, CandidateConfig, source_counts
 from recsys.settings import Settings
 from recsys.stores import open_stores
 from tests.conftest import artifact_text
@@ -110,6 +110,17 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert champion.feature_names == FEATURE_NAMES
     assert champion.encodings["category"] == sorted(champion.encodings["category"])
     assert champion.params["candidates"]["exclude_consumed"] is True
+    # Candidates allocated by recall on the earliest gate plan's training and validation weeks, before every
+    # gate holdout, within RECSYS_CANDIDATES_PER_USER; the counts are the model's, stored with it.
+    allocated = first["allocation"]
+    assert (
+        allocated["budget"] == flow_env.candidates_per_user and allocated["candidates_per_user"] <= allocated["budget"]
+    )
+    assert max(allocated["weeks"]) < gate_weeks[0] and allocated["users"] > 0
+    assert {s: champion.params["candidates"][s] for s in SOURCES} == allocated["counts"]
+    assert champion.params["allocation"] == allocated
+    assert 0 < allocated["recall"] <= 1 and set(allocated["single_source"]) == set(SOURCES)
+    assert "Candidates per user allocated by measured recall on " + ", ".join(allocated["weeks"]) in first_artifact
     assert champion.metrics["candidate_recall"] == first["candidate_recall"]
     assert champion.metrics["gains"] == first["gains"] and champion.metrics["gate_weeks"] == gate_weeks
 
@@ -145,10 +156,12 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
         "same snapshots and seed must give the same model"
     )
 
-    # Optuna tuning (RECSYS_TUNING_SECONDS): on the earliest gate plan's validation week, stored with the model.
+    # Optuna tuning (RECSYS_TUNING_SECONDS): on the earliest gate plan's validation week, stored with the model;
+    # in the same run a budget of 0 keeps the fixed candidate counts.
     assert first["tuning"] is None and "tuning" not in champion.params
     monkeypatch.setenv("RECSYS_TUNING_SECONDS", "600")
     monkeypatch.setenv("RECSYS_TUNING_TRIALS", "2")
+    monkeypatch.setenv("RECSYS_CANDIDATES_PER_USER", "0")
     tuned, _ = train()
     assert tuned["tuning"]["trials"] == 2
     assert tuned["tuning"]["validation_ndcg@10_tuned"] >= tuned["tuning"]["validation_ndcg@10_untuned"]
@@ -156,3 +169,5 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
         record = registry.get_model(stores.engine, flow_env.model_name, tuned["version"])
     assert record.params["tuning"] == tuned["tuning"]
     assert all(record.params[name] == value for name, value in tuned["tuning"]["chosen"].items())
+    assert tuned["allocation"] is None and "allocation" not in record.params
+    assert {s: record.params["candidates"][s] for s in SOURCES} == source_counts(CandidateConfig())

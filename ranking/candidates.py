@@ -134,18 +134,29 @@ def score_neighbours(
     recent: pl.DataFrame, neighbours: pl.DataFrame, consumed: pl.DataFrame | None, limit: int
 ) -> pl.DataFrame:
     """Each user's top `limit` unconsumed neighbours of their recent items, by summed score
-    (ties by item id): (user_id, item_id, cooc_rank, cooc_score, cooc_count).
+    (ties by item id): (user_id, item_id, cooc_rank, cooc_score, cooc_count)."""
+    return rank_neighbours(neighbour_scores(recent, neighbours), consumed, limit)
+
+
+def rank_neighbours(scores: pl.DataFrame, consumed: pl.DataFrame | None, limit: int) -> pl.DataFrame:
+    """The top `limit` unconsumed items of `neighbour_scores` per user, ranked (`score_neighbours`)."""
+    return _ranked(_exclude(scores, consumed), "cooc_score", "cooc", limit, ("cooc_score", "cooc_count"))
+
+
+def neighbour_scores(recent: pl.DataFrame, neighbours: pl.DataFrame) -> pl.DataFrame:
+    """Every item a neighbour of the users' `recent` items, with the summed neighbour scores and how many
+    recent items link to it: (user_id, item_id, cooc_score, cooc_count); consumed items included.
 
     Computed as a sparse product (users × recent items) · (items × neighbours): a polars
     group-by over every (user, recent item, neighbour) triple was over 20× slower.
     """
-    empty = {"user_id": pl.Int64, "item_id": pl.Int64, "cooc_rank": pl.Int64, "cooc_score": pl.Float64}
+    empty = {"user_id": pl.Int64, "item_id": pl.Int64, "cooc_score": pl.Float64, "cooc_count": pl.Int64}
     items = pl.concat([neighbours.get_column("item_id"), neighbours.get_column("neighbour_id")]).unique().sort()
     # Recent items without neighbours contribute nothing.
     recent = recent.filter(pl.col("item_id").is_in(items.implode()))
     users = recent.get_column("user_id").unique().sort()
     if users.is_empty():
-        return pl.DataFrame(schema=empty | {"cooc_count": pl.Int64})
+        return pl.DataFrame(schema=empty)
 
     def positions(values: pl.Series, keys: pl.Series) -> np.ndarray:
         return values.replace_strict(keys, pl.int_range(keys.len(), eager=True)).to_numpy()
@@ -174,7 +185,7 @@ def score_neighbours(
             "cooc_count": counts.data.astype(np.int64),
         }
     )
-    return _ranked(_exclude(pairs, consumed), "cooc_score", "cooc", limit, ("cooc_score", "cooc_count"))
+    return pairs
 
 
 def select_collaborative(scores: pl.DataFrame, consumed: pl.DataFrame | None, limit: int) -> pl.DataFrame:
@@ -242,19 +253,28 @@ def select_last_items(history: pl.DataFrame, limit: int) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class UserSignals:
+    """Scores of (user, item) pairs beyond any source's cut, consumed items included, that every candidate
+    gets as features whichever source proposed it: `sequence` (`score_transitions` of the users' last
+    items) and `neighbours` (`neighbour_scores` of their recent items)."""
+
+    sequence: pl.DataFrame
+    neighbours: pl.DataFrame
+
+
 def source_candidates(
     tables: SnapshotTables, users: pl.Series, config: CandidateConfig
-) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
+) -> tuple[dict[str, pl.DataFrame], UserSignals]:
     """Every source's candidates for `users`, each (user_id, item_id, `<source>_rank`, and the source's
-    scores), as many per user as `config` gives that source; and the users' sequence scores
-    (`score_transitions` of their last items, consumed items included)."""
+    scores), as many per user as `config` gives that source; and the users' `UserSignals`."""
     user_frame = pl.DataFrame({"user_id": users.cast(pl.Int64).unique().sort()})
     history = tables.user_item_history.join(user_frame, on="user_id")
     consumed = history.select("user_id", "item_id") if config.exclude_consumed else None
     items = tables.item_features
 
-    recent = select_recent_items(history, config.recent_items)
-    cooc = score_neighbours(recent, tables.item_neighbours, consumed, config.cooc)
+    linked = neighbour_scores(select_recent_items(history, config.recent_items), tables.item_neighbours)
+    cooc = rank_neighbours(linked, consumed, config.cooc)
 
     pop = take_unconsumed(items.sort("popularity_rank_4w"), user_frame, config.pop, consumed, "pop_rank")
     new_items = items.filter(pl.col("days_since_release") < config.new_release_days)
@@ -295,13 +315,13 @@ def source_candidates(
     strong = reachable.filter(pl.col("seq_rank_score") >= max(config.seq_min_score, 1e-12))
     seq = _ranked(strong, "seq_rank_score", "seq", config.seq)
     lists = {"cooc": cooc, "pop": pop, "category": category, "creator": creator, "new": new, "cf": cf, "seq": seq}
-    return lists, sequence
+    return lists, UserSignals(sequence, linked)
 
 
 def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
     """Union of every source's candidates per user, tagged with each source's rank (null if absent)."""
-    lists, sequence = source_candidates(tables, users, config)
-    tagged = pl.concat([lists[s] for s in ("cooc", "pop", "new", "category", "creator", "cf", "seq")], how="diagonal")
+    lists, signals = source_candidates(tables, users, config)
+    tagged = pl.concat([lists[s].select("user_id", "item_id", f"{s}_rank") for s in SOURCES], how="diagonal")
     # One group-by merges the sources: each column is non-null in exactly one source's rows.
     merged = tagged.group_by("user_id", "item_id").agg(pl.all().max())
     return (
@@ -309,13 +329,16 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
             "user_id",
             "item_id",
             *[f"{s}_rank" for s in SOURCES],
-            "cooc_score",
-            "cooc_count",
             pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES).alias("n_sources"),
         )
-        # Every candidate's sequence scores, whichever source proposed it (0: no path from the last items).
-        .join(sequence, on=["user_id", "item_id"], how="left")
+        # Every candidate's co-occurrence scores (null: no neighbour path from the recent items) and sequence
+        # scores (0: no path from the last items), whichever source proposed it and however many cooc gives.
+        .join(signals.neighbours, on=["user_id", "item_id"], how="left")
+        .join(signals.sequence, on=["user_id", "item_id"], how="left")
         .with_columns(pl.col(list(SEQ_SCORES)).fill_null(0.0))
+        .select(
+            "user_id", "item_id", *[f"{s}_rank" for s in SOURCES], "cooc_score", "cooc_count", "n_sources", *SEQ_SCORES
+        )  # fmt: skip
         .sort("user_id", "item_id")
     )
 

@@ -125,6 +125,16 @@ def test_cooc_sums_neighbour_scores_of_recent_items_and_counts_them():
     assert row["cooc_score"] == pytest.approx(1.0) and row["cooc_count"] == 2
 
 
+def test_every_candidate_gets_its_cooc_scores_beyond_the_cooc_sources_cut():
+    # cooc gives one candidate (item 3); items 2 and 5 are neighbours too and come from other sources.
+    candidates = generate_candidates(snapshot(), pl.Series([1]), replace(CONFIG, cooc=1))
+    assert ranked(candidates, 1, "cooc") == [3]
+    beyond = candidates.filter(pl.col("item_id").is_in([2, 5]))
+    assert beyond.height == 2 and beyond["cooc_rank"].is_null().all()
+    assert (beyond["cooc_score"] > 0).all() and (beyond["cooc_count"] >= 1).all()
+    assert candidates.filter(item_id=7)["cooc_score"].is_null().all()  # no neighbour of a recent item
+
+
 def test_pop_takes_the_most_popular_items_the_user_has_not_consumed():
     candidates = generate_candidates(snapshot(), pl.Series([1, 2]), CONFIG)
     assert ranked(candidates, 1, "pop") == [5, 7, 2]

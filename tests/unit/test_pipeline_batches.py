@@ -1,5 +1,6 @@
 """Training frames and holdout evaluation built in user batches give exactly the unbatched result."""
 
+from dataclasses import replace
 from datetime import date, timedelta
 
 import lightgbm as lgb
@@ -10,7 +11,7 @@ from polars.testing import assert_frame_equal
 from features import transform
 from features.collaborative import CollaborativeConfig
 from features.synthetic import generate_log
-from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, category_encoding
 from ranking.scoring import ScoringModel, user_batches
 from training import evaluation, frames
 from training.ranker import RankerParams, train_ranker
@@ -98,3 +99,23 @@ def test_evaluation_in_batches_equals_one_batch(week):
     # The gate's units average to the reported NDCG of every recommender.
     for name, metrics in whole.metrics.items():
         assert whole.per_user[name].mean() == pytest.approx(metrics["ndcg@10"]), name
+
+
+def test_the_champion_is_evaluated_on_the_candidate_counts_it_was_trained_on(week):
+    tables, labels, categories = week
+    frame = frames.labelled_frame(tables, labels, AS_OF, CONFIG, categories, **SAMPLING, batch_users=5_000)
+    trained = train_ranker(frame, frame, RankerParams(n_estimators=20, num_threads=1))
+    booster = lgb.Booster(model_str=trained.model_text)
+    model = ScoringModel(booster, trained.feature_names, categories)
+    narrow = replace(CONFIG, **dict.fromkeys(SOURCES, 0) | {"pop": 10})
+    held = ScoringModel(booster, trained.feature_names, categories, narrow)  # the same trees, other candidates
+    small = CollaborativeConfig(als_factors=4, als_iterations=3)
+
+    scored = evaluation.evaluate_week(model, tables, labels, CONFIG, 10, champion=held, collaborative=small,
+                                      batch_users=10**6)  # fmt: skip
+    alone = evaluation.evaluate_week(
+        replace(held, config=None), tables, labels, narrow, 10, collaborative=small, batch_users=10**6
+    )
+
+    assert scored.metrics["champion"] == pytest.approx(alone.metrics["model"])
+    assert scored.metrics["champion"] != pytest.approx(scored.metrics["model"])

@@ -10,7 +10,8 @@ from features import store
 from features.contracts import CONTRACTS
 from features.validation import ValidationReport
 from inference import archive, publications, quality
-from ranking.candidates import CandidateConfig, SnapshotTables
+from ranking import registry
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, source_counts
 
 pytestmark = pytest.mark.integration
 
@@ -225,3 +226,30 @@ def test_the_lists_read_back_from_redis_archive_as_published(engine, clean_store
     archive.archive_lists(engine, result.version, found)
 
     assert archive.read_lists(engine, result.version).to_dicts() == published.sort("user_id").to_dicts()
+
+
+def test_a_week_is_measured_on_the_candidates_of_the_model_that_served_it(two_weeks):
+    store.ensure_schema(two_weeks)
+    registry.ensure_schema(two_weeks)
+    write_week(two_weeks, W2)
+    archive.archive_lists(two_weeks, V2, lists(u1=[3, 5], u2=[5, 4]))
+    counts = dict.fromkeys(SOURCES, 0) | {"pop": 1}  # one candidate per user: most truth is not a candidate
+    version = registry.register_model(
+        two_weeks, name="m", kind="baseline", model_text="", feature_names=[], encodings={},
+        params={"baseline": "recent_popular", "candidates": counts}, metrics={}, as_of=W1, training_as_ofs=[],
+        validation_as_of=None, holdout_as_of=None, feature_snapshots={},
+    )  # fmt: skip
+    publications.record_publication(two_weeks, version=V2, as_of=W2, model_name="m", model_version=version,
+                                    status="live")  # fmt: skip
+
+    served = archive.served_candidates(two_weeks, V2, CandidateConfig())
+    measured = quality.measure_week(two_weeks, W2, prefix=PREFIX, config=CandidateConfig(), k=10)
+
+    assert source_counts(served) == counts and served.recent_items == CandidateConfig().recent_items
+    tables = SnapshotTables.from_frames({t: store.read_table(two_weeks, t, W2) for t in CONTRACTS if t != "labels"})
+    labels = store.read_table(two_weeks, "labels", W2)
+    narrow = quality.measure_realized_quality(lists(u1=[3, 5], u2=[5, 4]), [92], tables, labels, served, k=10)
+    wide = quality.measure_realized_quality(lists(u1=[3, 5], u2=[5, 4]), [92], tables, labels, CandidateConfig(), k=10)
+    assert measured["not_candidate_share"] == narrow["not_candidate_share"] > wide["not_candidate_share"]
+    # A publication without lineage (or whose model is gone) is measured on the run's candidates.
+    assert archive.served_candidates(two_weeks, V1, CandidateConfig()) == CandidateConfig()

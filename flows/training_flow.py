@@ -77,8 +77,8 @@ def allocate(engine, plan: WeekPlan, config: CandidateConfig, options: dict) -> 
     """Candidate counts per source by their recall on the earliest gate plan's training and validation
     weeks: before every gate holdout, so each gate week is scored on weeks its counts never saw."""
     return gate.allocate_on_plan(
-        plan, tables_of=lambda w: store.read_tables(engine, w), labels_of=lambda w: store.read_labels(engine, w),
-        config=config, **options,
+        plan, week_of=lambda w: (store.read_tables(engine, w), store.read_labels(engine, w)), config=config,
+        **options,
     )  # fmt: skip
 
 

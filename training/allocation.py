@@ -100,17 +100,17 @@ def source_ranks(
 def measure_weeks(
     weeks: list[date],
     *,
-    tables_of: Callable[[date], SnapshotTables],
-    labels_of: Callable[[date], pl.DataFrame],
+    week_of: Callable[[date], tuple[SnapshotTables, pl.DataFrame]],
     config: CandidateConfig,
     depth: int,
     max_users: int | None,
     seed: int,
 ) -> list[SourceRanks]:
-    """`source_ranks` of each week's labelled users (at most `max_users`, the training frames' fixed-seed sample)."""
+    """`source_ranks` of each week's labelled users (at most `max_users`, the training frames' fixed-seed
+    sample); `week_of(week)` gives the week's snapshot tables and labels."""
     measured = []
     for week in weeks:
-        tables, labels = tables_of(week), labels_of(week)
+        tables, labels = week_of(week)
         users = sample_users(labelled_users(labels, tables), max_users, seed)
         measured.append(source_ranks(tables, labels, week, config, depth, users))
     return measured

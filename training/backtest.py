@@ -91,6 +91,10 @@ class _Snapshots:
             self._labels[week] = transform.build_labels(self._raw.events, week)
         return self._labels[week]
 
+    def week(self, week: date) -> tuple[SnapshotTables, pl.DataFrame]:
+        """The week's tables and labels."""
+        return self.tables(week), self.labels(week)
+
     def has_labelled_users(self, week: date) -> bool:
         return not frames.labelled_users(self.labels(week), self.tables(week)).is_empty()
 
@@ -163,7 +167,7 @@ def run_backtest(
 
     cache, cached_config = frame_cache(config), config
     options = {"params": params, "collaborative": collaborative, "k": k, "batch_users": batch_users}
-    measure = {"tables_of": snapshots.tables, "labels_of": snapshots.labels, "max_users": max_users, "seed": seed}
+    measure = {"week_of": snapshots.week, "max_users": max_users, "seed": seed}
 
     metric_rows, recall_rows, allocation_rows, timing_rows, evaluations = [], [], [], [], {}
     for as_of in weeks:
@@ -181,7 +185,7 @@ def run_backtest(
             tuned = gate.tune_on_plan(plan, categories, frame_of=cache.get, params=params, tuning=tuning)
             week_options = options | {"params": tuned.params}
         run = gate.train_and_evaluate_week(
-            plan, categories, frame_of=cache.get, holdout_of=lambda w: (snapshots.tables(w), snapshots.labels(w)),
+            plan, categories, frame_of=cache.get, holdout_of=snapshots.week,
             champion=None, config=week_config, **week_options,
         )  # fmt: skip
         if allocated is not None:

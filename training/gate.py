@@ -127,20 +127,20 @@ def tune_on_plan(
 def allocate_on_plan(
     plan: WeekPlan,
     *,
-    tables_of: Callable[[date], SnapshotTables],
-    labels_of: Callable[[date], pl.DataFrame],
+    week_of: Callable[[date], tuple[SnapshotTables, pl.DataFrame]],
     config: CandidateConfig,
     budget: int,
     max_users: int | None,
     seed: int,
 ) -> Allocation | None:
-    """Candidate counts per source measured on `plan`'s training and validation weeks (never its holdout),
-    within `budget` candidates per user (`training.allocation`); None when the budget is 0 (fixed counts)."""
+    """Candidate counts per source measured on `plan`'s training and validation weeks (never its holdout;
+    `week_of(week)`: tables and labels), within `budget` candidates per user (`training.allocation`); None
+    when the budget is 0 (fixed counts)."""
     if budget == 0:
         return None
     measured = allocation.measure_weeks(
-        [*plan.train, plan.validation], tables_of=tables_of, labels_of=labels_of, config=config, depth=budget,
-        max_users=max_users, seed=seed,
+        [*plan.train, plan.validation], week_of=week_of, config=config, depth=budget, max_users=max_users,
+        seed=seed,
     )  # fmt: skip
     chosen = allocation.allocate(measured, budget)
     best, best_recall = chosen.best_single_source

@@ -27,6 +27,10 @@ class RankerParams:
     # of little popularity starts far down the list: every pair must count to lift it.
     truncation_level: int = 10_000
     monotone: bool = True
+    # After early stopping picked the number of trees, fit again with that many on the training and
+    # validation weeks together: the validation week is the latest labelled one, the closest to
+    # the weeks the model will score, and with a few dozen users per week every group counts.
+    refit: bool = True
     seed: int = default_of("seed")
     num_threads: int = default_of("num_threads")
 
@@ -90,11 +94,13 @@ def _group_sizes(frame: pl.DataFrame) -> np.ndarray:
 
 
 def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams) -> TrainedRanker:
-    """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week.
+    """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week; with
+    `params.refit`, fit that many trees again on the training and validation weeks together.
 
     Boosting starts from the popularity prior (`PRIOR_FEATURE`), so the trees learn
     corrections to recent popularity: with few (user, week) groups an early stop leaves
     the model at the popularity ranking instead of a coarse few-tree step function.
+    `validation_ndcg` is the early-stopped fit's, on a week it did not train on.
     """
     if train.is_empty() or valid.is_empty():
         raise ValueError(
@@ -105,26 +111,40 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
     valid = valid.sort("as_of", "user_id", "item_id")
     model = lgb.LGBMRanker(**params.lightgbm_kwargs())
     model.fit(
-        feature_matrix(train, FEATURE_NAMES),
-        train.get_column("label").to_numpy(),
-        group=_group_sizes(train),
+        **_fit_arguments(train),
         eval_X=(feature_matrix(valid, FEATURE_NAMES),),
         eval_y=(valid.get_column("label").to_numpy(),),
         eval_group=[_group_sizes(valid)],
         eval_at=[10],
-        feature_name=FEATURE_NAMES,
-        categorical_feature=CATEGORICAL_FEATURES,
-        init_score=prior_scores(train, FEATURE_NAMES),
         eval_init_score=[prior_scores(valid, FEATURE_NAMES)],
         callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+        **_FIT_OPTIONS,
     )
     best = model.best_iteration_ or params.n_estimators
+    validation_ndcg = float(model.best_score_["valid_0"]["ndcg@10"])
+    if params.refit:
+        model = lgb.LGBMRanker(**(params.lightgbm_kwargs() | {"n_estimators": best}))
+        model.fit(**_fit_arguments(pl.concat([train, valid], how="vertical_relaxed")), **_FIT_OPTIONS)
     importance = dict(zip(FEATURE_NAMES, model.booster_.feature_importance("gain").tolist(), strict=True))
     return TrainedRanker(
         model_text=model.booster_.model_to_string(num_iteration=best),
         feature_names=list(FEATURE_NAMES),
         best_iteration=best,
-        params=params.lightgbm_kwargs() | {"early_stopping_rounds": params.early_stopping_rounds},
+        params=params.lightgbm_kwargs()
+        | {"early_stopping_rounds": params.early_stopping_rounds, "refit": params.refit},
         feature_importance=importance,
-        validation_ndcg=float(model.best_score_["valid_0"]["ndcg@10"]),
+        validation_ndcg=validation_ndcg,
     )
+
+
+_FIT_OPTIONS = {"feature_name": FEATURE_NAMES, "categorical_feature": CATEGORICAL_FEATURES}
+
+
+def _fit_arguments(frame: pl.DataFrame) -> dict:
+    """LightGBM's X, y, groups and init_score (the prior) of a frame sorted by (as_of, user_id, item_id)."""
+    return {
+        "X": feature_matrix(frame, FEATURE_NAMES),
+        "y": frame.get_column("label").to_numpy(),
+        "group": _group_sizes(frame),
+        "init_score": prior_scores(frame, FEATURE_NAMES),
+    }

@@ -77,7 +77,8 @@ def tune_params(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams, 
 
     def objective(trial: optuna.Trial) -> float:
         chosen = {name: _suggest(trial, name) for name in SEARCH_SPACE}
-        return train_ranker(train, valid, replace(params, **chosen)).validation_ndcg
+        # A trial is judged by the early-stopped fit's validation score: its refit would not change it.
+        return train_ranker(train, valid, replace(params, refit=False, **chosen)).validation_ndcg
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=params.seed))

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from datetime import date
 
 import lightgbm as lgb
@@ -129,3 +130,21 @@ def test_ranker_without_signal_beyond_the_prior_ranks_by_the_prior():
 def test_lambdarank_weighs_every_pair_of_a_candidate_list():
     # LightGBM's default truncation (30) would ignore pairs below the top 30 of ~170 candidates.
     assert RankerParams().lightgbm_kwargs()["lambdarank_truncation_level"] >= 1_000
+
+
+def _root_rows(model_text: str) -> int:
+    """Rows the first tree was grown on (its root's internal_count; no bagging, so every row)."""
+    first_tree = model_text.split("Tree=0", 1)[1]
+    return int(first_tree.split("internal_count=", 1)[1].split()[0])
+
+
+def test_refit_grows_the_chosen_number_of_trees_on_the_training_and_validation_weeks_together():
+    train, valid = labelled_week(WEEK, 30, 20, 1), labelled_week(date(2024, 3, 11), 10, 20, 2)
+    stopped = train_ranker(train, valid, replace(TINY, refit=False))
+    refitted = train_ranker(train, valid, replace(TINY, refit=True))
+    assert _root_rows(stopped.model_text) == train.height
+    assert _root_rows(refitted.model_text) == train.height + valid.height
+    assert refitted.best_iteration == stopped.best_iteration
+    assert lgb.Booster(model_str=refitted.model_text).num_trees() == refitted.best_iteration
+    # The validation score is the early-stopped fit's: measured on rows that model never saw.
+    assert refitted.validation_ndcg == stopped.validation_ndcg

@@ -63,6 +63,7 @@ def backtest_options(settings: Settings) -> dict:
             "params": ranker_params(settings),
             "training_weeks": settings.training_weeks,
             "k": settings.eval_k,
+            "max_holdout_users": settings.gate_users_per_week,
             "confidence": settings.gate_confidence,
             "resamples": settings.gate_resamples,
             "tuning": tuning_config(settings),

@@ -118,6 +118,7 @@ def run_backtest(
     k: int,
     max_users: int | None,
     batch_users: int,
+    max_holdout_users: int | None,
     confidence: float,
     resamples: int,
     tuning: TuningConfig | None = None,
@@ -125,7 +126,8 @@ def run_backtest(
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
     The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
-    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. With `tuning`
+    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. Each week evaluates at
+    most `max_holdout_users` of its labelled users, the gate's hash sample. With `tuning`
     enabled, each week's hyper-parameters are tuned on its own plan's validation week first.
     """
     if not weeks:
@@ -151,7 +153,10 @@ def run_backtest(
             batch_users=batch_users,
         )  # fmt: skip
     )
-    options = {"params": params, "config": config, "collaborative": collaborative, "k": k, "batch_users": batch_users}
+    options = {
+        "params": params, "config": config, "collaborative": collaborative, "k": k, "batch_users": batch_users,
+        "max_holdout_users": max_holdout_users,
+    }  # fmt: skip
 
     metric_rows, recall_rows, timing_rows, evaluations = [], [], [], {}
     for as_of in weeks:

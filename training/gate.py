@@ -80,12 +80,15 @@ def train_and_evaluate_week(
     k: int,
     champion: tuple[lgb.Booster, ModelRecord] | None,
     batch_users: int,
+    max_holdout_users: int | None = None,
 ) -> WeekRun:
     """Train on `plan`'s training weeks (early stopping on its validation week), then score the model,
-    the champion and every baseline on its holdout week.
+    the champion and every baseline on its holdout week, over at most `max_holdout_users` of its
+    labelled users (`evaluation.sample_holdout_users`; all when None).
 
     `frame_of(week, categories)` gives a week's labelled frame, `holdout_of(week)` its snapshot
-    tables and labels; the training frames are released before the holdout is read.
+    tables (all users', or only the sampled users') and labels; the training frames are released
+    before the holdout is read.
     """
     started = time.perf_counter()
     train = pl.concat([frame_of(w, categories) for w in plan.train])
@@ -98,7 +101,7 @@ def train_and_evaluate_week(
     tables, labels = holdout_of(plan.holdout)
     scored = evaluation.evaluate_model(
         model, categories, tables, labels, config, k, champion=champion, collaborative=collaborative,
-        batch_users=batch_users,
+        batch_users=batch_users, max_users=max_holdout_users,
     )  # fmt: skip
     done = time.perf_counter()
     log.info(

@@ -179,9 +179,7 @@ def test_the_gate_reads_ease_and_als_from_the_table_and_fits_them_only_when_the_
     # Lists longer than the table keeps, or consumed items allowed: fitted on the history.
     deeper = evaluation.collaborative_baselines(tables, CONFIG, COLLABORATIVE, 101)
     assert {type(s) for s in deeper.values()} == {baselines.collaborative.FittedScorer}
-    repeats = evaluation.collaborative_baselines(
-        tables, replace(CONFIG, exclude_consumed=False), COLLABORATIVE, 10
-    )  # fmt: skip
+    repeats = evaluation.collaborative_baselines(tables, replace(CONFIG, exclude_consumed=False), COLLABORATIVE, 10)
     assert repeats.keys() == {"ease", "als"}
     assert {type(s) for s in repeats.values()} == {baselines.collaborative.FittedScorer}
     with pytest.raises(ValueError, match="unconsumed items only"):
@@ -193,7 +191,9 @@ def test_ease_left_out_of_the_table_is_left_out_of_the_gate_as_when_fitted(week)
     no_ease = tables.collaborative_scores.with_columns(
         pl.lit(None, pl.Float64).alias("ease_score"), pl.lit(None, pl.Int64).alias("ease_rank")
     ).filter(pl.col("als_rank").is_not_null())
-    stored = evaluation.collaborative_baselines(replace(tables, collaborative_scores=no_ease), CONFIG, COLLABORATIVE, 10)
+    stored = evaluation.collaborative_baselines(
+        replace(tables, collaborative_scores=no_ease), CONFIG, COLLABORATIVE, 10
+    )
     assert stored.keys() == {"als"}
     bounded = CollaborativeConfig(als_factors=8, als_iterations=5, ease_max_items=10)
     assert baselines.fit_collaborative(tables.user_item_history, bounded).keys() == {"als"}

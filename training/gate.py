@@ -3,7 +3,9 @@
 For each of the latest labelled weeks a model is trained on that week's past only (the plan
 a training run one week later would make), then scored there with the champion and every
 baseline on the same users (`train_and_evaluate_week`: the training flow and the weekly
-backtest both run it, so their numbers agree). `pool_weeks` stacks the weeks' per-user
+backtest both run it, so their numbers agree): at most RECSYS_GATE_USERS_PER_WEEK of the week's
+labelled users, a fixed hash sample (`evaluation.sample_holdout_users`), so a gate week costs the
+same at a million users as at twenty thousand. `pool_weeks` stacks the weeks' per-user
 NDCG into (user, week) units, micro-averages the metrics and gives the paired bootstrap
 interval of the model's relative gain over every other recommender.
 """

@@ -52,7 +52,8 @@ log = logging.getLogger("benchmarks.scoring_bench")
 
 AS_OF = date(2026, 11, 23)  # the holdout week starts here; the snapshot is the Monday before
 SCORING_STEPS = ("frame", "predict", "top_n", "lists", "publish")
-# "fit baselines": EASE and ALS fitted once on the week's snapshot (evaluate_week's time outside its steps).
+# "fit baselines": EASE's and ALS's lists taken from the snapshot's collaborative_scores (fitted only when the
+# table cannot serve them): evaluate_week's time outside its steps.
 EVALUATION_STEPS = ("fit baselines", "frame", "predict", "top_n", "baselines", "recall", "metrics")
 PREFIX = "bench-scoring"
 

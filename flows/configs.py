@@ -20,16 +20,6 @@ def candidate_config(settings: Settings) -> CandidateConfig:
     return CandidateConfig(recent_items=settings.recent_items_per_user, exclude_consumed=settings.exclude_consumed)
 
 
-def allocation_options(settings: Settings) -> dict:
-    """The keyword arguments of `training.gate.allocate_on_plan` that come from Settings: the budget of
-    candidates per user, and the users measured per week (the training frames' sample)."""
-    return {
-        "budget": settings.candidates_per_user,
-        "max_users": settings.training_users_per_week,
-        "seed": settings.seed,
-    }
-
-
 def ranker_params(settings: Settings) -> RankerParams:
     """LightGBM's parameters: seeded and threaded as configured."""
     return RankerParams(seed=settings.seed, num_threads=settings.num_threads)
@@ -73,6 +63,7 @@ def backtest_options(settings: Settings) -> dict:
             "params": ranker_params(settings),
             "training_weeks": settings.training_weeks,
             "k": settings.eval_k,
+            "max_holdout_users": settings.gate_users_per_week,
             "confidence": settings.gate_confidence,
             "resamples": settings.gate_resamples,
             "tuning": tuning_config(settings),

@@ -3,8 +3,10 @@
 import logging
 from dataclasses import asdict, replace
 from datetime import date
+from functools import partial
 
 import lightgbm as lgb
+import polars as pl
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -12,10 +14,10 @@ from flows import configs
 from flows.common import IO, PURE, TRANSIENT_IO, current_run_id, resolve_as_of, run_name
 from flows.runs import run_body
 from ranking import registry
-from ranking.candidates import CandidateConfig, category_encoding
+from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
 from recsys.settings import Settings
 from recsys.stores import open_stores
-from training import frames, gate, report, store
+from training import evaluation, frames, gate, report, store
 from training.allocation import Allocation
 from training.plan import WeekPlan, staleness
 from training.promotion import Decision
@@ -54,13 +56,23 @@ def train_and_evaluate_week(
     options: dict,
     progress: tuple[int, int],
 ) -> gate.WeekRun:
-    """A model trained on the week's past only, then it, the champion and every baseline on that week's holdout."""
+    """A model trained on the week's past only, then it, the champion and every baseline on that week's holdout
+    (only its sampled users' rows read)."""
+    sample = partial(evaluation.sample_holdout_users, limit=options["max_holdout_users"])
     run = gate.train_and_evaluate_week(
         plan, categories, frame_of=cache.get, champion=champion,
-        holdout_of=lambda w: (store.read_tables(engine, w), store.read_labels(engine, w)), **options,
+        holdout_of=lambda w: store.read_sampled_week(engine, w, sample), **options,
     )  # fmt: skip
     log.info("gate week %s evaluated", plan.holdout, extra={"progress": ("gate weeks", *progress)})
     return run
+
+
+def read_training_week(engine, week: date, sampling: dict) -> tuple[SnapshotTables, pl.DataFrame]:
+    """A training or validation week's tables and labels, only the users its frame samples (the same
+    `frames.sample_users` draw `labelled_frame` makes, so the frame is the one of the whole week)."""
+    return store.read_sampled_week(
+        engine, week, lambda users: frames.sample_users(users, sampling["max_users"], sampling["seed"])
+    )
 
 
 @task(**IO)
@@ -73,12 +85,13 @@ def tune(
 
 
 @task(**TRANSIENT_IO)
-def allocate(engine, plan: WeekPlan, config: CandidateConfig, options: dict) -> Allocation | None:
+def allocate(engine, plan: WeekPlan, config: CandidateConfig, sampling: dict, budget: int) -> Allocation | None:
     """Candidate counts per source by their recall on the earliest gate plan's training and validation
-    weeks: before every gate holdout, so each gate week is scored on weeks its counts never saw."""
+    weeks: before every gate holdout, so each gate week is scored on weeks its counts never saw. Each week's
+    users are its training frame's sample, read alone (`read_training_week`)."""
     return gate.allocate_on_plan(
-        plan, week_of=lambda w: (store.read_tables(engine, w), store.read_labels(engine, w)), config=config,
-        **options,
+        plan, week_of=lambda w: read_training_week(engine, w, sampling), config=config, budget=budget,
+        max_users=sampling["max_users"], seed=sampling["seed"],
     )  # fmt: skip
 
 
@@ -121,19 +134,20 @@ def training_flow(as_of: date | None = None) -> dict:
     options = {
         "params": configs.ranker_params(settings), "config": config, "k": k,
         "collaborative": configs.collaborative_config(settings), "batch_users": settings.score_batch_users,
+        "max_holdout_users": settings.gate_users_per_week,
     }  # fmt: skip
     with open_stores(settings) as stores:
         engine = stores.engine
         registry.ensure_schema(engine)
         plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks)
         champion = load_champion(engine, settings.model_name)
-        allocated = allocate(engine, plans[0], config, configs.allocation_options(settings))
+        allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user)
         if allocated is not None:
             config = allocated.config(config)
             options["config"] = config
         cache = gate.FrameCache(
             lambda week, categories: frames.labelled_frame(
-                store.read_tables(engine, week), store.read_labels(engine, week), week, config, categories, **sampling
+                *read_training_week(engine, week, sampling), week, config, categories, **sampling
             )
         )
         tuning = configs.tuning_config(settings)

@@ -6,11 +6,14 @@ already consumed (in `history`) are excluded unless `exclude_consumed=False`. Ti
 broken by item_id, so the output is deterministic.
 
 EASE and ALS (`features.collaborative`) learn from the snapshot's whole history: fit them
-once per snapshot with `fit_collaborative`, then `recommend` any batch of its users.
+once per snapshot with `fit_collaborative`, then `recommend` any batch of its users; or read
+the lists the feature flow kept in the snapshot's `collaborative_scores` table
+(`stored_collaborative`), the same lists when consumed items are excluded.
 """
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -24,6 +27,48 @@ COLLABORATIVE = ("ease", "als")
 NAMES = ("recent_popular", "all_time_popular", "item_knn", *COLLABORATIVE)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredLists:
+    """One collaborative model's top lists as the `collaborative_scores` table keeps them: each user's
+    best unconsumed items, `depth` of them at most (the feature flow's RECSYS_COLLABORATIVE_ITEMS_PER_USER)."""
+
+    name: str
+    lists: pl.DataFrame  # user_id, item_id, rank (the model's rank among the user's unconsumed items)
+    depth: int
+
+    def recommend(self, users: pl.Series | Sequence[int], k: int, *, exclude_consumed: bool = True) -> pl.DataFrame:
+        """Top-k (user_id, item_id, rank) of each user in `users` the table has; others get no rows."""
+        if not exclude_consumed:
+            raise ValueError(f"{self.name}: collaborative_scores holds unconsumed items only; fit the model instead")
+        if k > self.depth:
+            raise ValueError(f"{self.name}: collaborative_scores keeps {self.depth} items per user, {k} asked")
+        return self.lists.join(_user_frame(users), on=USER, how="semi").filter(pl.col(RANK) <= k).sort(USER, RANK)
+
+
+# A collaborative baseline's source: fitted on a history, or read from collaborative_scores.
+CollaborativeLists = collaborative.FittedScorer | StoredLists
+
+
+def stored_collaborative(scores: pl.DataFrame) -> dict[str, StoredLists]:
+    """EASE's and ALS's lists from one snapshot's `collaborative_scores` (as many users as it holds), by
+    name; a model with no rank in it (EASE above its catalogue bound, an empty history) is left out.
+
+    They equal `fit_collaborative`'s `recommend` (consumed items excluded) on the same history and
+    settings: the table ranks each model's scores rounded to 9 decimals, so only two items scoring
+    within 1e-9 of each other could swap (then by item_id).
+    """
+    scores = _one_snapshot(scores, "collaborative_scores")
+    stored = {}
+    for name in COLLABORATIVE:
+        rank = f"{name}_rank"
+        lists = scores.filter(pl.col(rank).is_not_null()).select(
+            pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64), pl.col(rank).cast(pl.Int64).alias(RANK)
+        )
+        if lists.height:
+            stored[name] = StoredLists(name, lists, int(lists.get_column(RANK).max()))
+    return stored
 
 
 def fit_collaborative(
@@ -61,11 +106,12 @@ def recommend(
     users: pl.Series | Sequence[int],
     k: int,
     config: candidates.CandidateConfig,
-    fitted: dict[str, collaborative.FittedScorer],
+    fitted: dict[str, CollaborativeLists],
 ) -> pl.DataFrame:
     """The named baseline's top-k (user_id, item_id, rank) for `users`, as evaluation and serving both run it.
 
-    Collaborative baselines come from `fitted` (`fit_collaborative` on the same snapshot);
+    Collaborative baselines come from `fitted` (`fit_collaborative` on the same snapshot, or
+    `stored_collaborative` of its collaborative_scores table);
     their users without a full list (cold users) are filled with recent popularity.
     """
     history, exclude = tables.user_item_history, config.exclude_consumed

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="Latest labelled weeks the gate pools: a model is trained as of each, on its past only, "
         "and scored there with the champion and the baselines.",
     )
+    gate_users_per_week: int = Field(
+        default=20_000,
+        ge=1,
+        description="Labelled users evaluated per gate (and backtest) holdout week: a fixed hash sample of user "
+        "ids, the same for the model, the champion and every baseline. Bounds the gate's time and memory; "
+        "the bootstrap needs thousands of (user, week) units, not a million.",
+    )
     gate_confidence: float = Field(
         default=0.95, gt=0, lt=1, description="Confidence of the gate's paired bootstrap intervals."
     )

@@ -126,6 +126,7 @@ def run_backtest(
     k: int,
     max_users: int | None,
     batch_users: int,
+    max_holdout_users: int | None,
     confidence: float,
     resamples: int,
     tuning: TuningConfig | None = None,
@@ -134,7 +135,8 @@ def run_backtest(
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
     The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
-    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. With `tuning`
+    the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. Each week evaluates at
+    most `max_holdout_users` of its labelled users, the gate's hash sample. With `tuning`
     enabled, each week's hyper-parameters are tuned on its own plan's validation week first. With a
     `candidate_budget`, each week's candidate counts are allocated on its plan's training and validation
     weeks (`training.allocation`), as the training flow does; 0 keeps `config`'s counts.
@@ -166,7 +168,10 @@ def run_backtest(
         )
 
     cache, cached_config = frame_cache(config), config
-    options = {"params": params, "collaborative": collaborative, "k": k, "batch_users": batch_users}
+    options = {
+        "params": params, "collaborative": collaborative, "k": k, "batch_users": batch_users,
+        "max_holdout_users": max_holdout_users,
+    }  # fmt: skip
     measure = {"week_of": snapshots.week, "max_users": max_users, "seed": seed}
 
     metric_rows, recall_rows, allocation_rows, timing_rows, evaluations = [], [], [], [], {}

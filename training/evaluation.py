@@ -4,12 +4,14 @@ Used by the training flow and by the weekly backtest (`recsys evaluate`), so bot
 numbers in exactly the same way.
 """
 
+import logging
 from dataclasses import dataclass
 
 import lightgbm as lgb
+import numpy as np
 import polars as pl
 
-from features.collaborative import CollaborativeConfig, FittedScorer
+from features.collaborative import CollaborativeConfig
 from ranking import baselines, metrics
 from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame, with_stored_counts
 from ranking.registry import ModelRecord
@@ -19,6 +21,35 @@ from training.ranker import TrainedRanker
 
 BASELINES = baselines.NAMES
 RECALL_KEYS = ("all", *SOURCES)
+# Salt of the holdout users' hash sample: fixed, so every run, recommender and process draws the same users.
+HOLDOUT_SALT = 0x5EED_0F_9A7E
+
+log = logging.getLogger(__name__)
+
+
+def user_hash(user_ids: pl.Series, salt: int = HOLDOUT_SALT) -> np.ndarray:
+    """A stable 64-bit hash of each user id (splitmix64's finaliser of id XOR salt): the same on every
+    machine, process and library version, unlike Python's `hash()` or polars' `Series.hash`. It is a
+    bijection of the 64-bit ids, so distinct users never tie."""
+    x = user_ids.cast(pl.Int64).to_numpy().astype(np.uint64) ^ np.uint64(salt)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_holdout_users(users: pl.Series, limit: int | None) -> pl.Series:
+    """The `limit` users of `users` with the smallest `user_hash` (all of them when there are no more),
+    sorted: a sample that depends only on the set of users, not on their order or on the run.
+
+    A user sampled from a set stays sampled from any subset holding it, so reading only the sampled
+    users' rows and sampling again gives the same users."""
+    users = users.cast(pl.Int64).unique().sort()
+    if limit is None or users.len() <= limit:
+        return users
+    if limit < 1:
+        raise ValueError(f"sample_holdout_users: limit must be >= 1, got {limit}")
+    smallest = np.argpartition(user_hash(users), limit - 1)[:limit]
+    return users.gather(np.sort(smallest))
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,7 @@ def evaluate_model(
     champion: tuple[lgb.Booster, ModelRecord] | None = None,
     collaborative: CollaborativeConfig,
     batch_users: int,
+    max_users: int | None = None,
 ) -> WeekEvaluation:
     """`evaluate_week` of a freshly trained model (with its category encoding) and the registry's champion."""
     scoring = ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
@@ -55,8 +87,9 @@ def evaluate_model(
             booster, record.feature_names, record.encodings["category"], with_stored_counts(config, record.params)
         )
     return evaluate_week(
-        scoring, tables, labels, config, k, champion=held, collaborative=collaborative, batch_users=batch_users
-    )
+        scoring, tables, labels, config, k, champion=held, collaborative=collaborative, batch_users=batch_users,
+        max_users=max_users,
+    )  # fmt: skip
 
 
 def evaluate_week(
@@ -69,18 +102,21 @@ def evaluate_week(
     champion: ScoringModel | None = None,
     collaborative: CollaborativeConfig,
     batch_users: int,
+    max_users: int | None = None,
     steps: dict[str, float] | None = None,
 ) -> WeekEvaluation:
     """The model, the baselines and the champion (if any) on the same evaluated users,
     truth and catalogue of one week, with the recall of the model's candidates.
 
-    EASE and ALS are fitted once on the week's snapshot; users are scored `batch_users`
-    at a time; only their top-k lists are kept. `steps` adds each step's seconds (frame,
-    predict, top_n, baselines, recall, metrics).
+    The evaluated users are at most `max_users` of the week's labelled users (`sample_holdout_users`,
+    all when None or fewer); `tables` may hold only theirs. EASE's and ALS's lists come from the
+    snapshot's `collaborative_scores` table (`collaborative_baselines`). Users are scored
+    `batch_users` at a time; only their top-k lists are kept. `steps` adds each step's seconds
+    (frame, predict, top_n, baselines, recall, metrics).
     """
-    users = labelled_users(labels, tables)
-    fitted = baselines.fit_collaborative(tables.user_item_history, collaborative)
-    truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
+    users = sample_holdout_users(labelled_users(labels, tables), max_users)
+    fitted = collaborative_baselines(tables, config, collaborative, k)
+    truth = metrics.evaluation_truth(labels, users)
     parts: dict[str, list[pl.DataFrame]] = {}
     recall: list[dict[str, float]] = []
     for batch in user_batches(users, batch_users) or [users]:  # no users: empty results, zero recall
@@ -103,7 +139,31 @@ def evaluate_week(
         per_user = truth.select("user_id").unique().sort("user_id")
         for name, top in recs.items():
             per_user = per_user.join(metrics.per_user_ndcg(top, truth, k).rename({"ndcg": name}), on="user_id")
-        return WeekEvaluation(evaluate_recommenders(recs, labels, tables, k), combine_batches_recall(recall), per_user)
+        return WeekEvaluation(
+            evaluate_recommenders(recs, labels, tables, k, users=users), combine_batches_recall(recall), per_user
+        )
+
+
+def collaborative_baselines(
+    tables: SnapshotTables, config: CandidateConfig, collaborative: CollaborativeConfig, k: int
+) -> dict[str, baselines.CollaborativeLists]:
+    """EASE's and ALS's top-k source for `baselines.recommend`, by name.
+
+    With consumed items excluded, the snapshot's `collaborative_scores` table: the feature flow fitted
+    both on the same history with the same settings and kept each user's top unconsumed items, so a
+    gate week reads its users' lists instead of refitting ALS (and EASE) on every user; a model the
+    table lacks (EASE above its catalogue bound) is left out, as `fit_collaborative` leaves it out.
+    The table cannot serve consumed items (`exclude_consumed` off), nor lists longer than it keeps:
+    then the model is fitted on the history in `tables` (logged).
+    """
+    stored = baselines.stored_collaborative(tables.collaborative_scores) if config.exclude_consumed else {}
+    short = [n for n, lists in stored.items() if lists.depth < k]
+    if config.exclude_consumed and not short:
+        return stored
+    names = short if config.exclude_consumed else list(baselines.COLLABORATIVE)
+    log.info("%s fitted on the snapshot's history, not read from collaborative_scores", ", ".join(names))
+    refitted = baselines.fit_collaborative(tables.user_item_history, collaborative, names=names)
+    return {n: lists for n, lists in stored.items() if n not in short} | refitted
 
 
 def _recommend(
@@ -121,19 +181,29 @@ def _recommend(
 
 
 def recommend_baselines(
-    tables: SnapshotTables, users: pl.Series, k: int, config: CandidateConfig, fitted: dict[str, FittedScorer]
+    tables: SnapshotTables,
+    users: pl.Series,
+    k: int,
+    config: CandidateConfig,
+    fitted: dict[str, baselines.CollaborativeLists],
 ) -> dict[str, pl.DataFrame]:
     """Every baseline's top-k for `users`, named as in reports: consumed items and recent items as the
-    candidates; EASE and ALS from `fitted` (`baselines.fit_collaborative`), left out when not fitted."""
+    candidates; EASE and ALS from `fitted` (`collaborative_baselines`), left out when absent."""
     names = [n for n in BASELINES if n not in baselines.COLLABORATIVE or n in fitted]
     return {name: baselines.recommend(name, tables, users, k, config, fitted) for name in names}
 
 
 def evaluate_recommenders(
-    recs: dict[str, pl.DataFrame], labels: pl.DataFrame, tables: SnapshotTables, k: int
+    recs: dict[str, pl.DataFrame],
+    labels: pl.DataFrame,
+    tables: SnapshotTables,
+    k: int,
+    *,
+    users: pl.Series | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of each named recommender on the same week's truth and catalogue."""
-    truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
+    """Metrics of each named recommender on the same week's truth and catalogue, over the evaluated
+    `users` (default: every user with history in `tables`)."""
+    truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id") if users is None else users)
     n_catalogue = max(tables.item_features.height, 1)
     return {name: metrics.rank_metrics(frame, truth, k=k, n_catalogue=n_catalogue) for name, frame in recs.items()}
 

@@ -3,7 +3,9 @@
 For each of the latest labelled weeks a model is trained on that week's past only (the plan
 a training run one week later would make), then scored there with the champion and every
 baseline on the same users (`train_and_evaluate_week`: the training flow and the weekly
-backtest both run it, so their numbers agree). `pool_weeks` stacks the weeks' per-user
+backtest both run it, so their numbers agree): at most RECSYS_GATE_USERS_PER_WEEK of the week's
+labelled users, a fixed hash sample (`evaluation.sample_holdout_users`), so a gate week costs the
+same at a million users as at twenty thousand. `pool_weeks` stacks the weeks' per-user
 NDCG into (user, week) units, micro-averages the metrics and gives the paired bootstrap
 interval of the model's relative gain over every other recommender.
 """
@@ -81,12 +83,15 @@ def train_and_evaluate_week(
     k: int,
     champion: tuple[lgb.Booster, ModelRecord] | None,
     batch_users: int,
+    max_holdout_users: int | None = None,
 ) -> WeekRun:
     """Train on `plan`'s training weeks (early stopping on its validation week), then score the model,
-    the champion and every baseline on its holdout week.
+    the champion and every baseline on its holdout week, over at most `max_holdout_users` of its
+    labelled users (`evaluation.sample_holdout_users`; all when None).
 
     `frame_of(week, categories)` gives a week's labelled frame, `holdout_of(week)` its snapshot
-    tables and labels; the training frames are released before the holdout is read.
+    tables (all users', or only the sampled users') and labels; the training frames are released
+    before the holdout is read.
     """
     started = time.perf_counter()
     train = pl.concat([frame_of(w, categories) for w in plan.train])
@@ -99,7 +104,7 @@ def train_and_evaluate_week(
     tables, labels = holdout_of(plan.holdout)
     scored = evaluation.evaluate_model(
         model, categories, tables, labels, config, k, champion=champion, collaborative=collaborative,
-        batch_users=batch_users,
+        batch_users=batch_users, max_users=max_holdout_users,
     )  # fmt: skip
     done = time.perf_counter()
     log.info(

@@ -2,6 +2,7 @@
 registration (with lineage and the gate's decision) it writes to the model registry."""
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import date
 from importlib.metadata import version as package_version
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 
 from features import contracts
 from features import store as feature_store
-from ranking import registry
+from ranking import metrics, registry
 from ranking.candidates import CandidateConfig, SnapshotTables
 from training import plan, promotion
 from training.gate import PooledEvaluation
@@ -32,15 +33,39 @@ def plan_training(engine: sa.Engine, as_of: date, training_weeks: int, gate_week
     return plans
 
 
-def read_tables(engine: sa.Engine, as_of: date) -> SnapshotTables:
-    """The feature tables (`contracts.FEATURE_TABLES`) of one passed snapshot."""
+def read_tables(engine: sa.Engine, as_of: date, user_ids: Sequence[int] | None = None) -> SnapshotTables:
+    """The feature tables (`contracts.FEATURE_TABLES`) of one passed snapshot; with `user_ids`, the
+    user-keyed tables hold only those users' rows (item-keyed tables are read whole)."""
     return SnapshotTables.from_frames(
-        {t.name: feature_store.read_table(engine, t.name, as_of) for t in contracts.FEATURE_TABLES}
+        {
+            t.name: feature_store.read_table(
+                engine, t.name, as_of, user_ids=user_ids if "user_id" in t.column_names else None
+            )
+            for t in contracts.FEATURE_TABLES
+        }
     )
 
 
 def read_labels(engine: sa.Engine, as_of: date) -> pl.DataFrame:
     return feature_store.read_table(engine, contracts.LABELS.name, as_of)
+
+
+def read_sampled_week(
+    engine: sa.Engine, as_of: date, sample: Callable[[pl.Series], pl.Series]
+) -> tuple[SnapshotTables, pl.DataFrame]:
+    """One labelled week restricted to `sample(labelled users)`: its tables (only those users' rows in
+    the user-keyed ones) and their labels. The labelled users (a new item that week and history
+    before it) come from the labels and the user ids alone, so the week is never read whole.
+
+    `sample` must keep the users it drew when given only them (`frames.sample_users` and
+    `evaluation.sample_holdout_users` do): then training frames and evaluations of the restricted
+    week equal those of the whole week.
+    """
+    labels = read_labels(engine, as_of)
+    known = feature_store.read_table(engine, contracts.USER_FEATURES.name, as_of, columns=["user_id"])
+    users = sample(metrics.evaluation_truth(labels, known).get_column("user_id").unique().sort())
+    labels = labels.join(users.to_frame("user_id"), on="user_id", how="semi")
+    return read_tables(engine, as_of, user_ids=users.to_list()), labels
 
 
 def read_item_features(engine: sa.Engine, as_of: date) -> pl.DataFrame:

@@ -14,6 +14,8 @@ from datetime import date, timedelta
 import pytest
 import sqlalchemy as sa
 
+from features import contracts
+from features import store as feature_store
 from flows.feature_flow import feature_flow
 from flows.training_flow import training_flow
 from ranking import registry
@@ -171,3 +173,30 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert all(record.params[name] == value for name, value in tuned["tuning"]["chosen"].items())
     assert tuned["allocation"] is None and "allocation" not in record.params
     assert {s: record.params["candidates"][s] for s in SOURCES} == source_counts(CandidateConfig())
+
+    # RECSYS_GATE_USERS_PER_WEEK: each gate week evaluates that many of its labelled users (a fixed hash
+    # sample), every recommender the same ones; every week, gate and training alike, is read with only
+    # its sampled users' rows in the user-keyed tables (the user ids alone are read whole).
+    monkeypatch.delenv("RECSYS_TUNING_SECONDS")
+    monkeypatch.delenv("RECSYS_CANDIDATES_PER_USER")  # the allocation's reads are bounded too
+    reads = []
+    read_table = feature_store.read_table
+
+    def recording(engine, table, as_of, **options):
+        columns = options.get("columns")
+        reads.append((table, options.get("user_ids"), tuple(columns) if columns is not None else None))
+        return read_table(engine, table, as_of, **options)
+
+    monkeypatch.setattr(feature_store, "read_table", recording)
+    monkeypatch.setenv("RECSYS_GATE_USERS_PER_WEEK", "25")
+    bounded, _ = train()
+    assert bounded["metrics"]["model"]["users"] == 25 * flow_env.gate_weeks < first["metrics"]["model"]["users"]
+    assert {name: m["users"] for name, m in bounded["metrics"].items()} == dict.fromkeys(
+        ["model", "champion", *BASELINES], 25 * flow_env.gate_weeks
+    )
+    assert {g["units"] for g in bounded["gains"].values()} == {25 * flow_env.gate_weeks}
+    keyed = {t.name for t in (*contracts.FEATURE_TABLES, contracts.LABELS) if "user_id" in t.column_names}
+    whole = [(table, columns) for table, users, columns in reads if table in keyed and users is None]
+    assert whole and set(whole) <= {("user_features", ("user_id",)), ("labels", None)}, whole
+    sampled = [len(users) for table, users, _ in reads if table == "collaborative_scores"]
+    assert 25 in sampled and all(n <= max(25, flow_env.training_users_per_week) for n in sampled)

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 NEWEST = date(2026, 11, 23)  # the newest feature week in the store
 AS_OF = NEWEST - timedelta(weeks=1)  # training's as_of: the store holds a later snapshot and later labels
 ARTIFACT_KEY = "training-metrics"
+BUDGET = 200
 
 
 def train() -> tuple[dict, str]:
@@ -71,6 +72,7 @@ def champion_version(settings: Settings) -> int:
 
 
 def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env: Settings, monkeypatch):
+    monkeypatch.setenv("RECSYS_CANDIDATES_PER_USER", str(BUDGET))  # candidates allocated by recall (default off)
     first_week = AS_OF - timedelta(weeks=flow_env.training_weeks + 1 + flow_env.gate_weeks)
     written = feature_flow(as_of=NEWEST, source="synthetic", backfill_from=first_week)
     assert {str(AS_OF), str(NEWEST)} <= set(written), "the store must hold the weeks at and after as_of"
@@ -115,9 +117,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     # Candidates allocated by recall on the earliest gate plan's training and validation weeks, before every
     # gate holdout, within RECSYS_CANDIDATES_PER_USER; the counts are the model's, stored with it.
     allocated = first["allocation"]
-    assert (
-        allocated["budget"] == flow_env.candidates_per_user and allocated["candidates_per_user"] <= allocated["budget"]
-    )
+    assert allocated["budget"] == BUDGET and allocated["candidates_per_user"] <= allocated["budget"]
     assert max(allocated["weeks"]) < gate_weeks[0] and allocated["users"] > 0
     assert {s: champion.params["candidates"][s] for s in SOURCES} == allocated["counts"]
     assert champion.params["allocation"] == allocated
@@ -178,7 +178,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     # sample), every recommender the same ones; every week, gate and training alike, is read with only
     # its sampled users' rows in the user-keyed tables (the user ids alone are read whole).
     monkeypatch.delenv("RECSYS_TUNING_SECONDS")
-    monkeypatch.delenv("RECSYS_CANDIDATES_PER_USER")  # the allocation's reads are bounded too
+    monkeypatch.setenv("RECSYS_CANDIDATES_PER_USER", str(BUDGET))  # the allocation's reads are bounded too
     reads = []
     read_table = feature_store.read_table
 

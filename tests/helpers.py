@@ -11,11 +11,15 @@ import polars as pl
 import redis
 import sqlalchemy as sa
 
+from features import transform
+from features.collaborative import CollaborativeConfig
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.raw import RawData, RawDataError
 from features.sources import _quote_table  # the reader's own quoting: the names round-trip
+from features.synthetic import generate_log
 from inference import publish
 from inference.serving import check_recommendations, encode_items
+from ranking.candidates import SnapshotTables, category_encoding
 
 
 def write_events_table(engine: sa.Engine, table: str, raw: RawData, *, items_table: str | None = None) -> None:
@@ -124,3 +128,19 @@ def next_week(raw: RawData, as_of: datetime) -> NextWeek:
     recent = past.filter(pl.col("ts") >= as_of - timedelta(weeks=4))
     popularity = np.bincount(recent["item_id"].to_numpy(), minlength=n_items) + 1.0
     return NextWeek(past, seen, truth, users, popularity, n_users, n_items)
+
+
+def small_week(
+    as_of: date, collaborative: CollaborativeConfig | None = None
+) -> tuple[SnapshotTables, pl.DataFrame, list[str]]:
+    """A small synthetic week as of `as_of` (300 users, 120 items; EASE and ALS in its collaborative_scores
+    when `collaborative` is given): its snapshot tables, labels and category encoding."""
+    raw = generate_log(
+        n_users=300, n_items=120, n_events=12_000, n_weeks=6, end=transform.week_start(as_of) + timedelta(weeks=1),
+        seed=3,
+    )  # fmt: skip
+    options = {} if collaborative is None else {"collaborative": collaborative}
+    tables = SnapshotTables.from_frames(
+        transform.build_feature_tables(raw.events, raw.items, as_of, recent_items=10, neighbours=20, **options)
+    )
+    return tables, transform.build_labels(raw.events, as_of), category_encoding(tables.item_features)

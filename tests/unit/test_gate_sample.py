@@ -3,19 +3,19 @@ recommender, and EASE's and ALS's lists read from the snapshot's collaborative_s
 
 import random
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date
 
 import lightgbm as lgb
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from features import contracts, transform
+from features import contracts
 from features.collaborative import CollaborativeConfig
-from features.synthetic import generate_log
 from ranking import baselines
-from ranking.candidates import CandidateConfig, SnapshotTables, category_encoding
+from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.scoring import ScoringModel
+from tests.helpers import small_week
 from training import evaluation, frames
 from training.ranker import RankerParams, train_ranker
 
@@ -28,20 +28,7 @@ SAMPLING = {"negatives_per_user": 50, "seed": 42, "batch_users": 5_000}
 @pytest.fixture(scope="module")
 def week() -> tuple[SnapshotTables, pl.DataFrame, list[str]]:
     """A small synthetic week (EASE and ALS in its collaborative_scores): tables, labels, category encoding."""
-    raw = generate_log(
-        n_users=300,
-        n_items=120,
-        n_events=12_000,
-        n_weeks=6,
-        end=transform.week_start(AS_OF) + timedelta(weeks=1),
-        seed=3,
-    )
-    tables = SnapshotTables.from_frames(
-        transform.build_feature_tables(
-            raw.events, raw.items, AS_OF, recent_items=10, neighbours=20, collaborative=COLLABORATIVE
-        )
-    )
-    return tables, transform.build_labels(raw.events, AS_OF), category_encoding(tables.item_features)
+    return small_week(AS_OF, COLLABORATIVE)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,17 @@
 """Training frames and holdout evaluation built in user batches give exactly the unbatched result."""
 
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date
 
 import lightgbm as lgb
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from features import transform
 from features.collaborative import CollaborativeConfig
-from features.synthetic import generate_log
-from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, category_encoding
+from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables
 from ranking.scoring import ScoringModel, user_batches
+from tests.helpers import small_week
 from training import evaluation, frames
 from training.ranker import RankerParams, train_ranker
 
@@ -24,18 +23,7 @@ SAMPLING = {"negatives_per_user": 50, "seed": 42, "max_users": None}
 @pytest.fixture(scope="module")
 def week() -> tuple[SnapshotTables, pl.DataFrame, list[str]]:
     """A small synthetic week: its snapshot tables, labels and category encoding."""
-    raw = generate_log(
-        n_users=300,
-        n_items=120,
-        n_events=12_000,
-        n_weeks=6,
-        end=transform.week_start(AS_OF) + timedelta(weeks=1),
-        seed=3,
-    )
-    tables = SnapshotTables.from_frames(
-        transform.build_feature_tables(raw.events, raw.items, AS_OF, recent_items=10, neighbours=20)
-    )
-    return tables, transform.build_labels(raw.events, AS_OF), category_encoding(tables.item_features)
+    return small_week(AS_OF)
 
 
 def test_sample_users_is_a_fixed_subset_of_the_requested_size():

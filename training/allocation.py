@@ -135,11 +135,11 @@ def allocate(measured: list[SourceRanks], budget: int, step: int = ALLOCATION_ST
     covered = np.zeros(frame.height, dtype=bool)
     counts = dict.fromkeys(SOURCES, 0)
     while units:
-        best = None
+        best, n_covered = None, int(covered.sum())
         for source in SOURCES:
             added = (ranks[source] > counts[source]) & (ranks[source] <= counts[source] + step) & ~covered
             n_added = int(added.sum())
-            if n_added == 0 or (covered.sum() + n_added) / units > budget:
+            if n_added == 0 or (n_covered + n_added) / units > budget:
                 continue
             hits_per_candidate = (added & truth).sum() / n_added
             if best is None or hits_per_candidate > best[0]:

@@ -41,8 +41,14 @@ from features.synthetic import generate_log
 from features.transform import build_feature_tables, build_labels, week_start
 from flows import configs
 from inference import publish, scoring
-from ranking.candidates import SnapshotTables, build_ranking_frame, category_encoding, generate_candidates
-from ranking.scoring import TIE_BREAK, score, top_n, user_batches
+from ranking.candidates import (
+    SnapshotTables,
+    build_ranking_frame,
+    category_encoding,
+    generate_candidates,
+    source_counts,
+)
+from ranking.scoring import TIE_BREAK, compile_booster, score, top_n, user_batches
 from recsys.settings import Settings
 from training import evaluation
 from training.frames import labelled_frame, labelled_users
@@ -51,10 +57,10 @@ from training.ranker import train_ranker
 log = logging.getLogger("benchmarks.scoring_bench")
 
 AS_OF = date(2026, 11, 23)  # the holdout week starts here; the snapshot is the Monday before
-SCORING_STEPS = ("frame", "predict", "top_n", "lists", "publish")
+SCORING_STEPS = ("compile", "frame", "predict", "top_n", "lists", "publish")
 # "fit baselines": EASE's and ALS's lists taken from the snapshot's collaborative_scores (fitted only when the
 # table cannot serve them): evaluate_week's time outside its steps.
-EVALUATION_STEPS = ("fit baselines", "frame", "predict", "top_n", "baselines", "recall", "metrics")
+EVALUATION_STEPS = ("compile", "fit baselines", "frame", "predict", "top_n", "baselines", "recall", "metrics")
 PREFIX = "bench-scoring"
 
 
@@ -116,13 +122,20 @@ def load_world(folder: Path) -> dict:
 # --- the measurements ---
 
 
-def profile_scoring(world: dict, users: list[int], settings: Settings, client, version: str) -> dict:
-    """`recommend_users` batch by batch with its steps timed, then each batch published; seconds per step."""
+def profile_scoring(
+    world: dict, users: list[int], settings: Settings, client, version: str, compiled: bool = True
+) -> dict:
+    """`recommend_users` batch by batch with its steps timed, then each batch published; seconds per step.
+    The model is compiled as `score_partition` compiles it (once per process), unless `compiled` is False."""
     tables = SnapshotTables.from_frames(world["frames"])
     booster = lgb.Booster(model_str=world["model_text"])
     categories = category_encoding(tables.item_features)
     config, n = configs.candidate_config(settings), settings.top_n
     steps = dict.fromkeys(SCORING_STEPS, 0.0)
+    if compiled:
+        started = time.perf_counter()
+        booster = compile_booster(booster, rows=len(users) * sum(source_counts(config).values()))
+        steps["compile"] = time.perf_counter() - started
     candidates_s, lists = 0.0, 0
     for batch in user_batches(users, settings.score_batch_users):
         batch_tables = restrict(tables, batch)
@@ -175,34 +188,40 @@ def restrict(tables: SnapshotTables, users: list[int]) -> SnapshotTables:
     return SnapshotTables(**frames)
 
 
-def score_in_threads(world: dict, users: list[int], settings: Settings, client, version: str, threads: int) -> dict:
+def score_in_threads(
+    world: dict, users: list[int], settings: Settings, client, version: str, threads: int, compiled: bool = True
+) -> dict:
     """Users/s with `threads` hash partitions scored and published at once (the flow's thread pool)."""
     parts = [users[i::threads] for i in range(threads)]
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        done = list(pool.map(lambda part: profile_scoring(world, part, settings, client, version), parts))
+        done = list(pool.map(lambda part: profile_scoring(world, part, settings, client, version, compiled), parts))
     seconds = time.perf_counter() - started
     return {"threads": threads, "users": len(users), "seconds": seconds, "users_per_s": len(users) / seconds,
             "steps": {s: sum(d["steps"][s] for d in done) for s in SCORING_STEPS}}  # fmt: skip
 
 
-def profile_evaluation(world: dict, settings: Settings, max_users: int | None) -> dict:
+def profile_evaluation(world: dict, settings: Settings, max_users: int | None, compiled: bool = True) -> dict:
     """`evaluate_week` of the model on the holdout week, its steps timed; seconds per step."""
     tables = SnapshotTables.from_frames(world["frames"])
     labels = world["labels"]
     if max_users is not None:
         keep = labelled_users(labels, tables).head(max_users)
         labels = labels.join(keep.to_frame(), on="user_id", how="semi")
-    model = evaluation.ScoringModel(
-        lgb.Booster(model_str=world["model_text"]), world["features"], category_encoding(tables.item_features)
-    )
     steps = dict.fromkeys(EVALUATION_STEPS, 0.0)
+    started = time.perf_counter()
+    booster = lgb.Booster(model_str=world["model_text"])
+    if compiled:  # as `evaluate_model` does
+        rows = labels.get_column("user_id").n_unique() * sum(source_counts(configs.candidate_config(settings)).values())
+        booster = compile_booster(booster, rows=rows)
+    steps["compile"] = time.perf_counter() - started
+    model = evaluation.ScoringModel(booster, world["features"], category_encoding(tables.item_features))
     started = time.perf_counter()
     result = evaluation.evaluate_week(
         model, tables, labels, configs.candidate_config(settings), 10, batch_users=settings.score_batch_users,
         collaborative=configs.collaborative_config(settings), steps=steps,
     )  # fmt: skip
-    steps["fit baselines"] = time.perf_counter() - started - sum(steps.values())
+    steps["fit baselines"] = time.perf_counter() - started - sum(v for k, v in steps.items() if k != "compile")
     users = int(result.metrics["model"]["users"])
     total = sum(steps.values())
     return {"users": users, "steps": steps, "seconds": total, "users_per_s": users / total,
@@ -228,7 +247,8 @@ def render(result: dict) -> str:
     ref = result["reference"]["reference_s"]
     load = result["load"]
     lines = [
-        f"Scoring profile: {result['world']}; {result['trees']} trees; machine {result['machine']}; "
+        f"Scoring profile: {result['world']}; {result['trees']} trees, {result['predictor']}; "
+        f"machine {result['machine']}; "
         f"load average during the run {load['mean']:.1f} ({load['min']:.1f}–{load['max']:.1f}); "
         f"reference {ref:.2f} s (after/before {result['reference']['spread']:.2f}).",
         "",
@@ -273,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-users", type=int, default=10_000, help="holdout users evaluated (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the partitioned run (0: skip)")
     parser.add_argument("--world", type=Path, help="folder keeping the world between runs")
+    parser.add_argument(
+        "--lightgbm", action="store_true", help="score with LightGBM itself, not the compiled model (as before)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("inference").setLevel(logging.WARNING)
@@ -293,17 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         all_users = world["frames"][contracts.USER_FEATURES.name]["user_id"]
         sample = scoring.partition_users(all_users, max(1, all_users.len() // args.profile_users))[0]
         version = publish.begin_publication(stores.redis, PREFIX, AS_OF)
-        result = {"scoring": profile_scoring(world, sample, settings, stores.redis, version)}
+        compiled = not args.lightgbm
+        result = {"scoring": profile_scoring(world, sample, settings, stores.redis, version, compiled)}
         if args.threads:
-            result["threads"] = score_in_threads(world, sample, settings, stores.redis, version, args.threads)
+            result["threads"] = score_in_threads(world, sample, settings, stores.redis, version, args.threads, compiled)
         if args.eval_users:
-            result["evaluation"] = profile_evaluation(world, settings, args.eval_users)
+            result["evaluation"] = profile_evaluation(world, settings, args.eval_users, compiled)
         timings.append(time_reference(reference))
     booster = lgb.Booster(model_str=world["model_text"])
     result |= {
         "world": f"{all_users.len():,} users, {world['frames'][contracts.ITEM_FEATURES.name].height:,} items, "
         f"{world['events'] or 0:,} events",
         "trees": booster.num_trees(),
+        "predictor": "LightGBM" if args.lightgbm else "compiled (lleaves) when it compiles, else LightGBM",
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "reference": combine_references(timings),
         "load": load.summary(),

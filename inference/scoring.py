@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 import lightgbm as lgb
 import polars as pl
@@ -25,8 +26,8 @@ from features import contracts, store
 from features.collaborative import CollaborativeConfig, FittedScorer
 from inference import publish
 from ranking import baselines, registry
-from ranking.candidates import CandidateConfig, SnapshotTables, with_stored_counts
-from ranking.scoring import check_model, recommend_with_model, timed, user_batches
+from ranking.candidates import CandidateConfig, SnapshotTables, source_counts, with_stored_counts
+from ranking.scoring import CompiledForest, check_model, compile_booster, recommend_with_model, timed, user_batches
 from recsys.partitions import all_partitions, in_partition
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def partition_users(user_ids: pl.Series, partitions: int) -> list[list[int]]:
 
 
 def recommend_users(
-    booster: lgb.Booster,
+    booster: lgb.Booster | CompiledForest,
     feature_names: list[str],
     categories: list[str],
     tables: SnapshotTables,
@@ -176,12 +177,15 @@ def score_partition(
     prefix: str,
     chunk: int,
     baseline: ServedBaseline | None = None,
+    compiled_dir: Path | None = None,
 ) -> dict:
     """Score `users` with the model of `record` (a ranker, or `baseline`: its champion baseline as
     `fit_served_baseline` made it ready) and write their keys of `version`; counts and seconds per step.
 
     Reads the item tables once and the user tables `batch_users` users at a time, so memory
-    follows the batch size, not the user count.
+    follows the batch size, not the user count. The ranker is compiled to native code when the
+    partition is large enough to pay for it (`ranking.scoring.compile_booster`; kept in `compiled_dir`
+    when given), with the same scores.
     """
     if record.kind == "baseline" and baseline is None:
         raise ValueError(
@@ -194,6 +198,10 @@ def score_partition(
     with _timing(stats, "read_s"):
         booster = None if record.kind == "baseline" else registry.load_model(engine, record.name, record.version)[0]
         items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
+    if booster is not None:
+        with _timing(stats, "score_s"), timed(steps, "compile"):
+            rows = len(users) * sum(source_counts(config).values())
+            booster = compile_booster(booster, rows=rows, cache_dir=compiled_dir)
     for batch in user_batches(users, batch_users):
         with _timing(stats, "read_s"):
             tables = items | {c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES}

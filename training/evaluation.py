@@ -13,9 +13,16 @@ import polars as pl
 
 from features.collaborative import CollaborativeConfig
 from ranking import baselines, metrics
-from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, build_ranking_frame, with_stored_counts
+from ranking.candidates import (
+    SOURCES,
+    CandidateConfig,
+    SnapshotTables,
+    build_ranking_frame,
+    source_counts,
+    with_stored_counts,
+)
 from ranking.registry import ModelRecord
-from ranking.scoring import ScoringModel, recommend_with_model, timed, user_batches
+from ranking.scoring import ScoringModel, compile_booster, recommend_with_model, timed, user_batches
 from training.frames import labelled_users
 from training.ranker import TrainedRanker
 
@@ -79,12 +86,20 @@ def evaluate_model(
     max_users: int | None = None,
 ) -> WeekEvaluation:
     """`evaluate_week` of a freshly trained model (with its category encoding) and the registry's champion."""
-    scoring = ScoringModel(lgb.Booster(model_str=model.model_text), model.feature_names, categories)
+    # Compiled to native code when the week has enough users to pay for it (the same scores).
+    users = labels.get_column("user_id").n_unique()
+    users = users if max_users is None else min(users, max_users)
+    rows = users * sum(source_counts(config).values())
+    booster = compile_booster(lgb.Booster(model_str=model.model_text), rows=rows)
+    scoring = ScoringModel(booster, model.feature_names, categories)
     held = None
     if champion is not None:
         booster, record = champion
         held = ScoringModel(
-            booster, record.feature_names, record.encodings["category"], with_stored_counts(config, record.params)
+            compile_booster(booster, rows=rows),
+            record.feature_names,
+            record.encodings["category"],
+            with_stored_counts(config, record.params),
         )
     return evaluate_week(
         scoring, tables, labels, config, k, champion=held, collaborative=collaborative, batch_users=batch_users,

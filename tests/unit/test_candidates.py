@@ -4,6 +4,9 @@ from datetime import date
 
 import polars as pl
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from features import contracts
 from ranking.candidates import (
@@ -16,6 +19,7 @@ from ranking.candidates import (
     build_ranking_frame,
     category_encoding,
     generate_candidates,
+    neighbour_scores,
 )
 
 AS_OF = date(2024, 3, 4)
@@ -346,3 +350,32 @@ def test_last_item_features_compare_the_candidate_with_the_users_last_items():
     assert rows[2]["last_items_creator_share"] == pytest.approx(0.2)
     assert rows[5]["last_items_creator_share"] == pytest.approx(0.2)
     assert rows[7]["last_items_creator_share"] == 0.0
+
+
+def neighbour_scores_by_group_by(recent: pl.DataFrame, neighbours: pl.DataFrame) -> pl.DataFrame:
+    """`neighbour_scores` written plainly: every (user, recent item, neighbour) triple, summed per pair."""
+    return (
+        recent.join(neighbours, on="item_id")
+        .group_by("user_id", "neighbour_id")
+        .agg(pl.col("score").sum().round(9).alias("cooc_score"), pl.len().cast(pl.Int64).alias("cooc_count"))
+        .rename({"neighbour_id": "item_id"})
+        .sort("user_id", "item_id")
+    )
+
+
+@hyp_settings(max_examples=150, deadline=None)
+@given(
+    recent=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 25)), max_size=40, unique=True),
+    links=st.lists(st.tuples(st.integers(1, 25), st.integers(1, 25)), max_size=80, unique=True),
+    scores=st.lists(st.sampled_from([0.1, 0.25, 1 / 3, 0.5, 0.9]), min_size=80, max_size=80),
+)
+def test_neighbour_scores_sum_every_recent_items_neighbour_as_a_plain_group_by(recent, links, scores):
+    recent_frame = pl.DataFrame(recent, schema={"user_id": pl.Int64, "item_id": pl.Int64}, orient="row")
+    neighbours = pl.DataFrame(
+        {"item_id": [a for a, _ in links], "neighbour_id": [b for _, b in links], "score": scores[: len(links)]},
+        schema={"item_id": pl.Int64, "neighbour_id": pl.Int64, "score": pl.Float64},
+    )
+    got = neighbour_scores(recent_frame, neighbours).sort("user_id", "item_id")
+    expected = neighbour_scores_by_group_by(recent_frame, neighbours)
+    assert got.select("user_id", "item_id", "cooc_count").equals(expected.select("user_id", "item_id", "cooc_count"))
+    assert got.get_column("cooc_score").to_list() == pytest.approx(expected.get_column("cooc_score").to_list())

@@ -82,6 +82,8 @@ def scoring_options(settings: Settings) -> dict:
         "batch_users": settings.score_batch_users,
         "prefix": settings.redis_prefix,
         "chunk": settings.publish_chunk,
+        # compiled models kept between runs (a model is compiled once, not once per run and process)
+        "compiled_dir": settings.data_dir / "compiled-models",
     }
 
 

@@ -80,6 +80,14 @@ def check_partition_tables(tables: dict[str, pl.DataFrame], week: date) -> dict[
     }
 
 
+def check_merged_rows(frame: pl.DataFrame, name: str, week: date, count: int) -> list[dict]:
+    """The row checks of a user-keyed table built whole in this process (collaborative_scores, fitted on
+    the merged history), made one user partition at a time: the failures of the whole table but its row
+    count (see `check_partition_tables`), without converting the whole table for great-expectations."""
+    shares = (frame.filter(in_partition("user_id", partition)) for partition in all_partitions(count))
+    return validation.merge_failures([check_partition_tables({name: share}, week)[name] for share in shares])
+
+
 def merge_partition_tables(
     parts: list[PartitionTables],
     week: date,

@@ -143,14 +143,8 @@ class FittedScorer:
         _require_positive(m=m)
         started = time.perf_counter()
         scored = _score_top(self.matrix, users, m, self.scores_of, exclude_consumed)
-        log.debug("%s: scored %d users in %.2fs", self.name, scored[USER].n_unique(), time.perf_counter() - started)
+        log.info("%s: scored %d users in %.2fs", self.name, scored[USER].n_unique(), time.perf_counter() - started)
         return scored
-
-    @property
-    def block_users(self) -> int:
-        """Known users scored in one dense block. Scoring sorted known users in runs of a multiple of it
-        forms the same blocks as scoring them at once, hence bit for bit the same scores."""
-        return _block_users(self.matrix.item_ids.size)
 
     def recommend(self, users: pl.Series | Sequence[int], k: int, *, exclude_consumed: bool = True) -> pl.DataFrame:
         """Top-k (user_id, item_id, rank) of each known user in `users`."""
@@ -193,7 +187,8 @@ def _score_top(
     """Each known user's m best-scored items, by score descending then item_id."""
     wanted = np.unique(pl.Series(values=users, dtype=pl.Int64).drop_nulls().to_numpy())
     rows = np.searchsorted(matrix.user_ids, wanted[np.isin(wanted, matrix.user_ids)])
-    batch = _block_users(matrix.item_ids.size)
+    n_items = matrix.item_ids.size
+    batch = max(1, _SCORE_CELLS // n_items)
     parts = [_empty_scores()]
     for start in range(0, rows.size, batch):
         block = rows[start : start + batch]
@@ -205,10 +200,6 @@ def _score_top(
         parts.append(_top_of_block(scores, matrix.user_ids[block], matrix.item_ids, m))
         del scores
     return pl.concat(parts).sort(USER, RANK)
-
-
-def _block_users(n_items: int) -> int:
-    return max(1, _SCORE_CELLS // n_items)
 
 
 def _top_of_block(scores: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, m: int) -> pl.DataFrame:

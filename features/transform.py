@@ -8,8 +8,6 @@ once per snapshot: the 10M-event log is grouped once, later steps work on its pa
 """
 
 import logging
-import math
-import time
 from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
@@ -35,8 +33,6 @@ TRANSITION_UNITS = 1 << 20
 ENGINE = "in-memory"
 # Collaborative scores are rounded so that BLAS summation order cannot change their last bits (digests).
 SCORE_DECIMALS = 9
-# Users whose collaborative_scores rows are scored and finished at a time (about 2M rows of 100 items each).
-COLLABORATIVE_RUN_USERS = 20_000
 DEFAULT_COLLABORATIVE = cf.CollaborativeConfig()
 
 log = logging.getLogger(__name__)
@@ -125,7 +121,9 @@ def build_collaborative_scores(
     return score_collaborative(fitted, users, as_of, items_per_user=items_per_user)
 
 
-def fit_collaborative(history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig) -> dict[str, cf.FittedScorer]:
+def fit_collaborative(
+    history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig
+) -> dict[str, cf.FittedScorer]:
     """EASE (unless above `config.ease_max_items` items) and ALS fitted on one snapshot's history; none
     for an empty history."""
     contracts.require_columns(history.columns, ("user_id", "item_id"), "collaborative_scores: history")
@@ -146,27 +144,7 @@ def fit_collaborative(history: pl.DataFrame, as_of: date, config: cf.Collaborati
 def score_collaborative(
     fitted: dict[str, cf.FittedScorer], users: pl.Series, as_of: date, *, items_per_user: int
 ) -> pl.DataFrame:
-    """The `collaborative_scores` rows of `users` from the models of `fit_collaborative`.
-
-    Users are scored and their rows finished a run at a time, so the table's intermediate copies
-    (ranking, joining, sorting) stay the size of a run. A run is a multiple of each model's block
-    (`FittedScorer.block_users`): ALS knows every user of its history, so its dense blocks, hence its
-    scores, are those of scoring every user at once (EASE's do not depend on the block).
-    """
-    users = pl.Series("user_id", users, pl.Int64).unique().sort()
-    block = math.lcm(*(model.block_users for model in fitted.values())) if fitted else 1
-    step = block * max(1, -(-COLLABORATIVE_RUN_USERS // block))
-    started = time.perf_counter()
-    starts = range(0, max(users.len(), 1), step)
-    scores = pl.concat([_score_run(fitted, users.slice(i, step), as_of, items_per_user) for i in starts], rechunk=False)
-    log.info(
-        "collaborative_scores as_of %s: %s scored for %d users in %.2fs", as_of, ", ".join(fitted) or "no model",
-        users.len(), time.perf_counter() - started,
-    )  # fmt: skip
-    return scores
-
-
-def _score_run(fitted: dict[str, cf.FittedScorer], users: pl.Series, as_of: date, items_per_user: int) -> pl.DataFrame:
+    """The `collaborative_scores` rows of `users` from the models of `fit_collaborative`."""
     key = ["user_id", "item_id"]
     scored = None
     for name, model in fitted.items():

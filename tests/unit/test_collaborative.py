@@ -143,23 +143,3 @@ def test_als_gives_the_same_scores_on_one_thread_and_on_two():
 
 def test_als_ranks_the_co_consumed_item_first():
     assert lists(fit_als(HISTORY, ALS).recommend([4], 1)) == {4: [2]}
-
-
-def test_collaborative_scores_built_in_runs_of_users_equal_those_built_at_once(monkeypatch):
-    from datetime import date
-
-    from features import collaborative, transform
-
-    rng = np.random.default_rng(3)
-    history = pl.DataFrame({"user_id": rng.integers(1, 400, 3_000), "item_id": rng.integers(1, 60, 3_000)}).unique()
-    config = CollaborativeConfig(als_factors=8, als_iterations=3)
-    # Dense blocks of 3 users (60 items). ALS's float32 scores depend on the block's shape in their
-    # last bit (BLAS picks other kernels for small matrices): runs must keep the blocks.
-    monkeypatch.setattr(collaborative, "_SCORE_CELLS", 3 * 60)
-    at_once = transform.build_collaborative_scores(history, date(2024, 3, 4), config, items_per_user=10)
-    monkeypatch.setattr(transform, "COLLABORATIVE_RUN_USERS", 5)  # runs of 2 blocks
-    in_runs = transform.build_collaborative_scores(history, date(2024, 3, 4), config, items_per_user=10)
-
-    assert at_once["user_id"].n_unique() > 300 and at_once["ease_score"].null_count() < at_once.height
-    assert in_runs.n_chunks() > 50
-    assert in_runs.equals(at_once)

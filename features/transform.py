@@ -121,9 +121,7 @@ def build_collaborative_scores(
     return score_collaborative(fitted, users, as_of, items_per_user=items_per_user)
 
 
-def fit_collaborative(
-    history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig
-) -> dict[str, cf.FittedScorer]:
+def fit_collaborative(history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig) -> dict[str, cf.FittedScorer]:
     """EASE (unless above `config.ease_max_items` items) and ALS fitted on one snapshot's history; none
     for an empty history."""
     contracts.require_columns(history.columns, ("user_id", "item_id"), "collaborative_scores: history")

@@ -28,8 +28,10 @@ from features.contracts import require_columns
 from recsys.settings import default_of
 
 USER, ITEM, SCORE, RANK = "user_id", "item_id", "score", "rank"
-# Dense score cells computed at once (users in a batch × items): about 128 MB of float64.
-_SCORE_CELLS = 1 << 24
+# Dense score cells computed at once (users in a block × items): 16 MB of float32 (ALS) or 32 MB of
+# float64 (EASE). Each cell is read a few times (consumed items masked, partitioned, compared), so
+# a smaller block is both lighter and faster; a few hundred blocks cost little Python.
+_SCORE_CELLS = 1 << 22
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class FittedScorer:
 
     name: str
     matrix: _Interactions
-    scores_of: Callable[[np.ndarray], np.ndarray]  # matrix rows -> dense scores over matrix.item_ids
+    scores_of: Callable[[np.ndarray], np.ndarray]  # matrix rows -> a new dense array of scores over matrix.item_ids
 
     def score(self, users: pl.Series | Sequence[int], m: int, *, exclude_consumed: bool = True) -> pl.DataFrame:
         """Top-m (user_id, item_id, score, rank) of each known user in `users`; cold users get no rows."""
@@ -190,11 +192,13 @@ def _score_top(
     parts = [_empty_scores()]
     for start in range(0, rows.size, batch):
         block = rows[start : start + batch]
-        scores = np.asarray(scores_of(block), dtype=np.float64)  # a fresh array: safe to overwrite
+        # A fresh array (safe to overwrite) in the model's own precision: float32 for ALS.
+        scores = scores_of(block)
         if exclude_consumed:
             consumed = matrix.user_items[block].tocoo()
             scores[consumed.row, consumed.col] = -np.inf
         parts.append(_top_of_block(scores, matrix.user_ids[block], matrix.item_ids, m))
+        del scores
     return pl.concat(parts).sort(USER, RANK)
 
 
@@ -203,9 +207,12 @@ def _top_of_block(scores: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray
     # Every item scoring at least the m-th best score, ties included: the exact sort below
     # then breaks ties by item_id, whatever order the partition left them in.
     threshold = np.partition(scores, scores.shape[1] - depth, axis=1)[:, scores.shape[1] - depth]
-    row, col = np.nonzero((scores >= threshold[:, None]) & np.isfinite(scores))
+    row, col = np.nonzero(scores >= threshold[:, None])
+    values = scores[row, col]
+    finite = np.isfinite(values)  # consumed items (-inf) pass when a user has fewer than m others
+    row, col, values = row[finite], col[finite], values[finite]
     candidates = pl.DataFrame(
-        {USER: user_ids[row], ITEM: item_ids[col], SCORE: scores[row, col]},
+        {USER: user_ids[row], ITEM: item_ids[col], SCORE: values.astype(np.float64)},
         schema={USER: pl.Int64, ITEM: pl.Int64, SCORE: pl.Float64},
     )
     return (

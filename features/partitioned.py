@@ -12,7 +12,11 @@ equals `transform.build_week_tables` on the whole log, row for row and bit for b
 Each partition also checks its own rows of the user-keyed tables (`check_partition_tables`:
 every expectation made row by row, where the rows were computed), so the process that merges
 them never converts a whole user table for great-expectations; it checks what needs the
-whole table (row count, profile, drift against history) and the item-keyed tables.
+whole table (row count, profile, drift against history) and the item-keyed tables. The one
+user-keyed table built in that process, collaborative_scores (EASE and ALS are fitted on the
+merged history, and every user is scored in the same blocks as on the whole log, so the scores
+are bit for bit the same), has its rows checked there one user partition at a time
+(`check_merged_rows`), for the same reason.
 
 Peak memory is one partition's events and pairs (times the partitions computed at once)
 plus what does not shrink with the partition count: the snapshot's own tables (the writer
@@ -78,6 +82,14 @@ def check_partition_tables(tables: dict[str, pl.DataFrame], week: date) -> dict[
         )
         for name, frame in tables.items()
     }
+
+
+def check_merged_rows(frame: pl.DataFrame, name: str, week: date, count: int) -> list[dict]:
+    """The row checks of a user-keyed table built whole in this process (collaborative_scores, fitted on
+    the merged history), made one user partition at a time: the failures of the whole table but its row
+    count (see `check_partition_tables`), without converting the whole table for great-expectations."""
+    shares = (frame.filter(in_partition("user_id", partition)) for partition in all_partitions(count))
+    return validation.merge_failures([check_partition_tables({name: share}, week)[name] for share in shares])
 
 
 def merge_partition_tables(

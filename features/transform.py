@@ -111,37 +111,56 @@ def build_collaborative_scores(
     """Each user's top `items_per_user` unconsumed items by EASE and by implicit ALS, with score and rank.
 
     Both are fitted once on `history`, the snapshot's `user_item_history` (pairs before `as_of`):
-    the whole user × item matrix, so the partitioned path calls this on the merged history.
+    the whole user × item matrix, so the partitioned path fits them on the merged history and
+    scores each partition's users apart (`fit_collaborative`, `score_collaborative`).
     A pair in one model's top list only has the other model's score and rank null. EASE is left
     out (its columns null) above `config.ease_max_items` items: it holds a dense n × n matrix.
     """
+    fitted = fit_collaborative(history, as_of, config)
+    users = history.get_column("user_id").unique().sort() if history.height else pl.Series("user_id", [], pl.Int64)
+    return score_collaborative(fitted, users, as_of, items_per_user=items_per_user)
+
+
+def fit_collaborative(history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig) -> dict[str, cf.FittedScorer]:
+    """EASE (unless above `config.ease_max_items` items) and ALS fitted on one snapshot's history; none
+    for an empty history."""
     contracts.require_columns(history.columns, ("user_id", "item_id"), "collaborative_scores: history")
+    if not history.height:
+        return {}
+    fitted = {"als": cf.fit_als(history, config)}
+    n_items = cf.count_items(history)
+    if n_items <= config.ease_max_items:
+        fitted = {"ease": cf.fit_ease(history, config)} | fitted
+    else:
+        log.warning(
+            "collaborative_scores as_of %s: EASE left out, %d items above RECSYS_EASE_MAX_ITEMS=%d", as_of,
+            n_items, config.ease_max_items,
+        )  # fmt: skip
+    return fitted
+
+
+def score_collaborative(
+    fitted: dict[str, cf.FittedScorer], users: pl.Series, as_of: date, *, items_per_user: int
+) -> pl.DataFrame:
+    """The `collaborative_scores` rows of `users` from the models of `fit_collaborative`."""
     key = ["user_id", "item_id"]
-    scored = pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64})
-    if history.height:
-        users = history.get_column("user_id").unique().sort()
-        fitted = {"als": cf.fit_als(history, config)}
-        n_items = cf.count_items(history)
-        if n_items <= config.ease_max_items:
-            fitted = {"ease": cf.fit_ease(history, config)} | fitted
-        else:
-            log.warning(
-                "collaborative_scores as_of %s: EASE left out, %d items above RECSYS_EASE_MAX_ITEMS=%d", as_of,
-                n_items, config.ease_max_items,
-            )  # fmt: skip
-        for name, model in fitted.items():
-            top = (
-                model.score(users, items_per_user)
-                .with_columns(pl.col("score").round(SCORE_DECIMALS))
-                # Ranked again after rounding, so that the rank always follows the stored score (ties by item_id).
-                .sort(["user_id", "score", "item_id"], descending=[False, True, False])
-                .select(
-                    *key,
-                    pl.col("score").alias(f"{name}_score"),
-                    pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id").alias(f"{name}_rank"),
-                )
+    scored = None
+    for name, model in fitted.items():
+        top = (
+            model.score(users, items_per_user)
+            .with_columns(pl.col("score").round(SCORE_DECIMALS))
+            # Ranked again after rounding, so that the rank always follows the stored score (ties by item_id).
+            .sort(["user_id", "score", "item_id"], descending=[False, True, False])
+            .select(
+                *key,
+                pl.col("score").alias(f"{name}_score"),
+                pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id").alias(f"{name}_rank"),
             )
-            scored = scored.join(top, on=key, how="full", coalesce=True)
+        )
+        scored = top if scored is None else scored.join(top, on=key, how="full", coalesce=True)
+        del top  # one model's lists at a time beside the table
+    if scored is None:
+        scored = pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64})
     missing = [c for c in contracts.COLLABORATIVE_SCORES.column_names if c not in (*key, "as_of", *scored.columns)]
     frame = scored.with_columns(pl.lit(None, contracts.COLLABORATIVE_SCORES.schema[c]).alias(c) for c in missing)
     return _finish(contracts.COLLABORATIVE_SCORES, frame, as_of)

@@ -16,7 +16,7 @@ from prefect.states import State
 from prefect.task_runners import TaskRunner
 from pydantic import SecretStr
 
-from features import partitioned, report, store, transform, validation
+from features import contracts, partitioned, report, store, transform, validation
 from features.raw import RawData, RawDataError
 from features.sources import read_source, synthetic_kind
 from features.synthetic import SyntheticLogConfig, ensure_synthetic_log
@@ -105,6 +105,14 @@ def merge_partitions(parts: list[partitioned.PartitionTables], week: date, optio
     """The week's snapshot from its partitions' shares (consumed): what compute_snapshot gives for the whole log."""
     merged = {k: options[k] for k in ("neighbours", "collaborative", "collaborative_items")}
     return partitioned.merge_partition_tables(parts, week, **merged)
+
+
+@task(**PURE)
+def check_merged_rows(frames: dict[str, pl.DataFrame], week: date, count: int) -> dict[str, list[dict]]:
+    """Row checks of the tables built whole from the merged history (collaborative_scores), one user
+    partition at a time, so validation never converts them whole."""
+    names = [n for n in (contracts.COLLABORATIVE_SCORES.name,) if n in frames]
+    return {name: partitioned.check_merged_rows(frames[name], name, week, count) for name in names}
 
 
 @task(**IO)
@@ -206,6 +214,7 @@ def compute_in_partitions(
             frames = merge_partitions(shares, week, options)
             del shares
             checked = {name: failures for name, failures in checked.items() if name in frames}  # empty labels go
+            checked |= check_merged_rows(frames, week, settings.feature_partitions)
             yield Week(week, frames, raw_digest, report.describe_read(events, duplicates, spec), checked)
             del frames  # written: not held while the next week's partitions run
 

@@ -403,10 +403,12 @@ def test_the_backtest_builds_the_collaborative_scores_the_flow_stores(flow_env, 
     assert_frame_equal(built, stored, check_exact=True)
 
 
+@pytest.mark.parametrize("partitions", ["1", "3"])  # 3: its rows are checked one user partition at a time
 def test_a_bad_collaborative_scores_table_fails_validation_and_nothing_is_written(
-    flow_env, clean_stores, log, tmp_path, monkeypatch
+    partitions, flow_env, clean_stores, log, tmp_path, monkeypatch
 ):
     engine = clean_stores.engine
+    monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", partitions)
     seed_snapshot(engine, log, LAST_WEEK)
     before = dump_store(engine)
     build = transform.build_collaborative_scores

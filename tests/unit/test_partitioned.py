@@ -10,7 +10,7 @@ from polars.testing import assert_frame_equal
 from features import contracts, partitioned, store, transform, validation
 from features.contracts import RAW_EVENTS_SCHEMA, RAW_ITEMS_SCHEMA
 from features.raw import conform_items
-from recsys.partitions import all_partitions, in_partition
+from recsys.partitions import all_partitions, in_partition, partition_of
 
 WEEK = date(2024, 3, 4)  # a Monday
 START = datetime(2024, 3, 4, tzinfo=UTC)
@@ -206,3 +206,33 @@ def test_a_merged_table_without_rows_fails_its_row_count():
 
     assert not reports["user_features"].success
     assert reports["user_features"].failures[0]["expectation"] == "expect_table_row_count_to_be_between"
+
+
+def test_collaborative_scores_checked_one_partition_at_a_time_give_the_report_of_the_whole_table():
+    events, metadata = partition_log()
+    merged = partitioned.merge_partition_tables(checked_partitions(events, metadata, 3)[0], WEEK, neighbours=2)
+    name = contracts.COLLABORATIVE_SCORES.name
+    good = merged[name]
+    # Three ranks below 1 (distinct, as examples are), of users in different partitions: the counts
+    # must add up over the partitions.
+    row = pl.int_range(pl.len())
+    bad = good.with_columns(
+        pl.when(row == 0).then(0).when(row == good.height // 2).then(-1).when(row == good.height - 1).then(-2)
+        .otherwise(pl.col("als_rank")).alias("als_rank")
+    )  # fmt: skip
+    assert bad.filter(pl.col("als_rank") < 1).select(partition_of("user_id", 3).n_unique()).item() >= 2
+
+    for frame, passed in ((good, True), (bad, False)):
+        whole = validation.validate_table(contracts.CONTRACTS[name], frame, as_of=WEEK, previous=None, **CHECK_OPTIONS)
+        checked = {name: partitioned.check_merged_rows(frame, name, WEEK, 3)}
+        reports = validation.validate_tables(
+            {name: frame}, as_ofs={name: WEEK}, previous={}, checked=checked, **CHECK_OPTIONS
+        )
+        assert reports[name].success is whole.success is passed
+        assert normalise(reports[name].to_dict()) == normalise(whole.to_dict())
+    assert [(f["columns"], f["unexpected_count"]) for f in reports[name].failures] == [(["als_rank"], 3)]
+
+
+def normalise(report: dict) -> dict:
+    """A report with each failure's examples in ascending order (partitions find them in their own order)."""
+    return report | {"failures": [f | {"examples": sorted(f["examples"])} for f in report["failures"]]}

@@ -12,6 +12,7 @@ from polars.testing import assert_frame_equal
 
 from features import contracts
 from features.collaborative import CollaborativeConfig
+from inference import scoring
 from ranking import baselines
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.scoring import ScoringModel
@@ -210,3 +211,16 @@ def test_the_labelled_users_of_a_week_are_the_same_from_its_tables_or_its_user_i
     assert 100 < every.len() < tables.user_features.height
     assert frames.labelled_users(labels, tables.user_features.select("user_id")).to_list() == every.to_list()
     assert frames.labelled_users(labels, tables.user_features["user_id"]).to_list() == every.to_list()
+
+
+@pytest.mark.parametrize("name", baselines.COLLABORATIVE)
+def test_a_baseline_champion_served_from_each_batchs_stored_lists_equals_the_fitted_models(week, name):
+    tables, _, _ = week
+    fitted = baselines.fit_collaborative(tables.user_item_history, COLLABORATIVE)
+    served = scoring.ServedBaseline(name, {}, stored_depth=100)
+    users = tables.user_features["user_id"]
+    for batch in (users.head(70), users.tail(70)):  # a partition's batch reads only its users' rows
+        batch_tables = only_users(tables, batch)
+        from_table = scoring.recommend_baseline(name, batch_tables, batch, CONFIG, 20, served.lists(batch_tables))
+        assert from_table.height > 60
+        assert_frame_equal(from_table, scoring.recommend_baseline(name, tables, batch, CONFIG, 20, fitted))

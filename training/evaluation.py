@@ -134,6 +134,7 @@ def evaluate_week(
         with timed(steps, "recall"):
             batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
             recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
+        del frame  # the batch's candidate frame is the largest object here: never two batches' at once
     with timed(steps, "metrics"):
         recs = {name: pl.concat(frames) for name, frames in parts.items()}
         per_user = truth.select("user_id").unique().sort("user_id")

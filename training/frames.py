@@ -46,6 +46,8 @@ def labelled_frame(
     users = sample_users(labelled_users(labels, tables), max_users, seed)
     parts = []
     for batch in user_batches(users, batch_users) or [users]:  # no users: one empty, well-typed frame
+        # Released before the next batch's is built: never two batches' whole candidate frames at once.
         labelled = attach_labels(build_ranking_frame(tables, batch, config, categories), labels, as_of)
         parts.append(sample_negatives(labelled, negatives_per_user, seed))
+        del labelled
     return pl.concat(parts)

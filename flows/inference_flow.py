@@ -46,10 +46,13 @@ def list_users(engine, snapshot: date) -> pl.Series:
 
 @task(**TRANSIENT_IO)
 def fit_served_baseline(
-    engine, record: registry.ModelRecord, snapshot: date, collaborative: CollaborativeConfig
+    engine, record: registry.ModelRecord, snapshot: date, collaborative: CollaborativeConfig, options: dict
 ) -> scoring.ServedBaseline | None:
-    """A baseline champion fitted once for every partition (EASE, ALS); None for a trained ranker."""
-    return scoring.fit_served_baseline(engine, record, snapshot, collaborative)
+    """A baseline champion made ready once for every partition (EASE, ALS: the snapshot's stored lists, or
+    fitted); None for a trained ranker."""
+    return scoring.fit_served_baseline(
+        engine, record, snapshot, collaborative, config=options["config"], n=options["n"]
+    )
 
 
 @task(**TRANSIENT_IO)
@@ -199,10 +202,9 @@ def inference_flow(as_of: date | None = None) -> dict:
              "flow_run_id": current_run_id()},
         )  # fmt: skip
         try:
-            baseline = fit_served_baseline(engine, record, snapshot, configs.collaborative_config(settings))
-            options = configs.scoring_options(settings) | {
-                "record": record, "snapshot": snapshot, "version": version, "baseline": baseline,
-            }  # fmt: skip
+            options = configs.scoring_options(settings)
+            baseline = fit_served_baseline(engine, record, snapshot, configs.collaborative_config(settings), options)
+            options |= {"record": record, "snapshot": snapshot, "version": version, "baseline": baseline}
             stats = score_partitions(stores, settings, users, options)
             fallback = publish_fallback(engine, client, snapshot, prefix, version, n)
             archive_publication(engine, client, prefix, version, fallback, settings.archive_weeks)

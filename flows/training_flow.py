@@ -55,14 +55,20 @@ def train_and_evaluate_week(
     champion: tuple[lgb.Booster, registry.ModelRecord] | None,
     options: dict,
     progress: tuple[int, int],
+    later: list[date],
 ) -> gate.WeekRun:
     """A model trained on the week's past only, then it, the champion and every baseline on that week's holdout
-    (only its sampled users' rows read)."""
+    (only its sampled users' rows read). Once the model is trained, the cache keeps only the frames of the
+    `later` weeks (the later plans' training and validation weeks), so the holdout is evaluated without them."""
     sample = partial(evaluation.sample_holdout_users, limit=options["max_holdout_users"])
+
+    def read_holdout(week: date) -> tuple[SnapshotTables, pl.DataFrame]:
+        cache.keep(later)  # called once the training frames are released
+        return store.read_sampled_week(engine, week, sample)
+
     run = gate.train_and_evaluate_week(
-        plan, categories, frame_of=cache.get, champion=champion,
-        holdout_of=lambda w: store.read_sampled_week(engine, w, sample), **options,
-    )  # fmt: skip
+        plan, categories, frame_of=cache.get, champion=champion, holdout_of=read_holdout, **options
+    )
     log.info("gate week %s evaluated", plan.holdout, extra={"progress": ("gate weeks", *progress)})
     return run
 
@@ -160,8 +166,8 @@ def training_flow(as_of: date | None = None) -> dict:
             # Items never leave the catalogue, so the holdout's categories cover the older weeks'.
             categories = load_categories(engine, plan.holdout)
             progress = (i + 1, len(plans))
-            runs.append(train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress))
-            cache.keep(w for later in plans[i + 1 :] for w in (*later.train, later.validation))
+            later = [w for p in plans[i + 1 :] for w in (*p.train, p.validation)]
+            runs.append(train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress, later))
         pooled = pool_weeks(runs, gate_options)
         # Stored with the model (its params in the registry); the counts themselves are in its "candidates".
         stored = {"tuning": tuned.record()} if tuned is not None else {}

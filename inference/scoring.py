@@ -124,11 +124,12 @@ def recommend_baseline(
     users: pl.Series,
     config: CandidateConfig,
     n: int,
-    fitted: dict[str, FittedScorer] | None = None,
+    fitted: dict[str, baselines.CollaborativeLists] | None = None,
 ) -> pl.DataFrame:
     """Each user's top-n item ids by the named baseline, as `recommend_users` returns them (user_id, items).
 
-    EASE and ALS need `fitted` (`baselines.fit_collaborative` on the snapshot's whole history)."""
+    EASE and ALS need `fitted`: `baselines.fit_collaborative` on the snapshot's whole history, or the
+    snapshot's stored lists (`ServedBaseline.lists`)."""
     _check_baseline(baseline)
     top = baselines.recommend(baseline, tables, users, n, config, fitted or {})
     return top.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"))
@@ -136,24 +137,50 @@ def recommend_baseline(
 
 @dataclass(frozen=True)
 class ServedBaseline:
-    """The baseline a run serves and, for EASE or ALS, its model fitted on the snapshot's history."""
+    """The baseline a run serves and, for EASE or ALS, where its lists come from: the snapshot's
+    `collaborative_scores`, read with each batch's users (`stored_depth` items per user kept there), or
+    the model fitted on the snapshot's history (`fitted`)."""
 
     name: str
     fitted: dict[str, FittedScorer]
+    stored_depth: int | None = None
+
+    def lists(self, tables: SnapshotTables) -> dict[str, baselines.CollaborativeLists]:
+        """The collaborative source `recommend_baseline` takes for a batch's `tables`."""
+        if self.stored_depth is None:
+            return self.fitted
+        lists = baselines.stored_lists(tables.collaborative_scores, self.name)
+        return {self.name: baselines.StoredLists(self.name, lists, self.stored_depth)}
 
 
 def fit_served_baseline(
-    engine: sa.Engine, record: registry.ModelRecord, snapshot: date, collaborative: CollaborativeConfig
+    engine: sa.Engine,
+    record: registry.ModelRecord,
+    snapshot: date,
+    collaborative: CollaborativeConfig,
+    *,
+    config: CandidateConfig,
+    n: int,
 ) -> ServedBaseline | None:
-    """The baseline champion of `record` ready to serve, fitted once per run for every partition; None
-    for a trained ranker. EASE or ALS are fitted on the snapshot's history; recent popularity serves
-    instead when EASE's catalogue bound refuses it (logged)."""
+    """The baseline champion of `record` ready to serve `n` items per user, once per run for every partition;
+    None for a trained ranker. EASE's or ALS's lists are read from the snapshot's `collaborative_scores` when
+    it covers them (consumed items excluded, at least `n` items kept per user: the same lists as the
+    fitted model's); otherwise the model is fitted on the snapshot's history, and recent popularity serves
+    when EASE's catalogue bound refuses it (logged)."""
     if record.kind != "baseline":
         return None
     baseline = record.params["baseline"]
     _check_baseline(baseline)
     if baseline not in baselines.COLLABORATIVE:
         return ServedBaseline(baseline, {})
+    if config.exclude_consumed:
+        depth = stored_depth(engine, snapshot, baseline)
+        if depth >= n:
+            log.info("champion baseline %s served from collaborative_scores of %s (%d items per user kept)",
+                     baseline, snapshot, depth)  # fmt: skip
+            return ServedBaseline(baseline, {}, depth)
+        log.info("champion baseline %s fitted: collaborative_scores of %s keeps %d items per user, %d served",
+                 baseline, snapshot, depth, n)  # fmt: skip
     history = store.read_table(engine, contracts.USER_ITEM_HISTORY.name, snapshot, columns=["user_id", "item_id"])
     fitted = baselines.fit_collaborative(history, collaborative, names=[baseline])
     if baseline not in fitted:
@@ -161,6 +188,17 @@ def fit_served_baseline(
                     DEFAULT_BASELINE)  # fmt: skip
         return ServedBaseline(DEFAULT_BASELINE, {})
     return ServedBaseline(baseline, fitted)
+
+
+def stored_depth(engine: sa.Engine, snapshot: date, baseline: str) -> int:
+    """The longest list of `baseline` (EASE or ALS) the snapshot's `collaborative_scores` keeps; 0 without any."""
+    if baseline not in baselines.COLLABORATIVE:
+        raise ValueError(f"stored_depth: {baseline!r} is not one of {baselines.COLLABORATIVE}")
+    query = sa.text(
+        f"select coalesce(max({baseline}_rank), 0) from {contracts.COLLABORATIVE_SCORES.name} where as_of = :as_of"
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query, {"as_of": snapshot}).scalar_one())
 
 
 def score_partition(
@@ -208,7 +246,8 @@ def score_partition(
         with _timing(stats, "score_s"):
             snapshot_tables, batch_ids = SnapshotTables.from_frames(tables), pl.Series("user_id", batch, pl.Int64)
             if booster is None:
-                recs = recommend_baseline(baseline.name, snapshot_tables, batch_ids, config, n, baseline.fitted)
+                lists = baseline.lists(snapshot_tables)
+                recs = recommend_baseline(baseline.name, snapshot_tables, batch_ids, config, n, lists)
             else:
                 recs = recommend_users(
                     booster, record.feature_names, record.encodings["category"], snapshot_tables, batch_ids,

@@ -59,16 +59,24 @@ def stored_collaborative(scores: pl.DataFrame) -> dict[str, StoredLists]:
     settings: the table ranks each model's scores rounded to 9 decimals, so only two items scoring
     within 1e-9 of each other could swap (then by item_id).
     """
-    scores = _one_snapshot(scores, "collaborative_scores")
     stored = {}
     for name in COLLABORATIVE:
-        rank = f"{name}_rank"
-        lists = scores.filter(pl.col(rank).is_not_null()).select(
-            pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64), pl.col(rank).cast(pl.Int64).alias(RANK)
-        )
+        lists = stored_lists(scores, name)
         if lists.height:
             stored[name] = StoredLists(name, lists, int(lists.get_column(RANK).max()))
     return stored
+
+
+def stored_lists(scores: pl.DataFrame, name: str) -> pl.DataFrame:
+    """`name`'s (user_id, item_id, rank) rows of one snapshot's `collaborative_scores` (where its rank is set)."""
+    if name not in COLLABORATIVE:
+        raise ValueError(f"stored_lists: unknown collaborative baseline {name!r}; expected one of {COLLABORATIVE}")
+    rank = f"{name}_rank"
+    return (
+        _one_snapshot(scores, "collaborative_scores")
+        .filter(pl.col(rank).is_not_null())
+        .select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64), pl.col(rank).cast(pl.Int64).alias(RANK))
+    )
 
 
 def fit_collaborative(

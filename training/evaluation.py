@@ -149,13 +149,16 @@ def evaluate_week(
         with timed(steps, "recall"):
             batch_truth = truth.join(batch.to_frame("user_id"), on="user_id", how="semi")
             recall.append(candidate_recall(frame, batch_truth) | {"users": batch.len()})
+        del frame  # the batch's candidate frame is the largest object here: never two batches' at once
     with timed(steps, "metrics"):
         recs = {name: pl.concat(frames) for name, frames in parts.items()}
         per_user = truth.select("user_id").unique().sort("user_id")
         for name, top in recs.items():
             per_user = per_user.join(metrics.per_user_ndcg(top, truth, k).rename({"ndcg": name}), on="user_id")
         return WeekEvaluation(
-            evaluate_recommenders(recs, labels, tables, k, users=users), combine_batches_recall(recall), per_user
+            evaluate_recommenders(recs, truth, k, n_catalogue=tables.item_features.height),
+            combine_batches_recall(recall),
+            per_user,
         )
 
 
@@ -209,17 +212,11 @@ def recommend_baselines(
 
 
 def evaluate_recommenders(
-    recs: dict[str, pl.DataFrame],
-    labels: pl.DataFrame,
-    tables: SnapshotTables,
-    k: int,
-    *,
-    users: pl.Series | None = None,
+    recs: dict[str, pl.DataFrame], truth: pl.DataFrame, k: int, *, n_catalogue: int
 ) -> dict[str, dict[str, float]]:
-    """Metrics of each named recommender on the same week's truth and catalogue, over the evaluated
-    `users` (default: every user with history in `tables`)."""
-    truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id") if users is None else users)
-    n_catalogue = max(tables.item_features.height, 1)
+    """Metrics of each named recommender on the same evaluated users' `truth` (`metrics.evaluation_truth`)
+    and a catalogue of `n_catalogue` items (at least 1 counted)."""
+    n_catalogue = max(n_catalogue, 1)
     return {name: metrics.rank_metrics(frame, truth, k=k, n_catalogue=n_catalogue) for name, frame in recs.items()}
 
 

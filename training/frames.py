@@ -10,10 +10,12 @@ from ranking.scoring import user_batches
 from training.ranker import attach_labels, sample_negatives
 
 
-def labelled_users(labels: pl.DataFrame, tables: SnapshotTables) -> pl.Series:
-    """Users with at least one new item that week and some history before it."""
-    truth = metrics.evaluation_truth(labels, tables.user_features.select("user_id"))
-    return truth.get_column("user_id").unique().sort()
+def labelled_users(labels: pl.DataFrame, known: SnapshotTables | pl.DataFrame | pl.Series) -> pl.Series:
+    """Users with at least one new item that week and some history before it, sorted: `known` is the
+    week's tables or only the ids of its users with history (the user features' user_id)."""
+    if isinstance(known, SnapshotTables):
+        known = known.user_features.select("user_id")
+    return metrics.evaluation_truth(labels, known).get_column("user_id").unique().sort()
 
 
 def sample_users(users: pl.Series, limit: int | None, seed: int) -> pl.Series:
@@ -44,6 +46,8 @@ def labelled_frame(
     users = sample_users(labelled_users(labels, tables), max_users, seed)
     parts = []
     for batch in user_batches(users, batch_users) or [users]:  # no users: one empty, well-typed frame
+        # Released before the next batch's is built: never two batches' whole candidate frames at once.
         labelled = attach_labels(build_ranking_frame(tables, batch, config, categories), labels, as_of)
         parts.append(sample_negatives(labelled, negatives_per_user, seed))
+        del labelled
     return pl.concat(parts)

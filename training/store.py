@@ -12,9 +12,9 @@ import sqlalchemy as sa
 
 from features import contracts
 from features import store as feature_store
-from ranking import metrics, registry
+from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables
-from training import plan, promotion
+from training import frames, plan, promotion
 from training.gate import PooledEvaluation
 from training.ranker import TrainedRanker
 
@@ -63,7 +63,7 @@ def read_sampled_week(
     """
     labels = read_labels(engine, as_of)
     known = feature_store.read_table(engine, contracts.USER_FEATURES.name, as_of, columns=["user_id"])
-    users = sample(metrics.evaluation_truth(labels, known).get_column("user_id").unique().sort())
+    users = sample(frames.labelled_users(labels, known))
     labels = labels.join(users.to_frame("user_id"), on="user_id", how="semi")
     return read_tables(engine, as_of, user_ids=users.to_list()), labels
 

@@ -156,7 +156,7 @@ def spy(monkeypatch, module, name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("baseline", ["ease", "als"])
-def test_a_collaborative_baseline_champion_is_fitted_once_per_run_served_and_ease_above_its_bound_falls_back(
+def test_a_collaborative_baseline_champion_is_served_from_the_snapshots_lists_and_fitted_once_when_they_fall_short(
     stored: Settings, snapshots, baseline: str, monkeypatch
 ):
     with open_stores(stored) as stores:
@@ -168,22 +168,34 @@ def test_a_collaborative_baseline_champion_is_fitted_once_per_run_served_and_eas
         )  # fmt: skip
     fits = spy(monkeypatch, collaborative, f"fit_{baseline}")
     partitions = spy(monkeypatch, scoring, "score_partition")
+    monkeypatch.setenv("RECSYS_PUBLISH_HOLD_UNCHANGED", "false")
+    # collaborative_scores keeps 100 items per user (RECSYS_COLLABORATIVE_ITEMS_PER_USER): it serves 20, unfitted,
+    # the same lists as the model fitted on the snapshot's history.
     result = inference_flow(as_of=AS_OF)
-    assert (fits, len(partitions)) == ([f"fit_{baseline}"], stored.partitions) and stored.partitions > 1
-
+    assert (fits, len(partitions)) == ([], stored.partitions) and stored.partitions > 1
     lists, meta = published(stored, result, snapshots[AS_OF])
     personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}
     assert personal == expected_lists(baseline, snapshots[AS_OF], stored.top_n)
     assert personal != expected_lists("recent_popular", snapshots[AS_OF], stored.top_n)
     assert meta["model_version"].endswith(f"(baseline {baseline})")
 
+    # 101 items per user: more than the table keeps, so the model is fitted, once for every partition.
+    monkeypatch.setenv("RECSYS_TOP_N", "101")
+    fits.clear()  # expected_lists fitted it too
+    result = inference_flow(as_of=AS_OF)
+    assert fits == [f"fit_{baseline}"] and len(partitions) == 2 * stored.partitions
+    lists, _ = published(stored, result, snapshots[AS_OF])
+    personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}
+    assert personal == expected_lists(baseline, snapshots[AS_OF], 101)
+
     if baseline == "ease":  # a catalogue above RECSYS_EASE_MAX_ITEMS: never fitted, popularity serves instead
         monkeypatch.setenv("RECSYS_EASE_MAX_ITEMS", "10")
-        monkeypatch.setenv("RECSYS_PUBLISH_HOLD_UNCHANGED", "false")
+        fits.clear()
         result = inference_flow(as_of=AS_OF)
+        assert fits == []
         lists, _ = published(stored, result, snapshots[AS_OF])
         personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}
-        assert personal == expected_lists("recent_popular", snapshots[AS_OF], stored.top_n)
+        assert personal == expected_lists("recent_popular", snapshots[AS_OF], 101)
 
 
 def test_a_fresh_deployment_publishes_from_its_first_scheduled_runs(flow_env: Settings, monkeypatch):

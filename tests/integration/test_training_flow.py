@@ -23,6 +23,8 @@ from ranking.candidates import FEATURE_NAMES, SOURCES, CandidateConfig, source_c
 from recsys.settings import Settings
 from recsys.stores import open_stores
 from tests.conftest import artifact_text
+from training import evaluation, gate
+from training import store as training_store
 from training.evaluation import BASELINES
 
 pytestmark = pytest.mark.integration
@@ -66,6 +68,27 @@ def promote_a_degenerate_copy(settings: Settings, champion: registry.ModelRecord
         )  # fmt: skip
 
 
+def record_frames_held_at_holdout_reads(monkeypatch) -> list[tuple[date, list[date]]]:
+    """(holdout week, weeks whose frames the training flow's cache holds) at each holdout read."""
+    caches, held = [], []
+
+    class RecordedCache(gate.FrameCache):
+        def __init__(self, build) -> None:
+            super().__init__(build)
+            caches.append(self)
+
+    read = training_store.read_sampled_week
+
+    def recording(engine, week, sample):
+        if getattr(sample, "func", None) is evaluation.sample_holdout_users:  # the holdout, not a training week's frame
+            held.append((week, sorted({w for w, _ in caches[-1]._frames})))
+        return read(engine, week, sample)
+
+    monkeypatch.setattr(gate, "FrameCache", RecordedCache)
+    monkeypatch.setattr(training_store, "read_sampled_week", recording)
+    return held
+
+
 def champion_version(settings: Settings) -> int:
     with open_stores(settings) as stores:
         return registry.get_champion(stores.engine, settings.model_name).version
@@ -77,8 +100,18 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     written = feature_flow(as_of=NEWEST, source="synthetic", backfill_from=first_week)
     assert {str(AS_OF), str(NEWEST)} <= set(written), "the store must hold the weeks at and after as_of"
 
+    held = record_frames_held_at_holdout_reads(monkeypatch)
     first, first_artifact = train()
     metrics, gains = first["metrics"], first["gains"]
+    # Memory: while a gate week's holdout is read and evaluated, the frame cache holds only the frames later
+    # gate weeks train or validate on, never the week's own first training week.
+    holdouts = [date.fromisoformat(w) for w in first["gate_weeks"]]
+    assert [week for week, _ in held] == holdouts
+    span = flow_env.training_weeks + 1  # a plan's training and validation weeks before its holdout
+    for i, (week, cached) in enumerate(held):
+        later = {h - timedelta(weeks=n) for h in holdouts[i + 1 :] for n in range(1, span + 1)}
+        assert set(cached) <= later and week - timedelta(weeks=span) not in cached, (week, cached)
+    assert held[-1][1] == [], "the last gate week's holdout is evaluated with no training frame held"
     # Labels of the week [AS_OF, NEWEST) exist but close after as_of: the last gate week is the week before.
     gate_weeks = [str(AS_OF - timedelta(weeks=n)) for n in range(flow_env.gate_weeks, 0, -1)]
     assert first["gate_weeks"] == gate_weeks and first["holdout"] == gate_weeks[-1]

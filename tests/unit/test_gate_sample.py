@@ -12,6 +12,7 @@ from polars.testing import assert_frame_equal
 
 from features import contracts
 from features.collaborative import CollaborativeConfig
+from inference import scoring
 from ranking import baselines
 from ranking.candidates import CandidateConfig, SnapshotTables
 from ranking.scoring import ScoringModel
@@ -184,3 +185,42 @@ def test_ease_left_out_of_the_table_is_left_out_of_the_gate_as_when_fitted(week)
     assert stored.keys() == {"als"}
     bounded = CollaborativeConfig(als_factors=8, als_iterations=5, ease_max_items=10)
     assert baselines.fit_collaborative(tables.user_item_history, bounded).keys() == {"als"}
+
+
+def test_a_week_computes_its_truth_once_for_the_labelled_users_and_once_for_the_evaluated_ones(
+    week, model, monkeypatch
+):
+    tables, labels, _ = week
+    calls = []
+    truth = evaluation.metrics.evaluation_truth
+
+    def counted(labels, users):
+        calls.append(type(users).__name__)
+        return truth(labels, users)
+
+    monkeypatch.setattr(evaluation.metrics, "evaluation_truth", counted)
+    scored = evaluate(model, tables, labels, 60)
+    # The week's labelled users (from the user features), then the sampled users' truth, passed down.
+    assert calls == ["DataFrame", "Series"]
+    assert {m["users"] for m in scored.metrics.values()} == {60}
+
+
+def test_the_labelled_users_of_a_week_are_the_same_from_its_tables_or_its_user_ids_alone(week):
+    tables, labels, _ = week
+    every = frames.labelled_users(labels, tables)
+    assert 100 < every.len() < tables.user_features.height
+    assert frames.labelled_users(labels, tables.user_features.select("user_id")).to_list() == every.to_list()
+    assert frames.labelled_users(labels, tables.user_features["user_id"]).to_list() == every.to_list()
+
+
+@pytest.mark.parametrize("name", baselines.COLLABORATIVE)
+def test_a_baseline_champion_served_from_each_batchs_stored_lists_equals_the_fitted_models(week, name):
+    tables, _, _ = week
+    fitted = baselines.fit_collaborative(tables.user_item_history, COLLABORATIVE)
+    served = scoring.ServedBaseline(name, {}, stored_depth=100)
+    users = tables.user_features["user_id"]
+    for batch in (users.head(70), users.tail(70)):  # a partition's batch reads only its users' rows
+        batch_tables = only_users(tables, batch)
+        from_table = scoring.recommend_baseline(name, batch_tables, batch, CONFIG, 20, served.lists(batch_tables))
+        assert from_table.height > 60
+        assert_frame_equal(from_table, scoring.recommend_baseline(name, tables, batch, CONFIG, 20, fitted))

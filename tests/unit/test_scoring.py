@@ -272,20 +272,22 @@ def test_redacted_url_hides_only_the_password(url, shown):
 def test_a_baseline_champion_other_than_ease_or_als_is_served_without_reading_or_fitting():
     record = scoring.default_baseline_record()  # recent popularity
 
-    served = scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig())
+    served = scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig(), config=CandidateConfig(), n=10)
 
     assert served == scoring.ServedBaseline("recent_popular", {})
 
 
 def test_a_trained_ranker_needs_no_served_baseline():
     record = replace(scoring.default_baseline_record(), kind="ranker")
-    assert scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig()) is None
+    assert (
+        scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig(), config=CandidateConfig(), n=10) is None
+    )
 
 
 def test_an_unknown_baseline_champion_is_refused_before_any_partition_runs():
     record = replace(scoring.default_baseline_record(), params={"baseline": "svd"})
     with pytest.raises(ValueError, match="unknown baseline 'svd'"):
-        scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig())
+        scoring.fit_served_baseline(None, record, AS_OF, CollaborativeConfig(), config=CandidateConfig(), n=10)
 
 
 def test_a_partition_of_a_baseline_champion_without_the_runs_fitted_baseline_is_refused():

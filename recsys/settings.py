@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     tuning_trials: int = Field(default=30, ge=1, description="Most Optuna trials (fits) one tuning makes.")
     model_name: str = Field(default="weekly-ranker", pattern=r"^[A-Za-z0-9_.-]+$")
     training_weeks: int = Field(default=4, ge=1)
+    validation_weeks: int = Field(
+        default=1,
+        ge=1,
+        description="Latest labelled weeks before each holdout on which the ranker early-stops (and Optuna scores "
+        "its trials), pooled over (user, week); the refit then trains on them and the training weeks before them.",
+    )
     promotion_margin: float = Field(
         default=0.0,
         ge=0,

@@ -39,6 +39,7 @@ def collaborative_config(settings: Settings) -> CollaborativeConfig:
         als_regularization=settings.als_regularization,
         als_iterations=settings.als_iterations,
         als_alpha=settings.als_alpha,
+        als_seeds=settings.als_seeds,
         seed=settings.seed,
         threads=settings.num_threads,
     )

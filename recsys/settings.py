@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     als_regularization: float = Field(default=10.0, ge=0, description="ALS baseline: L2 regularisation.")
     als_iterations: int = Field(default=15, ge=1, description="ALS baseline: alternating least-squares sweeps.")
     als_alpha: float = Field(default=2.0, gt=0, description="ALS baseline: confidence of a consumed pair.")
+    als_seeds: int = Field(
+        default=1,
+        ge=1,
+        description="ALS fits (seeds seed, seed+1, ...) whose scores are averaged: less dependence on ALS's random "
+        "start, in the ranker's features and candidates and in the baseline; each costs one more fit.",
+    )
     candidates_per_user: int = Field(
         default=0,
         ge=0,

@@ -408,7 +408,7 @@ def format_table(result: BacktestResult) -> str:
         lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[2:]]))
     tuned = result.timings.filter(pl.col("tuning_trials") > 0)
     if not tuned.is_empty():
-        lines += ["", "Hyper-parameters tuned on each week's validation week (Optuna):", ""]
+        lines += ["", "Hyper-parameters tuned on each week's validation weeks (Optuna):", ""]
         lines += [_markdown_row(["week", "trials", "chosen"]), _markdown_row(["---"] * 3)]
         lines += [_markdown_row([r["week"], str(r["tuning_trials"]), r["tuned"]]) for r in tuned.iter_rows(named=True)]
     return "\n".join(lines) + "\n"

@@ -32,23 +32,22 @@ class NotEnoughHistory(ExpectedError, ValueError):
 
 
 def plan_weeks(labelled: list[date], as_of: date, training_weeks: int, validation_weeks: int = 1) -> WeekPlan:
-    """Latest labelled week before `as_of` is the holdout, the `validation_weeks` before it validate,
-    up to `training_weeks` earlier ones train (at least one). Only weeks whose labels are complete count."""
+    """Latest labelled week before `as_of` is the holdout, up to `validation_weeks` before it validate,
+    up to `training_weeks` earlier ones train. Only weeks whose labels are complete count. With little
+    history both shrink, the validation weeks last (a fresh deployment trains from 3 labelled weeks):
+    at least one week trains and one validates."""
     if training_weeks < 1 or validation_weeks < 1:
         raise ValueError(
             f"plan_weeks: training_weeks and validation_weeks must be >= 1, got {training_weeks} and {validation_weeks}"
         )
     usable = sorted(d for d in set(labelled) if d + WEEK <= as_of)
-    needed = validation_weeks + 2
-    if len(usable) < needed:
+    if len(usable) < 3:
         raise NotEnoughHistory(
-            f"training as of {as_of} needs at least {needed} weeks with labelled users before it (training weeks, "
-            f"{'a validation week' if validation_weeks == 1 else f'{validation_weeks} validation weeks'}, a holdout "
-            f"week); found {len(usable)}: {[str(d) for d in usable]}. "
-            + ("Validate on fewer weeks (RECSYS_VALIDATION_WEEKS), or c" if validation_weeks > 1 else "C")
-            + "ompute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"
+            f"training as of {as_of} needs at least 3 weeks with labelled users before it (training weeks, "
+            f"a validation week, a holdout week); found {len(usable)}: {[str(d) for d in usable]}. "
+            "Compute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"
         )
-    first_validation = len(usable) - 1 - validation_weeks
+    first_validation = len(usable) - 1 - min(validation_weeks, len(usable) - 2)
     return WeekPlan(
         as_of=as_of,
         train=usable[max(0, first_validation - training_weeks) : first_validation],

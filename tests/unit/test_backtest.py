@@ -103,7 +103,7 @@ def test_a_budget_of_zero_keeps_the_fixed_counts_and_reports_no_allocation(raw):
 def test_each_week_early_stops_on_its_validation_weeks_pooled(raw):
     # With one validation week, the week WEEKS[i] validates on the week before it; with two, the last
     # week validates on both of those weeks (WEEKS[0] - 7d and WEEKS[0]) together.
-    one = run_backtest(raw, WEEKS, **options(training_weeks=2, seed=1, candidate_budget=0))
+    one = run_backtest(raw, WEEKS, **options(training_weeks=2, validation_weeks=1, seed=1, candidate_budget=0))
     two = run_backtest(raw, WEEKS[1:], **options(training_weeks=1, validation_weeks=2, seed=1, candidate_budget=0))
     assert two.timings["valid_rows"][0] == one.timings["valid_rows"].sum()
     assert "early stopping on the 2 weeks before it" in format_table(two)

@@ -40,13 +40,18 @@ def test_validation_weeks_come_first_when_history_is_short_and_one_training_week
     assert (plan.train, plan.validation, plan.holdout) == (weeks_before(4), weeks_before(3, 2), AS_OF - WEEK)
 
 
-def test_too_little_history_for_the_validation_weeks_names_the_weeks_found_and_the_setting():
+def test_short_history_shrinks_the_validation_weeks_to_leave_one_training_week():
+    plan = plan_weeks(weeks_before(1, 2, 3), AS_OF, training_weeks=2, validation_weeks=3)
+    assert (plan.train, plan.validation, plan.holdout) == (weeks_before(3), weeks_before(2), AS_OF - WEEK)
+    plan = plan_weeks(weeks_before(1, 2, 3, 4), AS_OF, training_weeks=2, validation_weeks=3)
+    assert (plan.train, plan.validation) == (weeks_before(4), weeks_before(3, 2))
+
+
+def test_too_little_history_names_the_weeks_found_whatever_the_validation_weeks():
     with pytest.raises(NotEnoughHistory) as raised:
-        plan_weeks(weeks_before(1, 2, 3), AS_OF, training_weeks=2, validation_weeks=2)
+        plan_weeks(weeks_before(1, 2), AS_OF, training_weeks=2, validation_weeks=3)
     message = str(raised.value)
-    assert "needs at least 4 weeks" in message and "2 validation weeks" in message
-    assert "found 3: ['2026-11-02', '2026-11-09', '2026-11-16']" in message
-    assert "RECSYS_VALIDATION_WEEKS" in message
+    assert "needs at least 3 weeks" in message and "found 2: ['2026-11-09', '2026-11-16']" in message
 
 
 def test_zero_validation_or_training_weeks_are_refused_by_name():
@@ -63,8 +68,11 @@ def test_every_gate_plan_validates_on_its_own_v_weeks_before_its_holdout():
     for p in plans:
         assert p.validation == [p.holdout - n * WEEK for n in (3, 2, 1)]
         assert p.train == [p.holdout - n * WEEK for n in (5, 4)]
-    # A gate week without room for its validation weeks and a training week is left out.
-    assert [p.holdout for p in plan_gate(labelled[:5], AS_OF, 2, gate_weeks=3, validation_weeks=3)] == [AS_OF - WEEK]
+    # With less history, the earlier gate weeks validate on fewer weeks; one with fewer than 3 is left out.
+    short = plan_gate(labelled[:4], AS_OF, 2, gate_weeks=3, validation_weeks=3)
+    assert [(p.holdout, len(p.validation), len(p.train)) for p in short] == [
+        (AS_OF - 2 * WEEK, 1, 1), (AS_OF - WEEK, 2, 1),
+    ]
 
 
 # Two validation weeks that disagree: the older (30 users) rewards the training weeks' signal (the

@@ -139,9 +139,7 @@ def training_flow(as_of: date | None = None) -> dict:
     with open_stores(settings) as stores:
         engine = stores.engine
         registry.ensure_schema(engine)
-        plans = plan_training(
-            engine, as_of, settings.training_weeks, settings.gate_weeks, settings.validation_weeks
-        )
+        plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks, settings.validation_weeks)
         champion = load_champion(engine, settings.model_name)
         allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user)
         if allocated is not None:

@@ -337,9 +337,9 @@ def format_table(result: BacktestResult) -> str:
 
     lines = [
         f"Weekly backtest, {weeks[0]} … {weeks[-1]} ({len(weeks)} weeks): trained as of each week on up to "
-        f"{result.training_weeks} labelled weeks (early stopping on the {_weeks(result.validation_weeks)} before it), scored on the week that "
-        f"follows; overall = micro-average over (user, week), with the {result.confidence:.0%} paired bootstrap "
-        "interval of the ratio over those units.",
+        f"{result.training_weeks} labelled weeks (early stopping on the {_weeks(result.validation_weeks)} before it), "
+        "scored on the week that follows; overall = micro-average over (user, week), with the "
+        f"{result.confidence:.0%} paired bootstrap interval of the ratio over those units.",
         "",
         f"NDCG@{k}:",
         "",

@@ -123,7 +123,7 @@ def tune_on_plan(
     params: RankerParams,
     tuning: TuningConfig,
 ) -> TuningResult:
-    """Hyper-parameters tuned on `plan`'s training weeks and scored on its validation weeks pooled (never its holdout)."""
+    """Hyper-parameters tuned on `plan`'s training weeks, scored on its validation weeks pooled (never its holdout)."""
     return tune_params(*plan_frames(plan, categories, frame_of), params, tuning)
 
 

@@ -71,7 +71,8 @@ def test_every_gate_plan_validates_on_its_own_v_weeks_before_its_holdout():
     # With less history, the earlier gate weeks validate on fewer weeks; one with fewer than 3 is left out.
     short = plan_gate(labelled[:4], AS_OF, 2, gate_weeks=3, validation_weeks=3)
     assert [(p.holdout, len(p.validation), len(p.train)) for p in short] == [
-        (AS_OF - 2 * WEEK, 1, 1), (AS_OF - WEEK, 2, 1),
+        (AS_OF - 2 * WEEK, 1, 1),
+        (AS_OF - WEEK, 2, 1),
     ]
 
 

@@ -50,6 +50,7 @@ class CollaborativeConfig:
     als_regularization: float = default_of("als_regularization")
     als_iterations: int = default_of("als_iterations")
     als_alpha: float = default_of("als_alpha")
+    als_seeds: int = default_of("als_seeds")
     seed: int = default_of("seed")
     threads: int = default_of("num_threads")
 
@@ -86,30 +87,38 @@ def fit_als(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer
     """implicit's AlternatingLeastSquares (CPU) fitted once on one snapshot's history.
 
     Every consumed pair has confidence `alpha`; a score is the dot product of the user's
-    and the item's factors. The same seed and data give the same factors for any `threads`
-    (each user's and item's solve is independent); BLAS runs on one thread during the fit.
-    Memory: (users + items) × factors float32, plus the sparse history.
+    and the item's factors. With `als_seeds` > 1, that many fits from seeds seed, seed+1, ...
+    and the mean of their scores: ALS's random start moves its lists, and the ranker's
+    features and candidates with them. The same seed and data give the same factors for any
+    `threads` (each user's and item's solve is independent); BLAS runs on one thread during
+    the fit. Memory: (users + items) × factors × als_seeds float32, plus the sparse history.
     """
     from implicit.cpu.als import AlternatingLeastSquares  # heavy import, only when asked for
 
     _require_positive(
         als_factors=config.als_factors, als_iterations=config.als_iterations, als_alpha=config.als_alpha,
-        threads=config.threads,
+        als_seeds=config.als_seeds, threads=config.threads,
     )  # fmt: skip
     if config.als_regularization < 0:
         raise ValueError(f"als_regularization must be >= 0, got {config.als_regularization}")
     started = time.perf_counter()
     matrix = _build_interactions(history, max_items=None)
+    users, items = [], []
     with threadpool_limits(1, "blas"):
-        model = AlternatingLeastSquares(
-            factors=config.als_factors, regularization=config.als_regularization, alpha=config.als_alpha,
-            iterations=config.als_iterations, random_state=config.seed, num_threads=config.threads,
-        )  # fmt: skip
-        model.fit(matrix.user_items.astype(np.float32), show_progress=False)
-    user_factors, item_factors = model.user_factors, model.item_factors
+        for seed in range(config.seed, config.seed + config.als_seeds):
+            model = AlternatingLeastSquares(
+                factors=config.als_factors, regularization=config.als_regularization, alpha=config.als_alpha,
+                iterations=config.als_iterations, random_state=seed, num_threads=config.threads,
+            )  # fmt: skip
+            model.fit(matrix.user_items.astype(np.float32), show_progress=False)
+            users.append(model.user_factors)
+            items.append(model.item_factors)
+    # The seeds' mean score in one product: [U_1 … U_n]·[V_1 … V_n]ᵀ / n.
+    user_factors, item_factors = np.hstack(users) / config.als_seeds, np.hstack(items)
     log.info(
-        "als: %d users × %d items, %d factors, %d iterations: fit %.2fs",
-        *matrix.user_items.shape, config.als_factors, config.als_iterations, time.perf_counter() - started,
+        "als: %d users × %d items, %d factors, %d iterations, %d seed(s): fit %.2fs",
+        *matrix.user_items.shape, config.als_factors, config.als_iterations, config.als_seeds,
+        time.perf_counter() - started,
     )  # fmt: skip
     return FittedScorer("als", matrix, lambda rows: user_factors[rows] @ item_factors.T)
 

@@ -39,6 +39,7 @@ def collaborative_config(settings: Settings) -> CollaborativeConfig:
         als_regularization=settings.als_regularization,
         als_iterations=settings.als_iterations,
         als_alpha=settings.als_alpha,
+        als_seeds=settings.als_seeds,
         seed=settings.seed,
         threads=settings.num_threads,
     )
@@ -62,6 +63,7 @@ def backtest_options(settings: Settings) -> dict:
             "collaborative": collaborative_config(settings),
             "params": ranker_params(settings),
             "training_weeks": settings.training_weeks,
+            "validation_weeks": settings.validation_weeks,
             "k": settings.eval_k,
             "max_holdout_users": settings.gate_users_per_week,
             "confidence": settings.gate_confidence,
@@ -161,5 +163,5 @@ def publication_bounds(settings: Settings) -> CheckBounds:
 
 def history_weeks(settings: Settings) -> int:
     """How many weeks before as_of a scheduled feature run makes sure exist: what training needs
-    (its training weeks and a validation week before each of the gate's holdout weeks)."""
-    return settings.training_weeks + 1 + settings.gate_weeks
+    (its training and validation weeks before each of the gate's holdout weeks)."""
+    return settings.training_weeks + settings.validation_weeks + settings.gate_weeks

@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 
 
 @task(**TRANSIENT_IO)
-def plan_training(engine, as_of: date, training_weeks: int, gate_weeks: int) -> list[WeekPlan]:
+def plan_training(engine, as_of: date, training_weeks: int, gate_weeks: int, validation_weeks: int) -> list[WeekPlan]:
     """The gate's weeks, each with its training and validation weeks among passed labelled snapshots;
     the model trained as of `as_of` last."""
-    return store.plan_training(engine, as_of, training_weeks, gate_weeks)
+    return store.plan_training(engine, as_of, training_weeks, gate_weeks, validation_weeks)
 
 
 @task(**IO)
@@ -85,8 +85,8 @@ def read_training_week(engine, week: date, sampling: dict) -> tuple[SnapshotTabl
 def tune(
     plan: WeekPlan, categories: list[str], cache: gate.FrameCache, params: RankerParams, tuning: TuningConfig
 ) -> TuningResult:
-    """The ranker's hyper-parameters chosen by Optuna on the earliest gate plan's validation week, which
-    comes before every holdout the gate scores; every gate model is trained with them."""
+    """The ranker's hyper-parameters chosen by Optuna on the earliest gate plan's validation weeks, which
+    come before every holdout the gate scores; every gate model is trained with them."""
     return gate.tune_on_plan(plan, categories, frame_of=cache.get, params=params, tuning=tuning)
 
 
@@ -145,7 +145,7 @@ def training_flow(as_of: date | None = None) -> dict:
     with open_stores(settings) as stores:
         engine = stores.engine
         registry.ensure_schema(engine)
-        plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks)
+        plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks, settings.validation_weeks)
         champion = load_champion(engine, settings.model_name)
         allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user)
         if allocated is not None:
@@ -166,12 +166,13 @@ def training_flow(as_of: date | None = None) -> dict:
             # Items never leave the catalogue, so the holdout's categories cover the older weeks'.
             categories = load_categories(engine, plan.holdout)
             progress = (i + 1, len(plans))
-            later = [w for p in plans[i + 1 :] for w in (*p.train, p.validation)]
+            later = [w for p in plans[i + 1 :] for w in (*p.train, *p.validation)]
             runs.append(train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress, later))
         pooled = pool_weeks(runs, gate_options)
         # Stored with the model (its params in the registry); the counts themselves are in its "candidates".
         stored = {"tuning": tuned.record()} if tuned is not None else {}
         stored |= {"allocation": allocated.record()} if allocated is not None else {}
+        stored |= {"validation_weeks": [str(w) for w in plans[-1].validation]}
         model = runs[-1].model
         runs[-1] = replace(runs[-1], model=replace(model, params=model.params | stored))
         version, decision, live = register_and_gate(
@@ -190,6 +191,7 @@ def training_flow(as_of: date | None = None) -> dict:
         "holdout": str(plans[-1].holdout),
         "gate_weeks": [str(w) for w in pooled.weeks],
         "training_weeks": [str(w) for w in plans[-1].train],
+        "validation_weeks": [str(w) for w in plans[-1].validation],
         "stale_upstream": staleness(plans[-1]),
         "metrics": pooled.metrics,
         "gains": pooled.gains_record(),

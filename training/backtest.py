@@ -7,9 +7,9 @@ For each evaluated `as_of` T (a Monday):
   with ts < d, and the labels of d are the week [d, d+7d);
 - the weeks are planned by `training.plan.plan_weeks`, the training flow's rule, for a
   run at T+7d over the weeks T-7d·(training_weeks+1) ... T that have labelled users: the
-  holdout is T, the model trains on T-14d, T-21d, ... (`training_weeks` of them, fewer
-  when the data starts later) and early-stops on the validation week T-7d, so every
-  label it learns from is complete before T;
+  holdout is T, the model early-stops on the `validation_weeks` weeks before it (T-7d, ...,
+  pooled) and trains on the `training_weeks` before those (fewer when the data starts
+  later), then refits on both, so every label it learns from is complete before T;
 - the model and every baseline (popularity, item-kNN, EASE, ALS) are scored on the week
   [T, T+7d) (snapshot T, labels of T) over the same evaluated users, by the protocol of
   design.md, with `training.gate.train_and_evaluate_week`: the training flow's own code.
@@ -65,6 +65,7 @@ class BacktestResult:
     gains: pl.DataFrame
     k: int
     training_weeks: int
+    validation_weeks: int
     confidence: float
 
 
@@ -99,15 +100,16 @@ class _Snapshots:
         return not frames.labelled_users(self.labels(week), self.tables(week)).is_empty()
 
 
-def plan_backtest_week(snapshots: _Snapshots, as_of: date, training_weeks: int) -> WeekPlan:
+def plan_backtest_week(snapshots: _Snapshots, as_of: date, training_weeks: int, validation_weeks: int) -> WeekPlan:
     """The training flow's plan at as_of + 7d, whose holdout must be as_of itself."""
     if not snapshots.has_labelled_users(as_of):
         raise ValueError(
             f"backtest week {as_of}: no user with history consumed a new item in [{as_of}, {as_of + WEEK}); "
             "the source has no events there: pick weeks inside the data"
         )
-    window = [as_of - n * WEEK for n in range(training_weeks + 1, 0, -1)]
-    return plan_weeks([w for w in window if snapshots.has_labelled_users(w)] + [as_of], as_of + WEEK, training_weeks)
+    window = [as_of - n * WEEK for n in range(training_weeks + validation_weeks, 0, -1)]
+    labelled = [w for w in window if snapshots.has_labelled_users(w)] + [as_of]
+    return plan_weeks(labelled, as_of + WEEK, training_weeks, validation_weeks)
 
 
 def run_backtest(
@@ -118,6 +120,7 @@ def run_backtest(
     collaborative: CollaborativeConfig,
     params: RankerParams,
     training_weeks: int,
+    validation_weeks: int,
     recent_items: int,
     neighbours: int,
     collaborative_items: int,
@@ -137,14 +140,17 @@ def run_backtest(
     The options are the training flow's (`flows.configs.backtest_options`); `seed` seeds
     the negative sampling, LightGBM (it replaces `params.seed`) and the bootstrap. Each week evaluates at
     most `max_holdout_users` of its labelled users, the gate's hash sample. With `tuning`
-    enabled, each week's hyper-parameters are tuned on its own plan's validation week first. With a
+    enabled, each week's hyper-parameters are tuned on its own plan's validation weeks first. With a
     `candidate_budget`, each week's candidate counts are allocated on its plan's training and validation
     weeks (`training.allocation`), as the training flow does; 0 keeps `config`'s counts.
     """
     if not weeks:
         raise ValueError("run_backtest: no weeks given")
-    if training_weeks < 1:
-        raise ValueError(f"run_backtest: training_weeks must be >= 1, got {training_weeks}")
+    if training_weeks < 1 or validation_weeks < 1:
+        raise ValueError(
+            f"run_backtest: training_weeks and validation_weeks must be >= 1, got {training_weeks} and "
+            f"{validation_weeks}"
+        )
     weeks = sorted({parse_as_of(w) for w in weeks})
     params = replace(params, seed=seed)
     snapshots = _Snapshots(
@@ -177,7 +183,7 @@ def run_backtest(
     metric_rows, recall_rows, allocation_rows, timing_rows, evaluations = [], [], [], [], {}
     for as_of in weeks:
         features_before = snapshots.seconds
-        plan = plan_backtest_week(snapshots, as_of, training_weeks)
+        plan = plan_backtest_week(snapshots, as_of, training_weeks, validation_weeks)
         # The training flow's allocation: counts measured on the plan's own past, never its holdout.
         allocated = gate.allocate_on_plan(plan, config=config, budget=candidate_budget, **measure)
         week_config = allocated.config(config) if allocated is not None else config
@@ -230,6 +236,7 @@ def run_backtest(
         gains=gains,
         k=k,
         training_weeks=training_weeks,
+        validation_weeks=validation_weeks,
         confidence=confidence,
     )
 
@@ -330,9 +337,9 @@ def format_table(result: BacktestResult) -> str:
 
     lines = [
         f"Weekly backtest, {weeks[0]} … {weeks[-1]} ({len(weeks)} weeks): trained as of each week on up to "
-        f"{result.training_weeks} labelled weeks (early stopping on the week before it), scored on the week that "
-        f"follows; overall = micro-average over (user, week), with the {result.confidence:.0%} paired bootstrap "
-        "interval of the ratio over those units.",
+        f"{result.training_weeks} labelled weeks (early stopping on the {_weeks(result.validation_weeks)} before it), "
+        "scored on the week that follows; overall = micro-average over (user, week), with the "
+        f"{result.confidence:.0%} paired bootstrap interval of the ratio over those units.",
         "",
         f"NDCG@{k}:",
         "",
@@ -401,7 +408,7 @@ def format_table(result: BacktestResult) -> str:
         lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[2:]]))
     tuned = result.timings.filter(pl.col("tuning_trials") > 0)
     if not tuned.is_empty():
-        lines += ["", "Hyper-parameters tuned on each week's validation week (Optuna):", ""]
+        lines += ["", "Hyper-parameters tuned on each week's validation weeks (Optuna):", ""]
         lines += [_markdown_row(["week", "trials", "chosen"]), _markdown_row(["---"] * 3)]
         lines += [_markdown_row([r["week"], str(r["tuning_trials"]), r["tuned"]]) for r in tuned.iter_rows(named=True)]
     return "\n".join(lines) + "\n"
@@ -434,6 +441,10 @@ def _allocation_lines(allocations: pl.DataFrame) -> list[str]:
         cells += [f"{row['recall']:.3f}", row["best_single_source"], f"{row['best_single_recall']:.3f}", f"{gain:+.3f}"]
         lines.append(_markdown_row(cells))
     return lines
+
+
+def _weeks(n: int) -> str:
+    return "week" if n == 1 else f"{n} weeks"
 
 
 def _number(value: float | None) -> str:

@@ -85,7 +85,7 @@ def train_and_evaluate_week(
     batch_users: int,
     max_holdout_users: int | None = None,
 ) -> WeekRun:
-    """Train on `plan`'s training weeks (early stopping on its validation week), then score the model,
+    """Train on `plan`'s training weeks (early stopping on its validation weeks pooled), then score the model,
     the champion and every baseline on its holdout week, over at most `max_holdout_users` of its
     labelled users (`evaluation.sample_holdout_users`; all when None).
 
@@ -94,8 +94,7 @@ def train_and_evaluate_week(
     before the holdout is read.
     """
     started = time.perf_counter()
-    train = pl.concat([frame_of(w, categories) for w in plan.train])
-    valid = frame_of(plan.validation, categories)
+    train, valid = plan_frames(plan, categories, frame_of)
     framed = time.perf_counter()
     model = train_ranker(train, valid, params)
     trained = time.perf_counter()
@@ -124,9 +123,18 @@ def tune_on_plan(
     params: RankerParams,
     tuning: TuningConfig,
 ) -> TuningResult:
-    """Hyper-parameters tuned on `plan`'s training weeks and scored on its validation week (never its holdout)."""
+    """Hyper-parameters tuned on `plan`'s training weeks, scored on its validation weeks pooled (never its holdout)."""
+    return tune_params(*plan_frames(plan, categories, frame_of), params, tuning)
+
+
+def plan_frames(
+    plan: WeekPlan, categories: list[str], frame_of: Callable[[date, list[str]], pl.DataFrame]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The labelled frames of `plan`'s training weeks and of its validation weeks, each stacked: the
+    validation frame's (week, user) groups are scored together, so early stopping and tuning judge the
+    model on every validation week at once."""
     train = pl.concat([frame_of(w, categories) for w in plan.train])
-    return tune_params(train, frame_of(plan.validation, categories), params, tuning)
+    return train, pl.concat([frame_of(w, categories) for w in plan.validation])
 
 
 def allocate_on_plan(
@@ -144,7 +152,7 @@ def allocate_on_plan(
     if budget == 0:
         return None
     measured = allocation.measure_weeks(
-        [*plan.train, plan.validation], week_of=week_of, config=config, depth=budget, max_users=max_users,
+        [*plan.train, *plan.validation], week_of=week_of, config=config, depth=budget, max_users=max_users,
         seed=seed,
     )  # fmt: skip
     chosen = allocation.allocate(measured, budget)

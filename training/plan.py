@@ -11,26 +11,35 @@ WEEK = timedelta(weeks=1)
 
 @dataclass(frozen=True)
 class WeekPlan:
-    """Which labelled snapshots train, validate and evaluate a model trained at `as_of`."""
+    """Which labelled snapshots train, validate and evaluate a model trained at `as_of`.
+
+    `validation` holds the weeks early stopping and tuning score on, pooled (oldest first); the
+    refit then trains on `train` and `validation` together."""
 
     as_of: date
     train: list[date]
-    validation: date
+    validation: list[date]
     holdout: date
 
     @property
     def weeks(self) -> list[date]:
         """Every week the model is built from, oldest first."""
-        return [*self.train, self.validation, self.holdout]
+        return [*self.train, *self.validation, self.holdout]
 
 
 class NotEnoughHistory(ExpectedError, ValueError):
     """Fewer labelled snapshots before `as_of` than a model needs."""
 
 
-def plan_weeks(labelled: list[date], as_of: date, training_weeks: int) -> WeekPlan:
-    """Latest labelled week before `as_of` is the holdout, the one before validates,
-    up to `training_weeks` earlier ones train. Only weeks whose labels are complete count."""
+def plan_weeks(labelled: list[date], as_of: date, training_weeks: int, validation_weeks: int = 1) -> WeekPlan:
+    """Latest labelled week before `as_of` is the holdout, up to `validation_weeks` before it validate,
+    up to `training_weeks` earlier ones train. Only weeks whose labels are complete count. With little
+    history both shrink, the validation weeks last (a fresh deployment trains from 3 labelled weeks):
+    at least one week trains and one validates."""
+    if training_weeks < 1 or validation_weeks < 1:
+        raise ValueError(
+            f"plan_weeks: training_weeks and validation_weeks must be >= 1, got {training_weeks} and {validation_weeks}"
+        )
     usable = sorted(d for d in set(labelled) if d + WEEK <= as_of)
     if len(usable) < 3:
         raise NotEnoughHistory(
@@ -38,22 +47,30 @@ def plan_weeks(labelled: list[date], as_of: date, training_weeks: int) -> WeekPl
             f"a validation week, a holdout week); found {len(usable)}: {[str(d) for d in usable]}. "
             "Compute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"
         )
-    return WeekPlan(as_of=as_of, train=usable[-2 - training_weeks : -2], validation=usable[-2], holdout=usable[-1])
+    first_validation = len(usable) - 1 - min(validation_weeks, len(usable) - 2)
+    return WeekPlan(
+        as_of=as_of,
+        train=usable[max(0, first_validation - training_weeks) : first_validation],
+        validation=usable[first_validation:-1],
+        holdout=usable[-1],
+    )
 
 
-def plan_gate(labelled: list[date], as_of: date, training_weeks: int, gate_weeks: int) -> list[WeekPlan]:
+def plan_gate(
+    labelled: list[date], as_of: date, training_weeks: int, gate_weeks: int, validation_weeks: int = 1
+) -> list[WeekPlan]:
     """The plans of the gate's weeks, oldest first: the latest `gate_weeks` labelled weeks as holdouts,
     each with the plan a run one week after it makes (trained on its past only). The last is the
     plan at `as_of` (raises NotEnoughHistory like `plan_weeks`); earlier weeks with too little
     history before them are left out."""
     if gate_weeks < 1:
         raise ValueError(f"plan_gate: gate_weeks must be >= 1, got {gate_weeks}")
-    latest = plan_weeks(labelled, as_of, training_weeks)
+    latest = plan_weeks(labelled, as_of, training_weeks, validation_weeks)
     earlier = sorted(d for d in set(labelled) if d < latest.holdout)
     plans = []
     for holdout in earlier[max(0, len(earlier) - gate_weeks + 1) :]:
         try:
-            plans.append(plan_weeks(labelled, holdout + WEEK, training_weeks))
+            plans.append(plan_weeks(labelled, holdout + WEEK, training_weeks, validation_weeks))
         except NotEnoughHistory:
             continue
     return [*plans, latest]

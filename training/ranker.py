@@ -28,7 +28,7 @@ class RankerParams:
     truncation_level: int = 10_000
     monotone: bool = True
     # After early stopping picked the number of trees, fit again with that many on the training and
-    # validation weeks together: the validation week is the latest labelled one, the closest to
+    # validation weeks together: the validation weeks are the latest labelled ones, the closest to
     # the weeks the model will score, and with a few dozen users per week every group counts.
     refit: bool = True
     seed: int = default_of("seed")
@@ -62,7 +62,8 @@ class TrainedRanker:
     best_iteration: int
     params: dict
     feature_importance: dict[str, float] = field(default_factory=dict)
-    # NDCG@10 on the validation week at the best iteration (what early stopping and tuning compare).
+    # NDCG@10 on the validation weeks at the best iteration, the mean over their (week, user) groups
+    # (what early stopping and tuning compare).
     validation_ndcg: float = float("nan")
 
 
@@ -94,18 +95,19 @@ def _group_sizes(frame: pl.DataFrame) -> np.ndarray:
 
 
 def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams) -> TrainedRanker:
-    """Fit LambdaRank on labelled weeks, early-stopping on a separate validation week; with
-    `params.refit`, fit that many trees again on the training and validation weeks together.
+    """Fit LambdaRank on labelled weeks, early-stopping on separate validation weeks (`valid`: one or
+    several weeks, each (week, user) a group, pooled); with `params.refit`, fit that many trees again
+    on the training and validation weeks together.
 
     Boosting starts from the popularity prior (`PRIOR_FEATURE`), so the trees learn
     corrections to recent popularity: with few (user, week) groups an early stop leaves
     the model at the popularity ranking instead of a coarse few-tree step function.
-    `validation_ndcg` is the early-stopped fit's, on a week it did not train on.
+    `validation_ndcg` is the early-stopped fit's, on weeks it did not train on.
     """
     if train.is_empty() or valid.is_empty():
         raise ValueError(
             f"training needs labelled candidates in both the training weeks ({train.height} rows) "
-            f"and the validation week ({valid.height} rows); compute more feature snapshots first"
+            f"and the validation week(s) ({valid.height} rows); compute more feature snapshots first"
         )
     train = train.sort("as_of", "user_id", "item_id")
     valid = valid.sort("as_of", "user_id", "item_id")

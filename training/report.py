@@ -65,7 +65,7 @@ def metrics_markdown(
             f"Gate weeks {', '.join(map(str, pooled.weeks))}: a model trained as of each on its past only, scored "
             "there with the champion and every baseline; metrics micro-averaged over (user, week), intervals by "
             f"paired bootstrap over those units. The registered model: holdout {latest.holdout}, validation "
-            f"{latest.validation}, trained on {', '.join(map(str, latest.train))}.",
+            f"{', '.join(map(str, latest.validation))}, trained on {', '.join(map(str, latest.train))}.",
             "",
             header,
             "|---" * (len(names) + 3) + "|",

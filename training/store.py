@@ -21,13 +21,15 @@ from training.ranker import TrainedRanker
 log = logging.getLogger(__name__)
 
 
-def plan_training(engine: sa.Engine, as_of: date, training_weeks: int, gate_weeks: int) -> list[plan.WeekPlan]:
+def plan_training(
+    engine: sa.Engine, as_of: date, training_weeks: int, gate_weeks: int, validation_weeks: int
+) -> list[plan.WeekPlan]:
     """The gate's plans (`plan.plan_gate`) over the weeks whose user features and labels passed
     validation, the model trained at `as_of` last; warns when the newest of them is older than the
     week that just closed."""
     features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
     labelled = [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
-    plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks)
+    plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks, validation_weeks)
     if (stale := plan.staleness(plans[-1])) is not None:
         log.warning(stale)
     return plans
@@ -114,7 +116,7 @@ def register_and_gate(
     week_plan = plans[-1]
     lineage = {
         "as_of": week_plan.as_of,
-        "validation_as_of": week_plan.validation,
+        "validation_as_of": week_plan.validation[-1],
         "holdout_as_of": week_plan.holdout,
         "feature_snapshots": snapshot_digests(engine, sorted({w for p in plans for w in p.weeks})),
         "flow_run_id": flow_run_id,

@@ -1,11 +1,11 @@
-"""The ranker's hyper-parameters chosen on a validation week by Optuna, within a time budget.
+"""The ranker's hyper-parameters chosen on the validation weeks by Optuna, within a time budget.
 
-Tuning fits the ranker on a plan's training weeks and scores it on that plan's validation week
-(LightGBM's NDCG@10 on the sampled validation frame, the number early stopping watches), never on
-a holdout. The training flow tunes on the earliest plan of its gate, whose validation week comes
+Tuning fits the ranker on a plan's training weeks and scores it on that plan's validation weeks
+pooled (LightGBM's NDCG@10 on their sampled frames, the number early stopping watches), never on
+a holdout. The training flow tunes on the earliest plan of its gate, whose validation weeks come
 before every holdout the gate scores, and trains every gate model with the chosen values; the
 backtest tunes each week on its own plan. The first trial is always the configured parameters, so
-tuning never picks values that did worse on the validation week than the untuned ones.
+tuning never picks values that did worse on the validation weeks than the untuned ones.
 """
 
 import logging

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from features import contracts
 from features import store as feature_store
+from flows.configs import history_weeks
 from flows.feature_flow import feature_flow
 from flows.training_flow import training_flow
 from ranking import registry
@@ -33,6 +34,7 @@ NEWEST = date(2026, 11, 23)  # the newest feature week in the store
 AS_OF = NEWEST - timedelta(weeks=1)  # training's as_of: the store holds a later snapshot and later labels
 ARTIFACT_KEY = "training-metrics"
 BUDGET = 200
+VALIDATION_WEEKS = 2
 
 
 def train() -> tuple[dict, str]:
@@ -96,7 +98,9 @@ def champion_version(settings: Settings) -> int:
 
 def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env: Settings, monkeypatch):
     monkeypatch.setenv("RECSYS_CANDIDATES_PER_USER", str(BUDGET))  # candidates allocated by recall (default off)
-    first_week = AS_OF - timedelta(weeks=flow_env.training_weeks + 1 + flow_env.gate_weeks)
+    # Early stopping on two validation weeks pooled; the refit trains on them too.
+    monkeypatch.setenv("RECSYS_VALIDATION_WEEKS", str(VALIDATION_WEEKS))
+    first_week = AS_OF - timedelta(weeks=history_weeks(Settings()))
     written = feature_flow(as_of=NEWEST, source="synthetic", backfill_from=first_week)
     assert {str(AS_OF), str(NEWEST)} <= set(written), "the store must hold the weeks at and after as_of"
 
@@ -133,9 +137,11 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert champion.version == first["version"]
     # Lineage: the snapshots, weeks, features and encodings the model was built from; the digests are
     # the ones the feature flow computed when it wrote each table, and nothing at or after as_of.
-    weeks = [AS_OF - timedelta(weeks=n) for n in range(flow_env.training_weeks + 2, 0, -1)]
-    assert champion.training_as_ofs == weeks[:-2]
+    weeks = [AS_OF - timedelta(weeks=n) for n in range(flow_env.training_weeks + VALIDATION_WEEKS + 1, 0, -1)]
+    assert champion.training_as_ofs == weeks[: flow_env.training_weeks]
     assert (champion.validation_as_of, champion.holdout_as_of) == (weeks[-2], weeks[-1])
+    validation = [str(w) for w in weeks[flow_env.training_weeks : -1]]
+    assert champion.params["validation_weeks"] == first["validation_weeks"] == validation and len(validation) == 2
     for week in weeks:
         for table, digest in written[str(week)].items():
             if table != "labels":  # a week's run writes the labels of the week before it

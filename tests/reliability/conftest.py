@@ -144,7 +144,7 @@ def trained_template(
 ) -> Iterator[Template]:
     """Features for the weeks the gate needs and a champion model, made by the real flows with passwords in the URLs."""
     from features.synthetic import ensure_synthetic_log
-    from flows.configs import synthetic_log_config
+    from flows.configs import history_weeks, synthetic_log_config
     from flows.feature_flow import feature_flow
     from flows.training_flow import training_flow
 
@@ -157,8 +157,8 @@ def trained_template(
         with pytest.MonkeyPatch.context() as patch:
             settings = job_environment(patch, database_url, redis_server.url(), folder)
             ensure_synthetic_log(synthetic_log_config(settings), AS_OF)
-            # Training weeks + validation + the gate's weeks, so the gate pools RECSYS_GATE_WEEKS holdouts.
-            weeks = settings.training_weeks + 1 + settings.gate_weeks
+            # Training and validation weeks + the gate's weeks, so the gate pools RECSYS_GATE_WEEKS holdouts.
+            weeks = history_weeks(settings)
             feature_flow(as_of=AS_OF, backfill_from=AS_OF - timedelta(weeks=weeks))
             trained = training_flow(as_of=AS_OF)
             if not trained["promote"]:

@@ -100,6 +100,15 @@ def test_a_budget_of_zero_keeps_the_fixed_counts_and_reports_no_allocation(raw):
     assert fixed.candidate_recall["cooc"][0] > 0 and fixed.candidate_recall["new"][0] > 0
 
 
+def test_each_week_early_stops_on_its_validation_weeks_pooled(raw):
+    # With one validation week, the week WEEKS[i] validates on the week before it; with two, the last
+    # week validates on both of those weeks (WEEKS[0] - 7d and WEEKS[0]) together.
+    one = run_backtest(raw, WEEKS, **options(training_weeks=2, validation_weeks=1, seed=1, candidate_budget=0))
+    two = run_backtest(raw, WEEKS[1:], **options(training_weeks=1, validation_weeks=2, seed=1, candidate_budget=0))
+    assert two.timings["valid_rows"][0] == one.timings["valid_rows"].sum()
+    assert "early stopping on the 2 weeks before it" in format_table(two)
+
+
 def test_timings_cover_each_week_and_measure_each_step(result):
     timings = result.timings
     assert timings["week"].to_list() == [str(w) for w in WEEKS]

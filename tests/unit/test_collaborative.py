@@ -143,3 +143,20 @@ def test_als_gives_the_same_scores_on_one_thread_and_on_two():
 
 def test_als_ranks_the_co_consumed_item_first():
     assert lists(fit_als(HISTORY, ALS).recommend([4], 1)) == {4: [2]}
+
+
+def test_als_over_several_seeds_scores_the_mean_of_each_seeds_fit():
+    users = [1, 2, 3, 4, 5]
+    averaged = fit_als(HISTORY, replace(ALS, seed=7, als_seeds=3)).score(users, 3, exclude_consumed=False)
+    each = [fit_als(HISTORY, replace(ALS, seed=s)).score(users, 6, exclude_consumed=False) for s in (7, 8, 9)]
+    mean = pl.concat(each).group_by("user_id", "item_id").agg(pl.col("score").mean())
+    joined = averaged.join(mean, on=["user_id", "item_id"], suffix="_mean")
+    assert joined.height == averaged.height == 15
+    assert joined["score"].to_numpy() == pytest.approx(joined["score_mean"].to_numpy(), rel=1e-5, abs=1e-6)
+    # One seed is the plain fit.
+    assert fit_als(HISTORY, replace(ALS, als_seeds=1)).score(users, 3).equals(fit_als(HISTORY, ALS).score(users, 3))
+
+
+def test_als_needs_at_least_one_seed():
+    with pytest.raises(ValueError, match="als_seeds must be > 0, got 0"):
+        fit_als(HISTORY, replace(ALS, als_seeds=0))

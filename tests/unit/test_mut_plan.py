@@ -23,7 +23,7 @@ def weeks_before(*ns: int) -> list[date]:
 
 def test_the_newest_week_holds_out_the_one_before_validates_and_earlier_ones_train():
     plan = plan_weeks(weeks_before(1, 2, 3, 4, 5), AS_OF, training_weeks=2)
-    assert plan == WeekPlan(as_of=AS_OF, train=weeks_before(4, 3), validation=AS_OF - 2 * WEEK, holdout=AS_OF - WEEK)
+    assert plan == WeekPlan(as_of=AS_OF, train=weeks_before(4, 3), validation=[AS_OF - 2 * WEEK], holdout=AS_OF - WEEK)
     assert plan.weeks == weeks_before(4, 3, 2, 1)
 
 
@@ -55,7 +55,7 @@ def test_unsorted_and_repeated_weeks_plan_like_the_sorted_set():
 
 def test_three_usable_weeks_are_enough_and_two_are_not():
     plan = plan_weeks(weeks_before(1, 2, 3), AS_OF, training_weeks=2)
-    assert (plan.train, plan.validation, plan.holdout) == (weeks_before(3), AS_OF - 2 * WEEK, AS_OF - WEEK)
+    assert (plan.train, plan.validation, plan.holdout) == (weeks_before(3), [AS_OF - 2 * WEEK], AS_OF - WEEK)
     with pytest.raises(NotEnoughHistory, match=r"needs at least 3 weeks .* found 2: \['2026-11-09', '2026-11-16'\]"):
         plan_weeks(weeks_before(1, 2), AS_OF, training_weeks=2)
 

@@ -29,8 +29,8 @@ def test_the_gate_plans_each_of_its_weeks_on_that_weeks_past_only():
     assert [p.holdout for p in plans] == labelled[-4:]
     assert plans[-1] == plan_weeks(labelled, date(2024, 2, 26), 2)
     for p in plans:
-        assert max(p.train) < p.validation < p.holdout and len(p.train) == 2
-        assert p.validation == p.holdout - timedelta(weeks=1)
+        assert max(p.train) < min(p.validation) and max(p.validation) < p.holdout and len(p.train) == 2
+        assert p.validation == [p.holdout - timedelta(weeks=1)]
 
 
 def test_the_gate_leaves_out_weeks_with_too_little_history_and_needs_one_week_at_least():

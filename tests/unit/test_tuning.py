@@ -49,7 +49,7 @@ def test_a_disabled_or_bad_budget_is_refused_by_name():
 def test_tuning_on_a_plan_reads_its_training_and_validation_weeks_never_its_holdout(weeks):
     train, valid = weeks
     plan = WeekPlan(
-        as_of=WEEK + timedelta(21), train=[WEEK], validation=WEEK + timedelta(7), holdout=WEEK + timedelta(14)
+        as_of=WEEK + timedelta(21), train=[WEEK], validation=[WEEK + timedelta(7)], holdout=WEEK + timedelta(14)
     )
     read: list[date] = []
 

@@ -190,6 +190,9 @@ SMALL_JOB = {
     "RECSYS_SYNTHETIC_EVENTS": "20000",
     "RECSYS_TRAINING_WEEKS": "2",
     "RECSYS_GATE_WEEKS": "2",
+    # One validation week keeps the flow tests' training small; the pooled weeks (default 3) are covered by
+    # tests/unit/test_pooled_validation.py and the training-flow test, which sets 2.
+    "RECSYS_VALIDATION_WEEKS": "1",
     "RECSYS_PARTITIONS": "2",
 }
 

@@ -111,7 +111,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     # gate weeks train or validate on, never the week's own first training week.
     holdouts = [date.fromisoformat(w) for w in first["gate_weeks"]]
     assert [week for week, _ in held] == holdouts
-    span = flow_env.training_weeks + 1  # a plan's training and validation weeks before its holdout
+    span = flow_env.training_weeks + VALIDATION_WEEKS  # a plan's training and validation weeks before its holdout
     for i, (week, cached) in enumerate(held):
         later = {h - timedelta(weeks=n) for h in holdouts[i + 1 :] for n in range(1, span + 1)}
         assert set(cached) <= later and week - timedelta(weeks=span) not in cached, (week, cached)

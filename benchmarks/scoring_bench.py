@@ -44,9 +44,9 @@ from inference import publish, scoring
 from ranking.candidates import (
     SnapshotTables,
     build_ranking_frame,
+    candidate_rows,
     category_encoding,
     generate_candidates,
-    source_counts,
 )
 from ranking.scoring import TIE_BREAK, compile_booster, score, top_n, user_batches
 from recsys.settings import Settings
@@ -134,7 +134,7 @@ def profile_scoring(
     steps = dict.fromkeys(SCORING_STEPS, 0.0)
     if compiled:
         started = time.perf_counter()
-        booster = compile_booster(booster, rows=len(users) * sum(source_counts(config).values()))
+        booster = compile_booster(booster, rows=candidate_rows(len(users), config))
         steps["compile"] = time.perf_counter() - started
     candidates_s, lists = 0.0, 0
     for batch in user_batches(users, settings.score_batch_users):
@@ -212,7 +212,7 @@ def profile_evaluation(world: dict, settings: Settings, max_users: int | None, c
     started = time.perf_counter()
     booster = lgb.Booster(model_str=world["model_text"])
     if compiled:  # as `evaluate_model` does
-        rows = labels.get_column("user_id").n_unique() * sum(source_counts(configs.candidate_config(settings)).values())
+        rows = candidate_rows(labels.get_column("user_id").n_unique(), configs.candidate_config(settings))
         booster = compile_booster(booster, rows=rows)
     steps["compile"] = time.perf_counter() - started
     model = evaluation.ScoringModel(booster, world["features"], category_encoding(tables.item_features))

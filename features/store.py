@@ -304,6 +304,17 @@ def snapshot_passed(engine: sa.Engine, as_of: date, tables: Sequence[str]) -> bo
     return bool(rows) and rows[0][0] == len(names)
 
 
+def max_in_snapshot(engine: sa.Engine, table: str, as_of: date, column: str) -> int:
+    """The largest value of an integer `column` of `table`'s rows as_of (0 when it has none), e.g. how many
+    items per user `collaborative_scores` ranks for a model."""
+    contract = _contract(table)
+    if column not in contract.column_names:
+        raise ValueError(f"max_in_snapshot: {contract.name} has no column {column!r}; it has {contract.column_names}")
+    with engine.connect() as conn:
+        query = sa.text(f"select coalesce(max({_quote(column)}), 0) from {_quote(contract.name)} where as_of = :as_of")
+        return int(conn.execute(query, {"as_of": as_of}).scalar_one())
+
+
 def find_incomplete_weeks(engine: sa.Engine, weeks: Sequence[date]) -> list[date]:
     """The weeks whose snapshot is not complete: features not passed, or labels due but not passed.
 

@@ -26,7 +26,7 @@ from features import contracts, store
 from features.collaborative import CollaborativeConfig, FittedScorer
 from inference import publish
 from ranking import baselines, registry
-from ranking.candidates import CandidateConfig, SnapshotTables, source_counts, with_stored_counts
+from ranking.candidates import CandidateConfig, SnapshotTables, candidate_rows, with_stored_counts
 from ranking.scoring import CompiledForest, check_model, compile_booster, recommend_with_model, timed, user_batches
 from recsys.partitions import all_partitions, in_partition
 
@@ -174,7 +174,7 @@ def fit_served_baseline(
     if baseline not in baselines.COLLABORATIVE:
         return ServedBaseline(baseline, {})
     if config.exclude_consumed:
-        depth = stored_depth(engine, snapshot, baseline)
+        depth = store.max_in_snapshot(engine, contracts.COLLABORATIVE_SCORES.name, snapshot, f"{baseline}_rank")
         if depth >= n:
             log.info("champion baseline %s served from collaborative_scores of %s (%d items per user kept)",
                      baseline, snapshot, depth)  # fmt: skip
@@ -188,17 +188,6 @@ def fit_served_baseline(
                     DEFAULT_BASELINE)  # fmt: skip
         return ServedBaseline(DEFAULT_BASELINE, {})
     return ServedBaseline(baseline, fitted)
-
-
-def stored_depth(engine: sa.Engine, snapshot: date, baseline: str) -> int:
-    """The longest list of `baseline` (EASE or ALS) the snapshot's `collaborative_scores` keeps; 0 without any."""
-    if baseline not in baselines.COLLABORATIVE:
-        raise ValueError(f"stored_depth: {baseline!r} is not one of {baselines.COLLABORATIVE}")
-    query = sa.text(
-        f"select coalesce(max({baseline}_rank), 0) from {contracts.COLLABORATIVE_SCORES.name} where as_of = :as_of"
-    )
-    with engine.connect() as conn:
-        return int(conn.execute(query, {"as_of": snapshot}).scalar_one())
 
 
 def score_partition(
@@ -238,8 +227,7 @@ def score_partition(
         items = {c.name: store.read_table(engine, c.name, snapshot) for c in ITEM_TABLES}
     if booster is not None:
         with _timing(stats, "score_s"), timed(steps, "compile"):
-            rows = len(users) * sum(source_counts(config).values())
-            booster = compile_booster(booster, rows=rows, cache_dir=compiled_dir)
+            booster = compile_booster(booster, rows=candidate_rows(len(users), config), cache_dir=compiled_dir)
     for batch in user_batches(users, batch_users):
         with _timing(stats, "read_s"):
             tables = items | {c.name: store.read_table(engine, c.name, snapshot, user_ids=batch) for c in USER_TABLES}

@@ -65,6 +65,12 @@ def source_counts(config: CandidateConfig) -> dict[str, int]:
     return {source: getattr(config, source) for source in SOURCES}
 
 
+def candidate_rows(users: int, config: CandidateConfig) -> int:
+    """At most how many candidate rows `users` users get: every source's count summed (the sources overlap,
+    so fewer in practice). What compiling a model for their scoring is weighed against."""
+    return users * sum(source_counts(config).values())
+
+
 def with_stored_counts(config: CandidateConfig, params: dict) -> CandidateConfig:
     """`config` with the per-source counts a registered model was trained with (`params["candidates"]`, as
     the training flow stores them: measured on its validation weeks), so that a model is always served and

@@ -18,7 +18,7 @@ from ranking.candidates import (
     CandidateConfig,
     SnapshotTables,
     build_ranking_frame,
-    source_counts,
+    candidate_rows,
     with_stored_counts,
 )
 from ranking.registry import ModelRecord
@@ -89,7 +89,7 @@ def evaluate_model(
     # Compiled to native code when the week has enough users to pay for it (the same scores).
     users = labels.get_column("user_id").n_unique()
     users = users if max_users is None else min(users, max_users)
-    rows = users * sum(source_counts(config).values())
+    rows = candidate_rows(users, config)
     booster = compile_booster(lgb.Booster(model_str=model.model_text), rows=rows)
     scoring = ScoringModel(booster, model.feature_names, categories)
     held = None

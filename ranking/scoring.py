@@ -6,6 +6,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,7 +109,10 @@ def _relative_difference(scores: np.ndarray, expected: np.ndarray) -> float:
     return float(np.where(same, 0.0, np.nan_to_num(gap, nan=np.inf)).max())
 
 
-_compiled: dict[tuple[str, str], CompiledForest | None] = {}
+# The compiled models of this process, most recently used last: a long-lived process (`recsys serve`)
+# meets a new champion every week, so only the last few are kept.
+COMPILED_KEPT = 4
+_compiled: "OrderedDict[tuple[str, str], CompiledForest | None]" = OrderedDict()
 _compiling = threading.Lock()
 
 
@@ -130,7 +134,11 @@ def compile_booster(
     with _compiling:  # partitions on threads share one compilation
         if key not in _compiled:
             _compiled[key] = _compile(text, booster, sha, cache_dir)
-    return _compiled[key] or booster
+            while len(_compiled) > COMPILED_KEPT:
+                _compiled.popitem(last=False)
+        _compiled.move_to_end(key)
+        compiled = _compiled[key]
+    return compiled or booster
 
 
 def _compile(text: str, booster: lgb.Booster, sha: str, cache_dir: Path | None) -> CompiledForest | None:

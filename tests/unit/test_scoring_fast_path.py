@@ -9,7 +9,9 @@ no near-tie can be ordered differently.
 
 import logging
 import sys
+from collections import OrderedDict
 from datetime import date, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -190,7 +192,7 @@ def test_a_compiled_model_that_disagrees_with_lightgbm_is_dropped_for_lightgbm(w
 def test_compiling_is_skipped_for_few_rows_and_falls_back_when_lleaves_is_missing(world, monkeypatch, caplog):
     _, booster, _, _ = world
     assert compile_booster(booster, rows=ranking_scoring.COMPILE_MIN_ROWS - 1) is booster
-    monkeypatch.setattr(ranking_scoring, "_compiled", {})
+    monkeypatch.setattr(ranking_scoring, "_compiled", OrderedDict())
     monkeypatch.setitem(sys.modules, "lleaves", None)  # import lleaves raises ImportError
     with caplog.at_level(logging.WARNING, logger="ranking.scoring"):
         assert compile_booster(booster) is booster
@@ -199,13 +201,32 @@ def test_compiling_is_skipped_for_few_rows_and_falls_back_when_lleaves_is_missin
 
 def test_a_compiled_model_is_kept_on_disk_and_loaded_by_the_next_run(world, compiled, tmp_path, monkeypatch):
     tables, booster, feature_names, categories = world
-    monkeypatch.setattr(ranking_scoring, "_compiled", {})
+    monkeypatch.setattr(ranking_scoring, "_compiled", OrderedDict())
     first = compile_booster(booster, cache_dir=tmp_path / "compiled")
     kept = list((tmp_path / "compiled").iterdir())
     assert [p.name.startswith(compiled.sha256) and p.suffix == ".o" for p in kept] == [True]
-    monkeypatch.setattr(ranking_scoring, "_compiled", {})  # a new process
+    monkeypatch.setattr(ranking_scoring, "_compiled", OrderedDict())  # a new process
     second = compile_booster(booster, cache_dir=tmp_path / "compiled")
     assert second is not first and isinstance(second, CompiledForest)
     frame = build_ranking_frame(tables, tables.user_features.get_column("user_id"), CandidateConfig(), categories)
     matrix = feature_matrix(frame, feature_names, rows_contiguous=True)
     assert (second.predict(matrix) == booster.predict(matrix, num_threads=1)).all()
+
+
+def test_a_process_keeps_only_the_last_few_compiled_models(world, monkeypatch):
+    """A long-lived process (`recsys serve`) meets a new champion every week: old compilations go."""
+    _, booster, _, _ = world
+    monkeypatch.setattr(ranking_scoring, "_compiled", OrderedDict())
+    compiled_keys = []
+    monkeypatch.setattr(ranking_scoring, "_compile", lambda text, b, sha, cache_dir: compiled_keys.append(cache_dir))
+    kept = ranking_scoring.COMPILED_KEPT
+    folders = [Path(f"/nonexistent/{i}") for i in range(kept + 1)]  # one key per folder; never written
+    for folder in folders[:kept]:
+        compile_booster(booster, cache_dir=folder)
+    compile_booster(booster, cache_dir=folders[0])  # used again: now the most recent
+    compile_booster(booster, cache_dir=folders[kept])  # one too many: the least recently used (folders[1]) goes
+    assert len(ranking_scoring._compiled) == kept
+    compile_booster(booster, cache_dir=folders[0])
+    assert compiled_keys == folders  # folders[0] was kept, not compiled again
+    compile_booster(booster, cache_dir=folders[1])
+    assert compiled_keys == [*folders, folders[1]]  # folders[1] had been dropped: compiled again

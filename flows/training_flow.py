@@ -61,14 +61,11 @@ def train_and_evaluate_week(
     (only its sampled users' rows read). Once the model is trained, the cache keeps only the frames of the
     `later` weeks (the later plans' training and validation weeks), so the holdout is evaluated without them."""
     sample = partial(evaluation.sample_holdout_users, limit=options["max_holdout_users"])
-
-    def read_holdout(week: date) -> tuple[SnapshotTables, pl.DataFrame]:
-        cache.keep(later)  # called once the training frames are released
-        return store.read_sampled_week(engine, week, sample)
-
     run = gate.train_and_evaluate_week(
-        plan, categories, frame_of=cache.get, champion=champion, holdout_of=read_holdout, **options
-    )
+        plan, categories, frame_of=cache.get, champion=champion,
+        holdout_of=lambda week: store.read_sampled_week(engine, week, sample),
+        after_training=lambda: cache.keep(later), **options,
+    )  # fmt: skip
     log.info("gate week %s evaluated", plan.holdout, extra={"progress": ("gate weeks", *progress)})
     return run
 

@@ -84,6 +84,7 @@ def train_and_evaluate_week(
     champion: tuple[lgb.Booster, ModelRecord] | None,
     batch_users: int,
     max_holdout_users: int | None = None,
+    after_training: Callable[[], None] | None = None,
 ) -> WeekRun:
     """Train on `plan`'s training weeks (early stopping on its validation weeks pooled), then score the model,
     the champion and every baseline on its holdout week, over at most `max_holdout_users` of its
@@ -91,7 +92,8 @@ def train_and_evaluate_week(
 
     `frame_of(week, categories)` gives a week's labelled frame, `holdout_of(week)` its snapshot
     tables (all users', or only the sampled users') and labels; the training frames are released
-    before the holdout is read.
+    before the holdout is read, and `after_training()` (when given) is called then, so the caller can
+    release what it holds for this week too (the training flow's frame cache).
     """
     started = time.perf_counter()
     train, valid = plan_frames(plan, categories, frame_of)
@@ -100,6 +102,8 @@ def train_and_evaluate_week(
     trained = time.perf_counter()
     train_rows, valid_rows = train.height, valid.height
     del train, valid
+    if after_training is not None:
+        after_training()
     tables, labels = holdout_of(plan.holdout)
     scored = evaluation.evaluate_model(
         model, categories, tables, labels, config, k, champion=champion, collaborative=collaborative,

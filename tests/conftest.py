@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 import sqlalchemy as sa
+from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 
 from recsys.runtime import configure_openmp
@@ -35,6 +36,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The harness's API runs on SQLite in the test process's machine: on a loaded machine a request can
 # wait longer than Prefect's default 60 s, which failed every flow test of a worker at once.
 os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", "300")
+
+# Property tests assert behaviour, not speed: Hypothesis' default 200 ms deadline per example failed a
+# 15 ms example that took 552 ms on a loaded machine (a "flaky" failure of a correct test). No deadline.
+hypothesis_settings.register_profile("recsys", deadline=None)
+hypothesis_settings.load_profile("recsys")
 
 MOVIELENS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
 

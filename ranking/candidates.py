@@ -587,10 +587,15 @@ def _with_item_derived(item_features: pl.DataFrame) -> pl.DataFrame:
 
 
 def _user_tastes(tables: SnapshotTables, items: pl.DataFrame) -> pl.DataFrame:
-    """How mainstream and how new the items each user consumed were, on average (log scale)."""
+    """How mainstream and how new the items each user consumed were, on average (log scale).
+
+    A float mean depends on the order it adds in: the rows are sorted first, so the means are the same
+    bits whatever order the history was read in (Postgres promises none, nor does the join), and the same
+    snapshot gives the same model."""
     return (
         tables.user_item_history.select("user_id", "item_id")
         .join(items.select("item_id", "log_popularity_rank", "log_release_age"), on="item_id")
+        .sort("user_id", "item_id")
         .group_by("user_id")
         .agg(
             pl.col("log_popularity_rank").mean().alias("user_log_popularity_rank"),

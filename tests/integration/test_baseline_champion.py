@@ -215,15 +215,3 @@ def test_a_fresh_deployment_publishes_from_its_first_scheduled_runs(flow_env: Se
         meta = stores.redis.hgetall(serving.KeySpace(flow_env.redis_prefix).meta(result["version"]))
     assert live is not None and trained["champion"] == live.label == meta["model_version"]
     assert result["personal"] > 0
-
-
-def test_the_readme_example_on_movielens_publishes_from_an_empty_database(
-    flow_env: Settings, movielens_dir, monkeypatch
-):
-    monkeypatch.delenv("RECSYS_TRAINING_WEEKS")  # the README's defaults
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert cli.main(["run", "--as-of", "1998-03-02", "--source", f"movielens:{movielens_dir}"]) == 0
-        assert cli.main(["recs", "1", "2", "3", "--json"]) == 0
-    lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-    assert len(lines) == 3 and all(line["items"] for line in lines)

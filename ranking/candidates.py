@@ -295,6 +295,7 @@ def top_in_rows(rows: np.ndarray, scores: np.ndarray, n_rows: int, limit: int) -
     Two passes over rows padded to a matrix instead of one sort of every entry: each row's `limit`-th score by
     partition, then a stable sort of the few entries at or above it.
     """
+
     def padded(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         counts = np.bincount(rows, minlength=n_rows)
         starts = np.cumsum(counts) - counts

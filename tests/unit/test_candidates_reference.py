@@ -289,7 +289,7 @@ CONFIGS = [
 ]
 
 
-@hyp_settings(max_examples=120, deadline=None)
+@hyp_settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), config=st.sampled_from(CONFIGS), big_ids=st.booleans())
 def test_candidates_equal_the_plain_reference_on_random_worlds(seed, config, big_ids):
     tables, users = random_world(seed, big_ids)
@@ -299,7 +299,7 @@ def test_candidates_equal_the_plain_reference_on_random_worlds(seed, config, big
     assert got.equals(expected)
 
 
-@hyp_settings(max_examples=40, deadline=None)
+@hyp_settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), config=st.sampled_from(CONFIGS))
 def test_ranking_frame_equals_the_plain_reference_on_random_worlds(seed, config):
     tables, users = random_world(seed)

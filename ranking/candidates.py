@@ -5,6 +5,7 @@ rows the ranker scores; inference calls it exactly as training did.
 """
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -172,66 +173,153 @@ def score_neighbours(
 ) -> pl.DataFrame:
     """Each user's top `limit` unconsumed neighbours of their recent items, by summed score
     (ties by item id): (user_id, item_id, cooc_rank, cooc_score, cooc_count)."""
-    return rank_neighbours(neighbour_scores(recent, neighbours), consumed, limit)
-
-
-def rank_neighbours(scores: pl.DataFrame, consumed: pl.DataFrame | None, limit: int) -> pl.DataFrame:
-    """The top `limit` unconsumed items of `neighbour_scores` per user, ranked (`score_neighbours`)."""
-    return _ranked(_exclude(scores, consumed), "cooc_score", "cooc", limit, ("cooc_score", "cooc_count"))
+    return NeighbourScores.of(recent, neighbours).top(consumed, limit)
 
 
 def neighbour_scores(recent: pl.DataFrame, neighbours: pl.DataFrame) -> pl.DataFrame:
     """Every item a neighbour of the users' `recent` items, with the summed neighbour scores and how many
-    recent items link to it: (user_id, item_id, cooc_score, cooc_count); consumed items included.
+    recent items link to it: (user_id, item_id, cooc_score, cooc_count); consumed items included."""
+    return NeighbourScores.of(recent, neighbours).frame()
 
-    Computed as a sparse product (users × recent items) · (items × neighbours): a polars
-    group-by over every (user, recent item, neighbour) triple was over 20× slower.
+
+@dataclass(frozen=True)
+class NeighbourScores:
+    """`neighbour_scores` kept as the sparse (users × items) product it is computed as: row r, column c holds
+    the summed score and the count of user `users[r]`'s recent items linking to item `items[c]`. A batch
+    reaches millions of such pairs of which each user keeps ~100 (`top`) and looks up ~200 (`lookup`):
+    neither needs them as a frame."""
+
+    users: np.ndarray  # row ids, ascending
+    items: np.ndarray  # column ids, ascending
+    indptr: np.ndarray  # CSR: row r's entries are [indptr[r], indptr[r + 1]), by ascending column
+    columns: np.ndarray
+    scores: np.ndarray  # rounded to 9 decimals, so that float summation order cannot reorder near-equal scores
+    counts: np.ndarray  # int64; every neighbour score is positive, so the counts share the scores' entries
+
+    @classmethod
+    def of(cls, recent: pl.DataFrame, neighbours: pl.DataFrame) -> "NeighbourScores":
+        """The product (users × recent items) · (items × neighbours): a polars group-by over every
+        (user, recent item, neighbour) triple was over 20× slower."""
+        # Only the neighbour lists of these users' recent items count (a batch's users reach a fraction of the
+        # catalogue's lists); recent items without a list contribute nothing.
+        neighbours = neighbours.join(recent.select("item_id").unique(), on="item_id", how="semi")
+        sources = neighbours.get_column("item_id").unique().sort()
+        targets = neighbours.get_column("neighbour_id").unique().sort()
+        recent = recent.filter(pl.col("item_id").is_in(sources.implode()))
+        users = recent.get_column("user_id").unique().sort()
+        if users.is_empty():
+            none = np.zeros(0, np.int64)
+            return cls(none, none, np.zeros(1, np.int64), none, np.zeros(0), none)
+
+        def positions(values: pl.Series, keys: pl.Series) -> np.ndarray:
+            return values.replace_strict(keys, pl.int_range(keys.len(), eager=True)).to_numpy()
+
+        def matrix(values: np.ndarray, rows: np.ndarray, columns: np.ndarray, shape: tuple[int, int]):
+            product = sparse.csr_matrix((values, (rows, columns)), shape=shape)
+            product.sort_indices()
+            return product
+
+        # Rows and columns in item id order, as the sums below then add their terms in the same order whatever
+        # the batch.
+        history = matrix(
+            np.ones(recent.height),
+            positions(recent["user_id"], users),
+            positions(recent["item_id"], sources),
+            (users.len(), sources.len()),
+        )
+        pair_rows = positions(neighbours["item_id"], sources)
+        pair_columns = positions(neighbours["neighbour_id"], targets)
+        shape = (sources.len(), targets.len())
+        similar = matrix(neighbours["score"].to_numpy(), pair_rows, pair_columns, shape)
+        linked = matrix(np.ones(neighbours.height), pair_rows, pair_columns, shape)
+        scores, counts = (history @ similar).tocsr(), (history @ linked).tocsr()
+        scores.sort_indices()
+        counts.sort_indices()
+        return cls(
+            users.to_numpy(), targets.to_numpy(), scores.indptr.astype(np.int64), scores.indices.astype(np.int64),
+            np.round(scores.data, 9), counts.data.astype(np.int64),
+        )  # fmt: skip
+
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.users)), np.diff(self.indptr))
+
+    @cached_property
+    def _keys(self) -> np.ndarray:
+        """One number per entry, ascending as the entries are ordered by (row, column)."""
+        return self._rows * len(self.items) + self.columns
+
+    def _pairs(self, entries: np.ndarray, **columns: np.ndarray) -> pl.DataFrame:
+        return pl.DataFrame(
+            {"user_id": self.users[self._rows[entries]], "item_id": self.items[self.columns[entries]]} | columns
+            | {"cooc_score": self.scores[entries], "cooc_count": self.counts[entries]},
+            schema_overrides=NEIGHBOUR_SCORES,
+        )  # fmt: skip
+
+    def frame(self) -> pl.DataFrame:
+        """Every pair: (user_id, item_id, cooc_score, cooc_count), by user then item."""
+        return self._pairs(np.arange(len(self.columns)))
+
+    def _entries(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """The entry of each (user_id, item_id) pair, -1 where the product has none."""
+        if not len(self.columns):
+            return np.full(len(user_ids), -1)
+        rows = np.searchsorted(self.users, user_ids).clip(max=len(self.users) - 1)
+        columns = np.searchsorted(self.items, item_ids).clip(max=len(self.items) - 1)
+        wanted = rows * len(self.items) + columns
+        found = np.searchsorted(self._keys, wanted).clip(max=len(self._keys) - 1)
+        hit = (self.users[rows] == user_ids) & (self.items[columns] == item_ids) & (self._keys[found] == wanted)
+        return np.where(hit, found, -1)
+
+    def lookup(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """`pairs` with the cooc_score and cooc_count of their (user_id, item_id), null where no recent item
+        links the user to the item."""
+        entries = pl.Series(self._entries(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy()))
+        values = pl.DataFrame({"cooc_score": self.scores, "cooc_count": self.counts})
+        return pairs.with_columns(values.select(pl.all().gather(entries.replace(-1, None))))
+
+    def top(self, consumed: pl.DataFrame | None, limit: int) -> pl.DataFrame:
+        """Each user's top `limit` items not in `consumed`, by score then item id: (user_id, item_id,
+        cooc_rank, cooc_score, cooc_count), by user then rank."""
+        open_entries = np.ones(len(self.columns), bool)
+        if consumed is not None and consumed.height:
+            entries = self._entries(consumed["user_id"].to_numpy(), consumed["item_id"].to_numpy())
+            open_entries[entries[entries >= 0]] = False
+        entries = np.flatnonzero(open_entries)
+        chosen, ranks = top_in_rows(self._rows[entries], self.scores[entries], len(self.users), limit)
+        return self._pairs(entries[chosen], cooc_rank=ranks)
+
+
+NEIGHBOUR_SCORES = {"user_id": pl.Int64, "item_id": pl.Int64, "cooc_score": pl.Float64, "cooc_count": pl.Int64}
+
+
+def top_in_rows(rows: np.ndarray, scores: np.ndarray, n_rows: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `limit` highest `scores` of each row, earlier entries first among equal scores: their positions
+    (by row, then rank) and ranks (1 first). `rows` must be ascending.
+
+    Two passes over rows padded to a matrix instead of one sort of every entry: each row's `limit`-th score by
+    partition, then a stable sort of the few entries at or above it.
     """
-    empty = {"user_id": pl.Int64, "item_id": pl.Int64, "cooc_score": pl.Float64, "cooc_count": pl.Int64}
-    # Only the neighbour lists of these users' recent items count (a batch's users reach a fraction of the
-    # catalogue's lists); recent items without a list contribute nothing.
-    neighbours = neighbours.join(recent.select("item_id").unique(), on="item_id", how="semi")
-    sources = neighbours.get_column("item_id").unique().sort()
-    targets = neighbours.get_column("neighbour_id").unique().sort()
-    recent = recent.filter(pl.col("item_id").is_in(sources.implode()))
-    users = recent.get_column("user_id").unique().sort()
-    if users.is_empty():
-        return pl.DataFrame(schema=empty)
 
-    def positions(values: pl.Series, keys: pl.Series) -> np.ndarray:
-        return values.replace_strict(keys, pl.int_range(keys.len(), eager=True)).to_numpy()
+    def padded(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        counts = np.bincount(rows, minlength=n_rows)
+        starts = np.cumsum(counts) - counts
+        matrix = np.full((n_rows, counts.max(initial=0)), np.inf)
+        matrix[rows, np.arange(len(rows)) - starts[rows]] = -values  # ascending = best first; +inf pads
+        return matrix, counts, starts
 
-    def matrix(values: np.ndarray, rows: np.ndarray, columns: np.ndarray, shape: tuple[int, int]) -> sparse.csr_matrix:
-        product = sparse.csr_matrix((values, (rows, columns)), shape=shape)
-        product.sort_indices()
-        return product
-
-    # Rows and columns in item id order, as the sums below then add their terms in the same order whatever
-    # the batch (the scores are rounded too).
-    history = matrix(
-        np.ones(recent.height),
-        positions(recent["user_id"], users),
-        positions(recent["item_id"], sources),
-        (users.len(), sources.len()),
-    )
-    pair_rows, pair_columns = positions(neighbours["item_id"], sources), positions(neighbours["neighbour_id"], targets)
-    shape = (sources.len(), targets.len())
-    similar = matrix(neighbours["score"].to_numpy(), pair_rows, pair_columns, shape)
-    linked = matrix(np.ones(neighbours.height), pair_rows, pair_columns, shape)
-    scores, counts = (history @ similar).tocsr(), (history @ linked).tocsr()
-    scores.sort_indices()
-    counts.sort_indices()
-    pairs = pl.DataFrame(
-        {
-            "user_id": users.gather(np.repeat(np.arange(users.len()), np.diff(scores.indptr))),
-            "item_id": targets.gather(scores.indices),
-            # Rounded so that float summation order cannot reorder near-equal scores.
-            "cooc_score": np.round(scores.data, 9),
-            # Same sparsity as the scores: every neighbour score is positive.
-            "cooc_count": counts.data.astype(np.int64),
-        }
-    )
-    return pairs
+    if limit < 1 or len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    matrix, counts, _ = padded(rows, scores)
+    if matrix.shape[1] > limit:
+        threshold = -np.partition(matrix, limit - 1, axis=1)[:, limit - 1]  # -inf where a row has fewer
+        near = np.flatnonzero(scores >= threshold[rows])
+    else:
+        near = np.arange(len(rows))
+    matrix, counts, starts = padded(rows[near], scores[near])
+    order = np.argsort(matrix, axis=1, kind="stable")[:, :limit]
+    row, rank = np.nonzero(np.arange(order.shape[1]) < np.minimum(counts, limit)[:, None])
+    return near[starts[row] + order[row, rank]], rank.astype(np.int64) + 1
 
 
 def select_collaborative(scores: pl.DataFrame, consumed: pl.DataFrame | None, limit: int) -> pl.DataFrame:
@@ -306,7 +394,7 @@ class UserSignals:
     items) and `neighbours` (`neighbour_scores` of their recent items)."""
 
     sequence: pl.DataFrame
-    neighbours: pl.DataFrame
+    neighbours: "NeighbourScores"
 
 
 def source_candidates(
@@ -319,8 +407,8 @@ def source_candidates(
     consumed = history.select("user_id", "item_id") if config.exclude_consumed else None
     items = tables.item_features
 
-    linked = neighbour_scores(select_recent_items(history, config.recent_items), tables.item_neighbours)
-    cooc = rank_neighbours(linked, consumed, config.cooc)
+    linked = NeighbourScores.of(select_recent_items(history, config.recent_items), tables.item_neighbours)
+    cooc = linked.top(consumed, config.cooc)
 
     pop = take_unconsumed(items.sort("popularity_rank_4w"), user_frame, config.pop, consumed, "pop_rank")
     new_items = items.filter(pl.col("days_since_release") < config.new_release_days)
@@ -355,38 +443,103 @@ def source_candidates(
 
     # Sequence: what follows the user's last items; ranked by the direct and two-step scores together.
     sequence = score_transitions(select_last_items(history, LAST_ITEMS), tables.item_transitions)
-    reachable = _exclude(sequence, consumed).with_columns(
-        (pl.col("seq_score") + pl.col("seq_2step_share")).alias("seq_rank_score")
-    )
-    strong = reachable.filter(pl.col("seq_rank_score") >= max(config.seq_min_score, 1e-12))
-    seq = _ranked(strong, "seq_rank_score", "seq", config.seq)
+    rank_score = (pl.col("seq_score") + pl.col("seq_2step_share")).alias("seq_rank_score")
+    # The few strong paths first, then the consumed items out of them (not out of every reachable pair).
+    strong = sequence.with_columns(rank_score).filter(pl.col("seq_rank_score") >= max(config.seq_min_score, 1e-12))
+    seq = _ranked(_exclude(strong, consumed), "seq_rank_score", "seq", config.seq)
     lists = {"cooc": cooc, "pop": pop, "category": category, "creator": creator, "new": new, "cf": cf, "seq": seq}
     return lists, UserSignals(sequence, linked)
 
 
 def generate_candidates(tables: SnapshotTables, users: pl.Series, config: CandidateConfig) -> pl.DataFrame:
-    """Union of every source's candidates per user, tagged with each source's rank (null if absent)."""
+    """Union of every source's candidates per user, tagged with each source's rank (null if absent), by user
+    then item."""
     lists, signals = source_candidates(tables, users, config)
-    tagged = pl.concat([lists[s].select("user_id", "item_id", f"{s}_rank") for s in SOURCES], how="diagonal")
-    # One group-by merges the sources: each column is non-null in exactly one source's rows.
-    merged = tagged.group_by("user_id", "item_id").agg(pl.all().max())
-    return (
-        merged.select(
-            "user_id",
-            "item_id",
-            *[f"{s}_rank" for s in SOURCES],
-            pl.sum_horizontal(pl.col(f"{s}_rank").is_not_null() for s in SOURCES).alias("n_sources"),
-        )
-        # Every candidate's co-occurrence scores (null: no neighbour path from the recent items) and sequence
-        # scores (0: no path from the last items), whichever source proposed it and however many cooc gives.
-        .pipe(_join_pairs, signals.neighbours)
-        .pipe(_join_pairs, signals.sequence)
-        .with_columns(pl.col(list(SEQ_SCORES)).fill_null(0.0))
-        .select(
-            "user_id", "item_id", *[f"{s}_rank" for s in SOURCES], "cooc_score", "cooc_count", "n_sources", *SEQ_SCORES
-        )  # fmt: skip
-        .sort("user_id", "item_id")
+    merged, pairs = merge_sources(lists)
+    # Every candidate's co-occurrence scores (null: no neighbour path from the recent items) and sequence
+    # scores (0: no path from the last items), whichever source proposed it and however many cooc gives.
+    sequence = pairs.gather(signals.sequence, list(SEQ_SCORES), 0.0)
+    return signals.neighbours.lookup(merged).select(
+        "user_id", "item_id", *[f"{s}_rank" for s in SOURCES], "cooc_score", "cooc_count", "n_sources"
+    ).hstack(sequence)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """Distinct (user_id, item_id) pairs in order, each as one integer: the position of its user among
+    `users` times the number of `items` plus the position of its item."""
+
+    users: np.ndarray  # ascending
+    items: np.ndarray  # ascending
+    keys: np.ndarray  # ascending
+
+    @staticmethod
+    def encode(users: np.ndarray, items: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """Each pair's key; -1 where its user or item is not among `users` / `items`."""
+        if not len(users) or not len(items):
+            return np.full(len(user_ids), -1)
+        rows = np.searchsorted(users, user_ids).clip(max=len(users) - 1)
+        columns = np.searchsorted(items, item_ids).clip(max=len(items) - 1)
+        known = (users[rows] == user_ids) & (items[columns] == item_ids)
+        return np.where(known, rows * len(items) + columns, -1)
+
+    def positions(self, pairs: pl.DataFrame) -> np.ndarray:
+        """Each of `pairs`' (user_id, item_id) position among the index's pairs, -1 where absent."""
+        keys = self.encode(self.users, self.items, pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
+        if not len(self.keys):
+            return np.full(len(keys), -1)
+        # Searched in ascending order: a million random searches cost 5× more (cache misses) than sorting them.
+        order = np.argsort(keys)
+        found = np.empty(len(keys), np.int64)
+        found[order] = np.searchsorted(self.keys, keys[order])
+        found = found.clip(max=len(self.keys) - 1)
+        return np.where((keys >= 0) & (self.keys[found] == keys), found, -1)
+
+    def gather(self, frame: pl.DataFrame, columns: list[str], missing: float) -> pl.DataFrame:
+        """`columns` of `frame` (unique per (user_id, item_id)) for each pair of the index, `missing` where
+        `frame` has no row for it."""
+        at = self.positions(frame)
+        found = at >= 0
+        values = {}
+        for column in columns:
+            gathered = np.full(len(self.keys), missing)
+            gathered[at[found]] = frame[column].to_numpy()[found]
+            values[column] = pl.Series(column, gathered, frame.schema[column])
+        return pl.DataFrame(values)
+
+
+def merge_sources(lists: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, PairIndex]:
+    """One row per (user_id, item_id) that any source proposed, by user then item, with each source's rank
+    (null where it did not propose it) and `n_sources`; and the pairs' `PairIndex`. A source proposes
+    a pair at most once."""
+    tagged = pl.concat([lists[s].select("user_id", "item_id", pl.col(f"{s}_rank").alias("rank")) for s in SOURCES])
+    users = tagged.get_column("user_id").unique().sort().to_numpy()
+    items = tagged.get_column("item_id").unique().sort().to_numpy()
+    keys = PairIndex.encode(users, items, tagged["user_id"].to_numpy(), tagged["item_id"].to_numpy())
+    # One sort of one integer per proposal instead of a group-by on two columns.
+    order = np.argsort(keys)
+    ordered = keys[order]
+    first = np.ones(len(ordered), bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    pair_of = np.empty(len(keys), np.int64)
+    pair_of[order] = np.cumsum(first) - 1
+    index = PairIndex(users, items, ordered[first])
+    ranks, start = {}, 0
+    for source in SOURCES:
+        end = start + lists[source].height
+        rank = np.zeros(len(index.keys), np.int64)
+        proposed = np.zeros(len(index.keys), bool)
+        rank[pair_of[start:end]] = tagged["rank"].to_numpy()[start:end]
+        proposed[pair_of[start:end]] = True
+        ranks[f"{source}_rank"] = pl.Series(rank).scatter(np.flatnonzero(~proposed), None)
+        start = end
+    merged = pl.DataFrame(
+        {"user_id": users[index.keys // max(len(items), 1)], "item_id": items[index.keys % max(len(items), 1)]}
+        | ranks
+        | {"n_sources": np.bincount(pair_of, minlength=len(index.keys)).astype(np.uint32)},
+        schema_overrides={"user_id": pl.Int64, "item_id": pl.Int64},
     )
+    return merged, index
 
 
 _USER_COLUMNS = [c for c in contracts.USER_FEATURES.column_names if c not in ("as_of", "user_id")]
@@ -470,49 +623,69 @@ def category_encoding(item_features: pl.DataFrame) -> list[str]:
 
 
 def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: list[str]) -> pl.DataFrame:
-    """Join user, item and user×item features onto candidate rows; unknown categories get null."""
+    """Join user, item and user×item features onto candidate rows; unknown categories get null. The rows keep
+    the candidates' order (`generate_candidates`: by user then item)."""
     codes = pl.DataFrame(
         {"category": categories, "category_code": range(len(categories))},
         schema={"category": pl.Utf8, "category_code": pl.Int32},
     )
-    users = tables.user_features.select("user_id", *[pl.col(c).alias(f"user_{c}") for c in _USER_COLUMNS])
-    items = _with_item_derived(tables.item_features).select(
-        "item_id",
-        "category",
-        "creator",
-        *[pl.col(c).alias(f"item_{c}") for c in _ITEM_COLUMNS],
-        *ITEM_DERIVED_COLUMNS,
-        PRIOR_FEATURE,
-        "log_popularity_rank",
-        "log_release_age",
+    items = (
+        _with_item_derived(tables.item_features)
+        .select(
+            "item_id",
+            "category",
+            "creator",
+            *[pl.col(c).alias(f"item_{c}") for c in _ITEM_COLUMNS],
+            *ITEM_DERIVED_COLUMNS,
+            PRIOR_FEATURE,
+            "log_popularity_rank",
+            "log_release_age",
+        )
+        .join(codes, on="category", how="left", maintain_order="left")
     )
+    users = candidates.select(pl.col("user_id").unique(maintain_order=True))
+    last_items = _last_items_of(tables, users, items)
+    per_user = (
+        users.join(
+            tables.user_features.select("user_id", *[pl.col(c).alias(f"user_{c}") for c in _USER_COLUMNS]),
+            on="user_id",
+            how="left",
+            maintain_order="left",
+        )
+        .join(_user_tastes(tables, items), on="user_id", how="left", maintain_order="left")
+        .join(_last_items(last_items), on="user_id", how="left", maintain_order="left")
+    )
+
+    def looked_up(keys: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
+        """`table`'s other columns for each row of `keys`, null where it has none: one narrow join per table
+        (each join of the growing frame copied every column joined so far)."""
+        on = keys.columns
+        return keys.join(table, on=on, how="left", maintain_order="left").drop(on)
+
+    by_item = looked_up(candidates.select("item_id"), items)
+    pairs = candidates.select("user_id", "item_id").hstack(by_item.select("category", "creator"))
+    category_share = tables.user_category_affinity.select(
+        "user_id", "category", pl.col("share_12w").alias("category_share_12w")
+    )
+    creator_share = tables.user_creator_affinity.select(
+        "user_id",
+        "creator",
+        pl.col("share_12w").alias("creator_share_12w"),
+        pl.col("events_12w").alias("creator_events_12w"),
+    )
+    collaborative = tables.collaborative_scores.select("user_id", "item_id", "ease_score", "als_score")
     return (
-        candidates.join(users, on="user_id", how="left")
-        .join(_user_tastes(tables, items), on="user_id", how="left")
-        .join(_last_items(tables, candidates, items), on="user_id", how="left")
-        .join(items, on="item_id", how="left")
-        .join(codes, on="category", how="left")
-        .join(
-            tables.user_category_affinity.select(
-                "user_id", "category", pl.col("share_12w").alias("category_share_12w")
-            ),
-            on=["user_id", "category"],
-            how="left",
-        )
-        .join(
-            tables.user_creator_affinity.select(
-                "user_id",
-                "creator",
-                pl.col("share_12w").alias("creator_share_12w"),
-                pl.col("events_12w").alias("creator_events_12w"),
-            ),
-            on=["user_id", "creator"],
-            how="left",
-        )
-        .join(
-            tables.collaborative_scores.select("user_id", "item_id", "ease_score", "als_score"),
-            on=["user_id", "item_id"],
-            how="left",
+        pl.concat(
+            [
+                candidates,
+                looked_up(candidates.select("user_id"), per_user),
+                by_item,
+                looked_up(pairs.select("user_id", "category"), category_share),
+                looked_up(pairs.select("user_id", "creator"), creator_share),
+                looked_up(pairs.select("user_id", "item_id"), collaborative),
+                looked_up(pairs.select("user_id", "creator"), _last_items_creator_share(last_items)),
+            ],
+            how="horizontal",
         )
         .with_columns(
             *[
@@ -528,7 +701,7 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
                 pl.when(best > 0).then(pl.col(f"{m}_score") / best).alias(f"{m}_score_vs_best")  # null unless best > 0
                 for m, best in ((m, pl.col(f"{m}_score").max().over("user_id")) for m in ("ease", "als"))
             ],
-            pl.col("category_share_12w", "creator_share_12w").fill_null(0.0),
+            pl.col("category_share_12w", "creator_share_12w", "last_items_creator_share").fill_null(0.0),
             pl.col("creator_events_12w").fill_null(0),
             _same_as_last("creator"),
             _same_as_last("category"),
@@ -536,10 +709,7 @@ def add_features(tables: SnapshotTables, candidates: pl.DataFrame, categories: l
             (pl.col("log_popularity_rank") - pl.col("user_log_popularity_rank")).alias("popularity_vs_user"),
             (pl.col("log_release_age") - pl.col("user_log_release_age")).alias("release_age_vs_user"),
         )
-        .join(_last_items_creator_share(tables, candidates, items), on=["user_id", "creator"], how="left")
-        .with_columns(pl.col("last_items_creator_share").fill_null(0.0))
         .select("user_id", "item_id", *FEATURE_NAMES)
-        .sort("user_id", "item_id")
     )
 
 
@@ -549,25 +719,26 @@ def _same_as_last(column: str) -> pl.Expr:
     return same.fill_null(False).cast(pl.Int32).alias(f"same_{column}_as_last")
 
 
-def _last_items_of(tables: SnapshotTables, candidates: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
-    """The last `LAST_ITEMS` items of the candidates' users, with position and their creator and category."""
-    history = tables.user_item_history.join(candidates.select("user_id").unique(), on="user_id", how="semi")
+def _last_items_of(tables: SnapshotTables, users: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """The last `LAST_ITEMS` items of `users`, with position and their creator and category."""
+    history = tables.user_item_history.join(users, on="user_id", how="semi")
     return select_last_items(history, LAST_ITEMS).join(
         items.select("item_id", "category", "creator"), on="item_id", how="left"
     )
 
 
-def _last_items(tables: SnapshotTables, candidates: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+def _last_items(last_items: pl.DataFrame) -> pl.DataFrame:
     """Per user: the creator and category of the last item consumed (`last_creator`, `last_category`)."""
-    last = _last_items_of(tables, candidates, items).filter(pl.col("position") == 1)
+    last = last_items.filter(pl.col("position") == 1)
     return last.select("user_id", pl.col("creator").alias("last_creator"), pl.col("category").alias("last_category"))
 
 
-def _last_items_creator_share(tables: SnapshotTables, candidates: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+def _last_items_creator_share(last_items: pl.DataFrame) -> pl.DataFrame:
     """Per (user, creator): the share of the user's last `LAST_ITEMS` items by that (known) creator."""
-    last = _last_items_of(tables, candidates, items).filter(pl.col("creator") != UNKNOWN)
-    return last.group_by("user_id", "creator").agg(
-        (pl.len() / LAST_ITEMS).cast(pl.Float64).alias("last_items_creator_share")
+    return (
+        last_items.filter(pl.col("creator") != UNKNOWN)
+        .group_by("user_id", "creator")
+        .agg((pl.len() / LAST_ITEMS).cast(pl.Float64).alias("last_items_creator_share"))
     )
 
 

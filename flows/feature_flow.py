@@ -27,6 +27,7 @@ from flows.runs import run_body
 from recsys import partitions
 from recsys.clock import mondays
 from recsys.errors import ExpectedError
+from recsys.runtime import release_freed_memory
 from recsys.settings import Settings
 from recsys.stores import Stores, open_stores, sqlalchemy_url
 
@@ -186,6 +187,7 @@ def compute_whole_log(
         frames = compute_snapshot(raw, week, feature_options(settings))
         yield Week(week, frames, store.digest_raw_window(raw.events, transform.week_start(week)), read)
         del frames  # written: not held while the next week is computed
+        release_freed_memory(f"feature week {week}")
 
 
 def compute_in_partitions(
@@ -217,6 +219,7 @@ def compute_in_partitions(
             checked |= check_merged_rows(frames, week, settings.feature_partitions)
             yield Week(week, frames, raw_digest, report.describe_read(events, duplicates, spec), checked)
             del frames  # written: not held while the next week's partitions run
+            release_freed_memory(f"feature week {week}")
 
 
 def run_partitions(runner: TaskRunner, parameters: dict, count: int) -> list[PartitionResult]:

@@ -109,8 +109,7 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
             f"training needs labelled candidates in both the training weeks ({train.height} rows) "
             f"and the validation week(s) ({valid.height} rows); compute more feature snapshots first"
         )
-    train = train.sort("as_of", "user_id", "item_id")
-    valid = valid.sort("as_of", "user_id", "item_id")
+    train, valid = in_key_order(train), in_key_order(valid)
     model = lgb.LGBMRanker(**params.lightgbm_kwargs())
     model.fit(
         **_fit_arguments(train),
@@ -125,6 +124,7 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
     best = model.best_iteration_ or params.n_estimators
     validation_ndcg = float(model.best_score_["valid_0"]["ndcg@10"])
     if params.refit:
+        del model  # its binned datasets go before the refit's matrix is built
         model = lgb.LGBMRanker(**(params.lightgbm_kwargs() | {"n_estimators": best}))
         model.fit(**_fit_arguments(pl.concat([train, valid], how="vertical_relaxed")), **_FIT_OPTIONS)
     importance = dict(zip(FEATURE_NAMES, model.booster_.feature_importance("gain").tolist(), strict=True))
@@ -137,6 +137,19 @@ def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams)
         feature_importance=importance,
         validation_ndcg=validation_ndcg,
     )
+
+
+KEY = ("as_of", "user_id", "item_id")
+
+
+def in_key_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` sorted by (as_of, user_id, item_id): itself when it already is (labelled frames are built in
+    that order), so a fit does not hold a sorted copy of every training row beside the caller's frame."""
+    ordered = pl.col(KEY[-1]).diff() >= 0  # each row's key >= the previous row's, lexicographically
+    for key in reversed(KEY[:-1]):
+        step = pl.col(key).to_physical().diff()
+        ordered = (step > 0) | ((step == 0) & ordered)
+    return frame if frame.select(ordered.slice(1).all()).item() else frame.sort(*KEY)
 
 
 _FIT_OPTIONS = {"feature_name": FEATURE_NAMES, "categorical_feature": CATEGORICAL_FEATURES}

@@ -341,11 +341,16 @@ def raw_digests(engine) -> list[tuple]:
 
 
 def test_snapshots_computed_in_partitions_equal_the_whole_log_snapshots(
-    flow_env, clean_stores, log, tmp_path, monkeypatch
+    flow_env, clean_stores, log, tmp_path, monkeypatch, caplog
 ):
+    caplog.set_level(logging.INFO, logger="recsys.runtime")
+    released = re.compile(r"feature week (\S+): memory released")
     spec = write_source(tmp_path / "src", log.events, log.items)
     whole = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec).result()
     lineage = raw_digests(clean_stores.engine)
+    # Once each week is written, before the next is computed (what the process freed goes back to the system).
+    assert released.findall(caplog.text) == [str(LAST_WEEK), str(AS_OF)]
+    caplog.clear()
     monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", "3")
 
     state = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec, force=True)
@@ -353,6 +358,7 @@ def test_snapshots_computed_in_partitions_equal_the_whole_log_snapshots(
     assert state.result() == whole
     assert raw_digests(clean_stores.engine) == lineage
     assert f"Read {log.events.height} events (0 duplicates dropped)" in artifact_text(state, ARTIFACT_KEY)
+    assert released.findall(caplog.text) == [str(LAST_WEEK), str(AS_OF)]
 
 
 def test_partitions_on_a_dask_cluster_give_the_same_snapshot_as_threads(

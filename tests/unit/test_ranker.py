@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from ranking.candidates import FEATURE_NAMES, PRIOR_FEATURE
-from ranking.scoring import score, top_n
-from training.ranker import RankerParams, attach_labels, sample_negatives, train_ranker
+from ranking.scoring import feature_matrix, score, top_n
+from training.ranker import RankerParams, attach_labels, in_key_order, sample_negatives, train_ranker
 
 WEEK = date(2024, 3, 4)
 TINY = RankerParams(n_estimators=20, num_leaves=4, min_child_samples=2, early_stopping_rounds=5, num_threads=1)
@@ -90,6 +90,35 @@ def test_same_data_and_seed_give_an_identical_model_text():
     first = train_ranker(train, valid, TINY)
     again = train_ranker(train.sample(fraction=1.0, shuffle=True, seed=9), valid, TINY)
     assert first.model_text == again.model_text
+
+
+def test_in_key_order_keeps_a_sorted_frame_itself_and_sorts_any_other():
+    weeks = [labelled_week(date(2024, 3, 4 + 7 * w), 4, 5, w) for w in range(2)]
+    ordered = pl.concat(weeks)
+    assert in_key_order(ordered) is ordered  # no copy of a frame built in order
+    for shuffled in (
+        ordered.sample(fraction=1.0, shuffle=True, seed=2),
+        pl.concat(weeks[::-1]),  # weeks out of order, users and items in order within each
+        ordered.sort("as_of", "user_id", "item_id", descending=[False, False, True]),  # items out of order only
+    ):
+        assert in_key_order(shuffled).equals(ordered)
+    assert in_key_order(ordered.head(1)).equals(ordered.head(1)) and in_key_order(ordered.clear()).is_empty()
+
+
+def test_column_major_feature_matrix_holds_the_frame_values_as_float64_with_nulls_as_nan():
+    frame = pl.DataFrame(
+        {"a": [1, None, 3], "b": [0.5, 1.5, None], "c": [7, 8, 9], "d": ["x", "y", "z"]},
+        schema={"a": pl.Int64, "b": pl.Float64, "c": pl.Int32, "d": pl.String},
+    )
+    matrix = feature_matrix(frame, ["c", "a", "b"])
+    assert matrix.dtype == np.float64 and matrix.flags["F_CONTIGUOUS"]
+    expected = frame.select(pl.col("c", "a", "b").cast(pl.Float64)).to_numpy()
+    np.testing.assert_array_equal(matrix, expected)  # NaN where null, columns in the order asked
+    assert np.isnan(matrix[1, 1]) and np.isnan(matrix[2, 2])
+    rows = feature_matrix(frame, ["c", "a", "b"], rows_contiguous=True)
+    assert rows.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(rows, matrix)
+    assert feature_matrix(frame.clear(), ["a", "b"]).shape == (0, 2)
 
 
 def test_training_refuses_an_empty_validation_week():

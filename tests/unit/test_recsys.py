@@ -1,6 +1,7 @@
 """Settings, the weekly clock and store URL handling: the entry point's pure parts."""
 
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -98,3 +99,32 @@ def test_entry_points_set_the_wait_policy(entry):
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert out.stdout.strip() == "PASSIVE"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_memory_returns_what_glibc_holds_free_to_the_system(caplog):
+    import ctypes
+
+    import psutil
+
+    from recsys.runtime import release_freed_memory
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunk, count = 64 * 1024, 4096  # 256 MB in blocks under the mmap threshold: they live in the heap
+    blocks = [libc.malloc(chunk) for _ in range(count)]
+    for block in blocks:
+        ctypes.memset(block, 1, chunk)  # resident
+    guard = libc.malloc(chunk)  # above them: freeing them leaves free pages that do not shrink the heap's top
+    for block in blocks:
+        libc.free(block)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    with caplog.at_level("INFO", logger="recsys.runtime"):
+        release_freed_memory("the test's blocks")
+    after = process.memory_info().rss
+    libc.free(guard)
+    assert before - after > 128 * 2**20, f"RSS {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB"
+    assert re.fullmatch(r"the test's blocks: memory released \(\d+ objects collected\): RSS [\d.]+ -> [\d.]+ GB",
+                        caplog.records[-1].getMessage())  # fmt: skip

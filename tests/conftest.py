@@ -36,6 +36,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The harness's API runs on SQLite in the test process's machine: on a loaded machine a request can
 # wait longer than Prefect's default 60 s, which failed every flow test of a worker at once.
 os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", "300")
+# Tests that run a flow outside the harness start Prefect's ephemeral API, which waits 20 s for it by
+# default: a loaded machine took longer and errored every test of test_weekly_job.py. The CLI waits 180 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 # Property tests assert behaviour, not speed: Hypothesis' default 200 ms deadline per example failed a
 # 15 ms example that took 552 ms on a loaded machine (a "flaky" failure of a correct test). No deadline.

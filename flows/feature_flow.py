@@ -185,9 +185,10 @@ def compute_whole_log(
     read = report.describe_read(raw.events.height, raw.duplicates, spec)
     for week in todo:
         frames = compute_snapshot(raw, week, feature_options(settings))
+        rows = sum(frame.height for frame in frames.values())
         yield Week(week, frames, store.digest_raw_window(raw.events, transform.week_start(week)), read)
         del frames  # written: not held while the next week is computed
-        release_freed_memory(f"feature week {week}")
+        release_freed_memory(f"feature week {week}", rows=rows)
 
 
 def compute_in_partitions(
@@ -217,9 +218,10 @@ def compute_in_partitions(
             del shares
             checked = {name: failures for name, failures in checked.items() if name in frames}  # empty labels go
             checked |= check_merged_rows(frames, week, settings.feature_partitions)
+            rows = sum(frame.height for frame in frames.values())
             yield Week(week, frames, raw_digest, report.describe_read(events, duplicates, spec), checked)
             del frames  # written: not held while the next week's partitions run
-            release_freed_memory(f"feature week {week}")
+            release_freed_memory(f"feature week {week}", rows=rows)
 
 
 def run_partitions(runner: TaskRunner, parameters: dict, count: int) -> list[PartitionResult]:

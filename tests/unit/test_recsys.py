@@ -128,3 +128,17 @@ def test_release_freed_memory_returns_what_glibc_holds_free_to_the_system(caplog
     assert before - after > 128 * 2**20, f"RSS {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB"
     assert re.fullmatch(r"the test's blocks: memory released \(\d+ objects collected\): RSS [\d.]+ -> [\d.]+ GB",
                         caplog.records[-1].getMessage())  # fmt: skip
+
+
+def test_a_small_step_is_not_released(monkeypatch, caplog):
+    """A full collection costs 0.3-2 s in a process holding Prefect and great-expectations: not for small weeks."""
+    from recsys import runtime
+
+    collections = []
+    monkeypatch.setattr(runtime.gc, "collect", lambda: collections.append(1) or 0)
+    with caplog.at_level("INFO", logger="recsys.runtime"):
+        runtime.release_freed_memory("a small week", rows=runtime.RELEASE_MIN_ROWS - 1)
+        assert collections == [] and "memory released" not in caplog.text
+        runtime.release_freed_memory("a large week", rows=runtime.RELEASE_MIN_ROWS)
+        runtime.release_freed_memory("a step of unknown size")
+    assert collections == [1, 1] and caplog.text.count("memory released") == 2

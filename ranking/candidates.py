@@ -183,6 +183,50 @@ def neighbour_scores(recent: pl.DataFrame, neighbours: pl.DataFrame) -> pl.DataF
 
 
 @dataclass(frozen=True)
+class PairIndex:
+    """Distinct (user_id, item_id) pairs in order, each as one integer: the position of its user among
+    `users` times the number of `items` plus the position of its item."""
+
+    users: np.ndarray  # ascending
+    items: np.ndarray  # ascending
+    keys: np.ndarray  # ascending
+
+    @staticmethod
+    def encode(users: np.ndarray, items: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """Each pair's key; -1 where its user or item is not among `users` / `items`."""
+        if not len(users) or not len(items):
+            return np.full(len(user_ids), -1)
+        rows = np.searchsorted(users, user_ids).clip(max=len(users) - 1)
+        columns = np.searchsorted(items, item_ids).clip(max=len(items) - 1)
+        known = (users[rows] == user_ids) & (items[columns] == item_ids)
+        return np.where(known, rows * len(items) + columns, -1)
+
+    def positions(self, pairs: pl.DataFrame) -> np.ndarray:
+        """Each of `pairs`' (user_id, item_id) position among the index's pairs, -1 where absent."""
+        keys = self.encode(self.users, self.items, pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
+        if not len(self.keys):
+            return np.full(len(keys), -1)
+        # Searched in ascending order: a million random searches cost 5× more (cache misses) than sorting them.
+        order = np.argsort(keys)
+        found = np.empty(len(keys), np.int64)
+        found[order] = np.searchsorted(self.keys, keys[order])
+        found = found.clip(max=len(self.keys) - 1)
+        return np.where((keys >= 0) & (self.keys[found] == keys), found, -1)
+
+    def gather(self, frame: pl.DataFrame, columns: list[str], missing: float) -> pl.DataFrame:
+        """`columns` of `frame` (unique per (user_id, item_id)) for each pair of the index, `missing` where
+        `frame` has no row for it."""
+        at = self.positions(frame)
+        found = at >= 0
+        values = {}
+        for column in columns:
+            gathered = np.full(len(self.keys), missing)
+            gathered[at[found]] = frame[column].to_numpy()[found]
+            values[column] = pl.Series(column, gathered, frame.schema[column])
+        return pl.DataFrame(values)
+
+
+@dataclass(frozen=True)
 class NeighbourScores:
     """`neighbour_scores` kept as the sparse (users × items) product it is computed as: row r, column c holds
     the summed score and the count of user `users[r]`'s recent items linking to item `items[c]`. A batch
@@ -245,9 +289,9 @@ class NeighbourScores:
         return np.repeat(np.arange(len(self.users)), np.diff(self.indptr))
 
     @cached_property
-    def _keys(self) -> np.ndarray:
-        """One number per entry, ascending as the entries are ordered by (row, column)."""
-        return self._rows * len(self.items) + self.columns
+    def _index(self) -> PairIndex:
+        """The entries as (user, item) pairs: one number each, ascending as they are ordered by (row, column)."""
+        return PairIndex(self.users, self.items, self._rows * len(self.items) + self.columns)
 
     def _pairs(self, entries: np.ndarray, **columns: np.ndarray) -> pl.DataFrame:
         return pl.DataFrame(
@@ -260,21 +304,10 @@ class NeighbourScores:
         """Every pair: (user_id, item_id, cooc_score, cooc_count), by user then item."""
         return self._pairs(np.arange(len(self.columns)))
 
-    def _entries(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        """The entry of each (user_id, item_id) pair, -1 where the product has none."""
-        if not len(self.columns):
-            return np.full(len(user_ids), -1)
-        rows = np.searchsorted(self.users, user_ids).clip(max=len(self.users) - 1)
-        columns = np.searchsorted(self.items, item_ids).clip(max=len(self.items) - 1)
-        wanted = rows * len(self.items) + columns
-        found = np.searchsorted(self._keys, wanted).clip(max=len(self._keys) - 1)
-        hit = (self.users[rows] == user_ids) & (self.items[columns] == item_ids) & (self._keys[found] == wanted)
-        return np.where(hit, found, -1)
-
     def lookup(self, pairs: pl.DataFrame) -> pl.DataFrame:
         """`pairs` with the cooc_score and cooc_count of their (user_id, item_id), null where no recent item
         links the user to the item."""
-        entries = pl.Series(self._entries(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy()))
+        entries = pl.Series(self._index.positions(pairs))
         values = pl.DataFrame({"cooc_score": self.scores, "cooc_count": self.counts})
         return pairs.with_columns(values.select(pl.all().gather(entries.replace(-1, None))))
 
@@ -283,7 +316,7 @@ class NeighbourScores:
         cooc_rank, cooc_score, cooc_count), by user then rank."""
         open_entries = np.ones(len(self.columns), bool)
         if consumed is not None and consumed.height:
-            entries = self._entries(consumed["user_id"].to_numpy(), consumed["item_id"].to_numpy())
+            entries = self._index.positions(consumed)
             open_entries[entries[entries >= 0]] = False
         entries = np.flatnonzero(open_entries)
         chosen, ranks = top_in_rows(self._rows[entries], self.scores[entries], len(self.users), limit)
@@ -462,50 +495,6 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     return signals.neighbours.lookup(merged).select(
         "user_id", "item_id", *[f"{s}_rank" for s in SOURCES], "cooc_score", "cooc_count", "n_sources"
     ).hstack(sequence)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PairIndex:
-    """Distinct (user_id, item_id) pairs in order, each as one integer: the position of its user among
-    `users` times the number of `items` plus the position of its item."""
-
-    users: np.ndarray  # ascending
-    items: np.ndarray  # ascending
-    keys: np.ndarray  # ascending
-
-    @staticmethod
-    def encode(users: np.ndarray, items: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        """Each pair's key; -1 where its user or item is not among `users` / `items`."""
-        if not len(users) or not len(items):
-            return np.full(len(user_ids), -1)
-        rows = np.searchsorted(users, user_ids).clip(max=len(users) - 1)
-        columns = np.searchsorted(items, item_ids).clip(max=len(items) - 1)
-        known = (users[rows] == user_ids) & (items[columns] == item_ids)
-        return np.where(known, rows * len(items) + columns, -1)
-
-    def positions(self, pairs: pl.DataFrame) -> np.ndarray:
-        """Each of `pairs`' (user_id, item_id) position among the index's pairs, -1 where absent."""
-        keys = self.encode(self.users, self.items, pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
-        if not len(self.keys):
-            return np.full(len(keys), -1)
-        # Searched in ascending order: a million random searches cost 5× more (cache misses) than sorting them.
-        order = np.argsort(keys)
-        found = np.empty(len(keys), np.int64)
-        found[order] = np.searchsorted(self.keys, keys[order])
-        found = found.clip(max=len(self.keys) - 1)
-        return np.where((keys >= 0) & (self.keys[found] == keys), found, -1)
-
-    def gather(self, frame: pl.DataFrame, columns: list[str], missing: float) -> pl.DataFrame:
-        """`columns` of `frame` (unique per (user_id, item_id)) for each pair of the index, `missing` where
-        `frame` has no row for it."""
-        at = self.positions(frame)
-        found = at >= 0
-        values = {}
-        for column in columns:
-            gathered = np.full(len(self.keys), missing)
-            gathered[at[found]] = frame[column].to_numpy()[found]
-            values[column] = pl.Series(column, gathered, frame.schema[column])
-        return pl.DataFrame(values)
 
 
 def merge_sources(lists: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, PairIndex]:

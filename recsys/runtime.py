@@ -1,4 +1,4 @@
-"""Process-wide settings the entry points apply before the numeric libraries load."""
+"""Process-wide settings the entry points apply before the numeric libraries load, and giving memory back."""
 
 import ctypes
 import gc
@@ -28,7 +28,7 @@ RELEASE_MIN_ROWS = 1_000_000
 
 
 def release_freed_memory(step: str, rows: int | None = None) -> None:
-    """After `step` (a feature week, a gate week) that held `rows` table rows (None: unknown, release):
+    """After `step` (a feature week) that held `rows` table rows (None: unknown, release):
     collect unreachable cycles, then return the pages glibc's malloc holds free to the system
     (`malloc_trim(0)`, where there is glibc); log the RSS. Skipped below `RELEASE_MIN_ROWS` rows.
 

@@ -56,18 +56,31 @@ def train_and_evaluate_week(
     options: dict,
     progress: tuple[int, int],
     later: list[date],
+    reuse_key: str | None,
 ) -> gate.WeekRun:
-    """A model trained on the week's past only, then it, the champion and every baseline on that week's holdout
-    (only its sampled users' rows read). Once the model is trained, the cache keeps only the frames of the
-    `later` weeks (the later plans' training and validation weeks), so the holdout is evaluated without them."""
+    """A model trained on the week's past only (or the one an earlier run trained under the same `reuse_key`),
+    then it, the champion and every baseline on that week's holdout (only its sampled users' rows read). Once
+    the model is trained, the cache keeps only the frames of the `later` weeks (the later plans' training and
+    validation weeks), so the holdout is evaluated without them. A trained model is kept under `reuse_key`."""
     sample = partial(evaluation.sample_holdout_users, limit=options["max_holdout_users"])
+    reused = store.reused_gate_model(engine, reuse_key) if reuse_key is not None else None
     run = gate.train_and_evaluate_week(
         plan, categories, frame_of=cache.get, champion=champion,
         holdout_of=lambda week: store.read_sampled_week(engine, week, sample),
-        after_training=lambda: cache.keep(later), **options,
+        after_training=lambda: cache.keep(later), reused=reused, **options,
     )  # fmt: skip
+    if reuse_key is not None and reused is None:
+        store.keep_gate_model(engine, reuse_key, run)
     log.info("gate week %s evaluated", plan.holdout, extra={"progress": ("gate weeks", *progress)})
     return run
+
+
+@task(**TRANSIENT_IO)
+def gate_model_key(engine, plan: WeekPlan, categories: list[str], options: dict, sampling: dict) -> str:
+    """The key an identical earlier gate model was kept under (`training.store.gate_model_key`)."""
+    return store.gate_model_key(
+        engine, plan, categories, config=options["config"], params=options["params"], sampling=sampling
+    )
 
 
 def read_training_week(engine, week: date, sampling: dict) -> tuple[SnapshotTables, pl.DataFrame]:
@@ -141,7 +154,7 @@ def training_flow(as_of: date | None = None) -> dict:
     }  # fmt: skip
     with open_stores(settings) as stores:
         engine = stores.engine
-        registry.ensure_schema(engine)
+        store.ensure_schema(engine)
         plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks, settings.validation_weeks)
         champion = load_champion(engine, settings.model_name)
         allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user)
@@ -164,7 +177,10 @@ def training_flow(as_of: date | None = None) -> dict:
             categories = load_categories(engine, plan.holdout)
             progress = (i + 1, len(plans))
             later = [w for p in plans[i + 1 :] for w in (*p.train, *p.validation)]
-            runs.append(train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress, later))
+            key = gate_model_key(engine, plan, categories, options, sampling) if settings.reuse_gate_models else None
+            runs.append(
+                train_and_evaluate_week(engine, plan, categories, cache, champion, options, progress, later, key)
+            )
         pooled = pool_weeks(runs, gate_options)
         # Stored with the model (its params in the registry); the counts themselves are in its "candidates".
         stored = {"tuning": tuned.record()} if tuned is not None else {}
@@ -190,6 +206,7 @@ def training_flow(as_of: date | None = None) -> dict:
         "training_weeks": [str(w) for w in plans[-1].train],
         "validation_weeks": [str(w) for w in plans[-1].validation],
         "stale_upstream": staleness(plans[-1]),
+        "reused_gate_models": [str(r.plan.holdout) for r in runs if r.reused],
         "metrics": pooled.metrics,
         "gains": pooled.gains_record(),
         "candidate_recall": pooled.candidate_recall,

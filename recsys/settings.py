@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         "ids, the same for the model, the champion and every baseline. Bounds the gate's time and memory; "
         "the bootstrap needs thousands of (user, week) units, not a million.",
     )
+    reuse_gate_models: bool = Field(
+        default=True,
+        description="A gate week whose model an earlier training run already trained from the same snapshots "
+        "(digests), weeks, parameters, candidate counts and code reuses it instead of training it again (a "
+        "weekly run shares all its gate weeks but one with last week's); false trains every gate week.",
+    )
     gate_confidence: float = Field(
         default=0.95, gt=0, lt=1, description="Confidence of the gate's paired bootstrap intervals."
     )

@@ -50,6 +50,17 @@ class WeekRun:
     frames_s: float
     train_s: float
     evaluate_s: float
+    reused: bool = False  # the model is an earlier run's for the same plan (`FittedWeek`), not trained here
+
+
+@dataclass(frozen=True)
+class FittedWeek:
+    """A gate week's trained model with the sizes of the frames it was fitted on: what a later training run
+    needs to reuse it (`training.store.reused_gate_model`) instead of training it again."""
+
+    model: TrainedRanker
+    train_rows: int
+    valid_rows: int
 
 
 class FrameCache:
@@ -85,10 +96,12 @@ def train_and_evaluate_week(
     batch_users: int,
     max_holdout_users: int | None = None,
     after_training: Callable[[], None] | None = None,
+    reused: FittedWeek | None = None,
 ) -> WeekRun:
     """Train on `plan`'s training weeks (early stopping on its validation weeks pooled), then score the model,
     the champion and every baseline on its holdout week, over at most `max_holdout_users` of its
-    labelled users (`evaluation.sample_holdout_users`; all when None).
+    labelled users (`evaluation.sample_holdout_users`; all when None). With `reused` (a model an earlier run
+    trained for this same plan), no frame is built and nothing is trained: that model is evaluated.
 
     `frame_of(week, categories)` gives a week's labelled frame, `holdout_of(week)` its snapshot
     tables (all users', or only the sampled users') and labels; the training frames are released
@@ -96,12 +109,16 @@ def train_and_evaluate_week(
     release what it holds for this week too (the training flow's frame cache).
     """
     started = time.perf_counter()
-    train, valid = plan_frames(plan, categories, frame_of)
-    framed = time.perf_counter()
-    model = train_ranker(train, valid, params)
-    trained = time.perf_counter()
-    train_rows, valid_rows = train.height, valid.height
-    del train, valid
+    if reused is None:
+        train, valid = plan_frames(plan, categories, frame_of)
+        framed = time.perf_counter()
+        model = train_ranker(train, valid, params)
+        trained = time.perf_counter()
+        train_rows, valid_rows = train.height, valid.height
+        del train, valid
+    else:
+        model, train_rows, valid_rows = reused.model, reused.train_rows, reused.valid_rows
+        framed = trained = time.perf_counter()
     if after_training is not None:
         after_training()
     tables, labels = holdout_of(plan.holdout)
@@ -111,12 +128,12 @@ def train_and_evaluate_week(
     )  # fmt: skip
     done = time.perf_counter()
     log.info(
-        "week %s: model ndcg@%d %.4f on %d users, %d training rows, fit %.1fs, evaluated in %.1fs",
+        "week %s: model ndcg@%d %.4f on %d users, %d training rows, %s, evaluated in %.1fs",
         plan.holdout, k, scored.metrics[MODEL][f"ndcg@{k}"], scored.metrics[MODEL]["users"], train_rows,
-        trained - framed, done - trained,
+        "model reused" if reused is not None else f"fit {trained - framed:.1f}s", done - trained,
     )  # fmt: skip
     return WeekRun(plan, model, categories, scored, train_rows, valid_rows, framed - started, trained - framed,
-                   done - trained)  # fmt: skip
+                   done - trained, reused=reused is not None)  # fmt: skip
 
 
 def tune_on_plan(

@@ -1,22 +1,30 @@
 """Training's I/O: the labelled weeks and tables it reads from the feature store, and the
 registration (with lineage and the gate's decision) it writes to the model registry."""
 
+import functools
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import date
 from importlib.metadata import version as package_version
+from pathlib import Path
 
 import polars as pl
 import sqlalchemy as sa
 
+import features
+import ranking
+import recsys
+import training
 from features import contracts
 from features import store as feature_store
 from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables
 from training import frames, plan, promotion
-from training.gate import PooledEvaluation
-from training.ranker import TrainedRanker
+from training.gate import FittedWeek, PooledEvaluation, WeekRun
+from training.ranker import RankerParams, TrainedRanker
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +164,133 @@ def register_and_gate(
             **lineage,
         )
     return version, decision, registry.get_champion(engine, name)
+
+
+# Gate models kept for reuse, the most recently used first: a weekly run reuses at most RECSYS_GATE_WEEKS - 1 of
+# them, so this holds many weeks of several model settings (a MovieLens model text is ≈ 0.3 MB).
+GATE_MODELS_KEPT = 64
+
+_GATE_MODELS_DDL = """
+create table if not exists gate_models (
+    key text primary key,
+    holdout_as_of date not null,
+    model_text text not null,
+    feature_names jsonb not null,
+    best_iteration integer not null,
+    params jsonb not null,
+    feature_importance jsonb not null,
+    validation_ndcg double precision not null,
+    train_rows bigint not null,
+    valid_rows bigint not null,
+    created_at timestamptz not null default now(),
+    used_at timestamptz not null default now()
+)
+"""
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """The registry's tables and the gate models' (`keep_gate_model`), created if missing; safe when several
+    processes call it at once."""
+    registry.ensure_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("select pg_advisory_xact_lock(hashtext('weekly-recs gate models'), 0)"))
+        conn.execute(sa.text(_GATE_MODELS_DDL))
+
+
+def gate_model_key(
+    engine: sa.Engine,
+    week_plan: plan.WeekPlan,
+    categories: list[str],
+    *,
+    config: CandidateConfig,
+    params: RankerParams,
+    sampling: dict,
+) -> str:
+    """What a gate week's model is a function of, hashed: its training and validation weeks, the digest of
+    every table (labels too) and the raw source of those weeks, the category encoding, the candidate counts,
+    LightGBM's parameters, the frames' sampling, and the code and libraries that build frames and fit
+    (`code_fingerprint`). Two runs with the same key train byte-identical models (the training flow's
+    determinism test), so the second may reuse the first's."""
+    weeks = [*week_plan.train, *week_plan.validation]
+    content = {
+        "train": [str(w) for w in week_plan.train],
+        "validation": [str(w) for w in week_plan.validation],
+        "snapshots": snapshot_digests(engine, weeks),
+        "categories": categories,
+        "candidates": asdict(config),
+        "params": asdict(params),
+        "sampling": sampling,
+        "code": code_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The fingerprint (`source_fingerprint`) of every package a trained model depends on and of the libraries
+    that compute it: an edit to any of them, released or not, gives new keys, so no model trained by other
+    code is reused."""
+    packages = [Path(package.__file__).parent for package in (features, ranking, recsys, training)]
+    return source_fingerprint(packages, ("weekly-recs", "lightgbm", "polars", "numpy", "scipy", "implicit"))
+
+
+def source_fingerprint(packages: Sequence[Path], libraries: Sequence[str]) -> str:
+    """sha256 of the path and content of every .py file under `packages` and of the installed `libraries`' versions."""
+    digest = hashlib.sha256()
+    for root in packages:
+        for source in sorted(root.rglob("*.py")):
+            digest.update(str(source.relative_to(root.parent)).encode() + b"\0" + source.read_bytes() + b"\0")
+    for library in libraries:
+        digest.update(f"{library}=={package_version(library)}\0".encode())
+    return digest.hexdigest()
+
+
+def reused_gate_model(engine: sa.Engine, key: str) -> FittedWeek | None:
+    """The model an earlier run trained under `key` (`gate_model_key`), marked used; None when there is none."""
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa.text("update gate_models set used_at = now() where key = :key returning *"), {"key": key}
+        ).mappings().first()  # fmt: skip
+    if row is None:
+        return None
+    model = TrainedRanker(
+        model_text=row["model_text"],
+        feature_names=list(row["feature_names"]),
+        best_iteration=row["best_iteration"],
+        params=row["params"],
+        feature_importance=row["feature_importance"],
+        validation_ndcg=row["validation_ndcg"],
+    )
+    return FittedWeek(model, row["train_rows"], row["valid_rows"])
+
+
+def keep_gate_model(engine: sa.Engine, key: str, run: WeekRun) -> None:
+    """Store a gate week's trained model under `key` for later runs; only the GATE_MODELS_KEPT most recently
+    used stay."""
+    model = run.model
+    values = {
+        "key": key, "holdout": run.plan.holdout, "text": model.model_text, "names": json.dumps(model.feature_names),
+        "best": model.best_iteration, "params": json.dumps(model.params), "train": run.train_rows,
+        "importance": json.dumps(model.feature_importance), "valid": run.valid_rows,
+        "ndcg": model.validation_ndcg,
+    }  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                """
+                insert into gate_models (key, holdout_as_of, model_text, feature_names, best_iteration, params,
+                                         feature_importance, validation_ndcg, train_rows, valid_rows)
+                values (:key, :holdout, :text, cast(:names as jsonb), :best, cast(:params as jsonb),
+                        cast(:importance as jsonb), :ndcg, :train, :valid)
+                on conflict (key) do update set used_at = now()
+                """
+            ),
+            values,
+        )
+        conn.execute(
+            sa.text(
+                "delete from gate_models where key not in "
+                "(select key from gate_models order by used_at desc, created_at desc limit :kept)"
+            ),
+            {"kept": GATE_MODELS_KEPT},
+        )

@@ -59,6 +59,11 @@ def test_replay_publishes_every_week_records_its_state_and_resumes_without_redoi
     for week, version in zip(WEEKS, live["version"], strict=True):
         assert version in out and version.startswith(f"{week:%Y%m%d}")
     counts = job_counts(settings)
+    with open_stores(settings) as stores, stores.engine.connect() as conn:
+        kept = conn.execute(sa.text("select holdout_as_of from gate_models")).scalars().all()
+    # Each week's training reuses the models the week before trained for the gate weeks both pool, so every
+    # gate week's model was trained once: the first week's gate weeks, then one new week per replayed week.
+    assert len(kept) == len(set(kept)) == settings.gate_weeks + len(WEEKS) - 1, sorted(kept)
 
     code, again, err = run_cli("replay", "--from", str(FIRST), "--to", str(LAST))
 

@@ -8,6 +8,7 @@ against a degenerate champion the identical retrain is rejected while RECSYS_PRO
 asks for more than it gains, and replaces the champion once the margin is back to its default.
 """
 
+import hashlib
 import re
 from datetime import date, timedelta
 
@@ -120,6 +121,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     gate_weeks = [str(AS_OF - timedelta(weeks=n)) for n in range(flow_env.gate_weeks, 0, -1)]
     assert first["gate_weeks"] == gate_weeks and first["holdout"] == gate_weeks[-1]
     assert first["stale_upstream"] is None
+    assert first["reused_gate_models"] == [], "an empty store has no earlier gate model to reuse"
     assert set(gains) == set(BASELINES) and metrics["model"]["users"] == gains["ease"]["units"]
     best = max(BASELINES, key=lambda name: metrics[name]["ndcg@10"])
     assert gains[best]["low"] > 0, "the tiny demo model should clearly beat every baseline"
@@ -170,7 +172,9 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     # better candidate replaces the champion.
     degenerate = promote_a_degenerate_copy(flow_env, champion)
     monkeypatch.setenv("RECSYS_PROMOTION_MARGIN", "1000")  # a thousand times the champion's NDCG
+    monkeypatch.setenv("RECSYS_REUSE_GATE_MODELS", "false")  # trained again: the determinism check below is real
     demanding, demanding_artifact = train()
+    assert demanding["reused_gate_models"] == []
     assert demanding["promote"] is False and "margin" in demanding["reason"], demanding["reason"]
     assert demanding["metrics"]["model"]["ndcg@10"] > demanding["metrics"]["champion"]["ndcg@10"]
     assert "does not clear the margin 100000.00%" in demanding["reason"], demanding["reason"]
@@ -178,7 +182,9 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert champion_version(flow_env) == degenerate
 
     monkeypatch.delenv("RECSYS_PROMOTION_MARGIN")
+    monkeypatch.delenv("RECSYS_REUSE_GATE_MODELS")
     better, better_artifact = train()
+    assert better["reused_gate_models"] == gate_weeks, "the same plans, snapshots and settings reuse every gate model"
     assert better["promote"] is True, better["reason"]
     assert champion_version(flow_env) == better["version"] != degenerate
     assert "promoted to champion" in better_artifact
@@ -196,6 +202,13 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert texts[first["version"]] == texts[demanding["version"]] == texts[better["version"]], (
         "same snapshots and seed must give the same model"
     )
+    assert better["metrics"]["model"] == first["metrics"]["model"], "a reused model scores as it did when trained"
+
+    with open_stores(flow_env) as stores, stores.engine.connect() as conn:
+        kept = conn.execute(sa.text("select holdout_as_of, model_text from gate_models")).all()
+    assert sorted(str(week) for week, _ in kept) == gate_weeks, "one kept model per gate week"
+    newest_kept = [text for week, text in kept if str(week) == gate_weeks[-1]]
+    assert [hashlib.sha256(t.encode()).hexdigest() for t in newest_kept] == [texts[first["version"]]]
 
     # Optuna tuning (RECSYS_TUNING_SECONDS): on the earliest gate plan's validation week, stored with the model;
     # in the same run a budget of 0 keeps the fixed candidate counts.

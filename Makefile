@@ -10,7 +10,8 @@ UV_PIN = $$(grep -E '^uv==' $(LOCK) | cut -d' ' -f1)
 
 # `make test` runs the suite in this many pytest-xdist worker processes, each with its own embedded
 # servers and Prefect harness (the suite mostly waits on servers, so two share a 2-core machine well);
-# TEST_WORKERS=0 runs it in one process.
+# TEST_WORKERS=0 runs it in one process. --no-loadscope-reorder keeps tests/conftest.py's order (slowest
+# files first) instead of xdist's (files with the most tests first).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint serve bench lock clean
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/recsys demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

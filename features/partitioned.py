@@ -26,7 +26,6 @@ partition's share of a table as soon as that table is merged, so the shares and 
 snapshot are never held whole side by side.
 """
 
-import threading
 from dataclasses import dataclass
 from datetime import date
 
@@ -67,15 +66,10 @@ def build_partition_tables(
     )
 
 
-_runners = threading.local()
-
-
 def check_partition_tables(tables: dict[str, pl.DataFrame], week: date) -> dict[str, list[dict]]:
     """Per user-keyed table, the failures of the row checks on one partition's rows (`validation.check_rows`
     without the row count); merged over partitions by `validation.merge_failures`."""
-    runner = getattr(_runners, "runner", None)
-    if runner is None:  # one great-expectations context per worker thread, reused by its partitions
-        runner = _runners.runner = validation.SuiteRunner()
+    runner = validation.SuiteRunner.of_this_thread()  # one great-expectations context per worker thread
     return {
         name: validation.check_rows(
             contracts.CONTRACTS[name], frame, as_of=transform.assign_as_of(name, week), runner=runner, row_count=False

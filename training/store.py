@@ -175,6 +175,7 @@ create table if not exists gate_models (
     key text primary key,
     holdout_as_of date not null,
     model_text text not null,
+    model_sha256 text not null,
     feature_names jsonb not null,
     best_iteration integer not null,
     params jsonb not null,
@@ -246,12 +247,16 @@ def source_fingerprint(packages: Sequence[Path], libraries: Sequence[str]) -> st
 
 
 def reused_gate_model(engine: sa.Engine, key: str) -> FittedWeek | None:
-    """The model an earlier run trained under `key` (`gate_model_key`), marked used; None when there is none."""
+    """The model an earlier run trained under `key` (`gate_model_key`), marked used; None when there is none,
+    or when its text no longer matches the sha256 stored with it (then it is trained again; a warning says so)."""
     with engine.begin() as conn:
         row = conn.execute(
             sa.text("update gate_models set used_at = now() where key = :key returning *"), {"key": key}
         ).mappings().first()  # fmt: skip
     if row is None:
+        return None
+    if hashlib.sha256(row["model_text"].encode()).hexdigest() != row["model_sha256"]:
+        log.warning("gate model %s (holdout %s) does not match its sha256: trained again", key, row["holdout_as_of"])
         return None
     model = TrainedRanker(
         model_text=row["model_text"],
@@ -270,6 +275,7 @@ def keep_gate_model(engine: sa.Engine, key: str, run: WeekRun) -> None:
     model = run.model
     values = {
         "key": key, "holdout": run.plan.holdout, "text": model.model_text, "names": json.dumps(model.feature_names),
+        "sha": hashlib.sha256(model.model_text.encode()).hexdigest(),
         "best": model.best_iteration, "params": json.dumps(model.params), "train": run.train_rows,
         "importance": json.dumps(model.feature_importance), "valid": run.valid_rows,
         "ndcg": model.validation_ndcg,
@@ -278,11 +284,12 @@ def keep_gate_model(engine: sa.Engine, key: str, run: WeekRun) -> None:
         conn.execute(
             sa.text(
                 """
-                insert into gate_models (key, holdout_as_of, model_text, feature_names, best_iteration, params,
-                                         feature_importance, validation_ndcg, train_rows, valid_rows)
-                values (:key, :holdout, :text, cast(:names as jsonb), :best, cast(:params as jsonb),
+                insert into gate_models (key, holdout_as_of, model_text, model_sha256, feature_names, best_iteration,
+                                         params, feature_importance, validation_ndcg, train_rows, valid_rows)
+                values (:key, :holdout, :text, :sha, cast(:names as jsonb), :best, cast(:params as jsonb),
                         cast(:importance as jsonb), :ndcg, :train, :valid)
-                on conflict (key) do update set used_at = now()
+                on conflict (key) do update set model_text = excluded.model_text, model_sha256 = excluded.model_sha256,
+                                                used_at = now()
                 """
             ),
             values,

@@ -120,17 +120,6 @@ def _exclude(frame: pl.DataFrame, consumed: pl.DataFrame | None) -> pl.DataFrame
     return frame.join(consumed, on=["user_id", "item_id"], how="anti", maintain_order="left")
 
 
-def _join_pairs(frame: pl.DataFrame, other: pl.DataFrame) -> pl.DataFrame:
-    """`frame` left-joined with `other` on (user_id, item_id), `frame`'s rows in their order."""
-    if not _packable(frame, other):
-        return frame.join(other, on=["user_id", "item_id"], how="left", maintain_order="left")
-    return (
-        frame.with_columns(_PAIR)
-        .join(other.select(_PAIR, pl.exclude("user_id", "item_id")), on="pair", how="left", maintain_order="left")
-        .drop("pair")
-    )
-
-
 def take_unconsumed(
     ordered_items: pl.DataFrame, users: pl.DataFrame, limit: int, consumed: pl.DataFrame | None, rank: str
 ) -> pl.DataFrame:
@@ -182,6 +171,14 @@ def neighbour_scores(recent: pl.DataFrame, neighbours: pl.DataFrame) -> pl.DataF
     return NeighbourScores.of(recent, neighbours).frame()
 
 
+def _positions_in(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each of `values`' position in `ordered` (ascending, distinct), -1 where it is not there."""
+    if not len(ordered):
+        return np.full(len(values), -1)
+    at = np.searchsorted(ordered, values).clip(max=len(ordered) - 1)
+    return np.where(ordered[at] == values, at, -1)
+
+
 @dataclass(frozen=True)
 class PairIndex:
     """Distinct (user_id, item_id) pairs in order, each as one integer: the position of its user among
@@ -194,12 +191,8 @@ class PairIndex:
     @staticmethod
     def encode(users: np.ndarray, items: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """Each pair's key; -1 where its user or item is not among `users` / `items`."""
-        if not len(users) or not len(items):
-            return np.full(len(user_ids), -1)
-        rows = np.searchsorted(users, user_ids).clip(max=len(users) - 1)
-        columns = np.searchsorted(items, item_ids).clip(max=len(items) - 1)
-        known = (users[rows] == user_ids) & (items[columns] == item_ids)
-        return np.where(known, rows * len(items) + columns, -1)
+        rows, columns = _positions_in(users, user_ids), _positions_in(items, item_ids)
+        return np.where((rows >= 0) & (columns >= 0), rows * len(items) + columns, -1)
 
     def positions(self, pairs: pl.DataFrame) -> np.ndarray:
         """Each of `pairs`' (user_id, item_id) position among the index's pairs, -1 where absent."""
@@ -212,18 +205,6 @@ class PairIndex:
         found[order] = np.searchsorted(self.keys, keys[order])
         found = found.clip(max=len(self.keys) - 1)
         return np.where((keys >= 0) & (self.keys[found] == keys), found, -1)
-
-    def gather(self, frame: pl.DataFrame, columns: list[str], missing: float) -> pl.DataFrame:
-        """`columns` of `frame` (unique per (user_id, item_id)) for each pair of the index, `missing` where
-        `frame` has no row for it."""
-        at = self.positions(frame)
-        found = at >= 0
-        values = {}
-        for column in columns:
-            gathered = np.full(len(self.keys), missing)
-            gathered[at[found]] = frame[column].to_numpy()[found]
-            values[column] = pl.Series(column, gathered, frame.schema[column])
-        return pl.DataFrame(values)
 
 
 @dataclass(frozen=True)
@@ -256,7 +237,7 @@ class NeighbourScores:
             return cls(none, none, np.zeros(1, np.int64), none, np.zeros(0), none)
 
         def positions(values: pl.Series, keys: pl.Series) -> np.ndarray:
-            return values.replace_strict(keys, pl.int_range(keys.len(), eager=True)).to_numpy()
+            return np.searchsorted(keys.to_numpy(), values.to_numpy())  # every value is one of the keys
 
         def matrix(values: np.ndarray, rows: np.ndarray, columns: np.ndarray, shape: tuple[int, int]):
             product = sparse.csr_matrix((values, (rows, columns)), shape=shape)
@@ -274,14 +255,14 @@ class NeighbourScores:
         pair_rows = positions(neighbours["item_id"], sources)
         pair_columns = positions(neighbours["neighbour_id"], targets)
         shape = (sources.len(), targets.len())
-        similar = matrix(neighbours["score"].to_numpy(), pair_rows, pair_columns, shape)
-        linked = matrix(np.ones(neighbours.height), pair_rows, pair_columns, shape)
-        scores, counts = (history @ similar).tocsr(), (history @ linked).tocsr()
-        scores.sort_indices()
-        counts.sort_indices()
+        # The scores and the counts in one product: each link is score + 1j, so the real parts sum the scores
+        # (1 · score, exactly, in the same order) and the imaginary parts count the links.
+        linked = matrix(neighbours["score"].to_numpy() + 1j, pair_rows, pair_columns, shape)
+        product = (history @ linked).tocsr()
+        product.sort_indices()
         return cls(
-            users.to_numpy(), targets.to_numpy(), scores.indptr.astype(np.int64), scores.indices.astype(np.int64),
-            np.round(scores.data, 9), counts.data.astype(np.int64),
+            users.to_numpy(), targets.to_numpy(), product.indptr.astype(np.int64), product.indices.astype(np.int64),
+            np.round(product.data.real, 9), product.data.imag.astype(np.int64),
         )  # fmt: skip
 
     @cached_property
@@ -367,7 +348,7 @@ SEQ_SCORES = {"seq_score": pl.Float64, "seq_last_share": pl.Float64, "seq_2step_
 
 def score_transitions(last_items: pl.DataFrame, transitions: pl.DataFrame | None) -> pl.DataFrame:
     """Per user and item reachable from the user's last items (`last_items`: user_id, item_id, position,
-    1 = the last item) through `item_transitions`:
+    1 = the last item) through `item_transitions`, by user then item:
 
     Shares are shrunk towards 0 for items with few transitions (`SEQ_PRIOR_TRANSITIONS`):
 
@@ -378,39 +359,131 @@ def score_transitions(last_items: pl.DataFrame, transitions: pl.DataFrame | None
 
     Every score is 0 where there is no such path; consumed items are not removed here.
     """
-    schema = {"user_id": pl.Int64, "item_id": pl.Int64} | SEQ_SCORES
-    if transitions is None or transitions.is_empty() or last_items.is_empty():
-        return pl.DataFrame(schema=schema)
-    # score / share is the item's whole decayed weight out; the shrunk share adds the prior to it.
-    shrunk = pl.col("score") / (pl.col("score") / pl.col("share") + SEQ_PRIOR_TRANSITIONS)
-    steps = transitions.select("item_id", "next_item_id", shrunk.alias("share"), "rank")
-    direct = (
-        last_items.join(steps, on="item_id")
-        .group_by("user_id", "next_item_id")
-        .agg(
-            (pl.col("share") / pl.col("position")).sum().alias("seq_score"),
-            pl.col("share").filter(pl.col("position") == 1).sum().alias("seq_last_share"),
+    return SequenceScores.of(last_items, transitions).frame()
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """`score_transitions` kept as the sparse (users × items) sums it is computed as: the pair `index.keys[e]`
+    has the scores of row e of `scores`. A batch reaches ≈1M such pairs of which each user keeps ~30 (`top`)
+    and looks up ~200 (`lookup`): neither needs them as a frame."""
+
+    index: PairIndex
+    scores: pl.DataFrame  # SEQ_SCORES, rounded to 9 decimals so that summation order cannot reorder near-ties
+
+    @classmethod
+    def of(cls, last_items: pl.DataFrame, transitions: pl.DataFrame | None) -> "SequenceScores":
+        """The sums as sparse products: (users × their last items at position p) · (items × next items) / p,
+        added position by position, and (users × last item) · (items × best next items)² for two steps. A
+        polars group-by over every (user, last item, next item) triple and a join of the two sums cost more."""
+        none = np.zeros(0, np.int64)
+        empty = cls(PairIndex(none, none, none), pl.DataFrame(schema=SEQ_SCORES))
+        if transitions is None or transitions.is_empty() or last_items.is_empty():
+            return empty
+        # Only the transitions out of these users' last items and, for two steps, out of the last items' best
+        # next items.
+        best = pl.col("rank") <= SEQ_TWO_STEP_FANOUT
+        out_of = pl.col("item_id").is_in
+        last = last_items.get_column("item_id").implode()
+        first = last_items.filter(pl.col("position") == 1).get_column("item_id").implode()
+        between = transitions.filter(best & out_of(first)).get_column("next_item_id").implode()
+        # score / share is the item's whole decayed weight out; the shrunk share adds the prior to it.
+        shrunk = pl.col("score") / (pl.col("score") / pl.col("share") + SEQ_PRIOR_TRANSITIONS)
+        steps = transitions.filter(out_of(last) | (best & out_of(between))).select(
+            "item_id", "next_item_id", "rank", shrunk.alias("share")
         )
-    )
-    short = steps.filter(pl.col("rank") <= SEQ_TWO_STEP_FANOUT).select("item_id", "next_item_id", "share")
-    two_step = (
-        last_items.filter(pl.col("position") == 1)
-        .join(short, on="item_id")
-        .select("user_id", pl.col("next_item_id").alias("item_id"), pl.col("share").alias("first"))
-        .join(short, on="item_id")
-        .group_by("user_id", "next_item_id")
-        .agg((pl.col("first") * pl.col("share")).sum().alias("seq_2step_share"))
-    )
-    return (
-        direct.join(two_step, on=["user_id", "next_item_id"], how="full", coalesce=True)
-        .rename({"next_item_id": "item_id"})
-        .with_columns(
-            # Rounded so that float summation order cannot reorder near-equal scores.
-            pl.col(list(SEQ_SCORES)).fill_null(0.0).round(9)
+        items = np.unique(np.concatenate([steps["item_id"].to_numpy(), steps["next_item_id"].to_numpy()]))
+        last_items = last_items.filter(pl.col("item_id").is_in(pl.Series(items).implode()))
+        if last_items.is_empty():
+            return empty
+        users = np.unique(last_items["user_id"].to_numpy())
+        user_rows = np.searchsorted(users, last_items["user_id"].to_numpy())
+        item_columns = np.searchsorted(items, last_items["item_id"].to_numpy())
+        positions = last_items["position"].to_numpy()
+
+        def matrix(values: np.ndarray, rows: np.ndarray, columns: np.ndarray, n_rows: int):
+            built = sparse.csr_matrix((values, (rows, columns)), shape=(n_rows, len(items)))
+            built.sort_indices()
+            return built
+
+        def transition_matrix(frame: pl.DataFrame):
+            rows, columns = (np.searchsorted(items, frame[c].to_numpy()) for c in ("item_id", "next_item_id"))
+            return matrix(frame["share"].to_numpy(), rows, columns, len(items))
+
+        def last_at(position: int):
+            """users × items: 1 at each user's last item at `position`."""
+            at = positions == position
+            return matrix(np.ones(at.sum()), user_rows[at], item_columns[at], len(users))
+
+        def product(left, right):
+            result = (left @ right).tocsr()
+            result.sort_indices()
+            return result
+
+        every, best_next = transition_matrix(steps), transition_matrix(steps.filter(best))
+        direct = last_share = matrix(np.zeros(0), none, none, len(users))
+        for position in np.unique(positions):
+            paths = product(last_at(position), every)
+            paths.data = paths.data / position  # share / position, as the weight is defined
+            direct = direct + paths
+            if position == 1:
+                last_share = paths
+        two_step = product(product(last_at(1), best_next), best_next)
+        # Every share is positive (a transition weighs at least one unit): no sum cancels to 0, the pairs of
+        # direct + two_step are those either reaches, and the last item's pairs are among the direct ones.
+        reached = direct + two_step
+        reached.sort_indices()
+
+        def keys(sums) -> np.ndarray:
+            return np.repeat(np.arange(len(users)), np.diff(sums.indptr)) * len(items) + sums.indices
+
+        index = PairIndex(users, items, keys(reached))
+
+        def spread(sums) -> np.ndarray:
+            values = np.zeros(len(index.keys))
+            values[np.searchsorted(index.keys, keys(sums))] = sums.data
+            return values
+
+        scores = pl.DataFrame(
+            {"seq_score": spread(direct), "seq_last_share": spread(last_share), "seq_2step_share": spread(two_step)},
+            schema=SEQ_SCORES,
         )
-        .select(*schema)
-        .cast(schema)
-    )
+        return cls(index, scores.select(pl.all().round(9)))
+
+    def _pairs(self, entries: np.ndarray) -> pl.DataFrame:
+        n_items = max(len(self.index.items), 1)
+        keys = self.index.keys[entries]
+        return pl.DataFrame(
+            {"user_id": self.index.users[keys // n_items], "item_id": self.index.items[keys % n_items]},
+            schema={"user_id": pl.Int64, "item_id": pl.Int64},
+        )
+
+    def frame(self) -> pl.DataFrame:
+        """Every pair: (user_id, item_id, *SEQ_SCORES), by user then item."""
+        return self._pairs(np.arange(len(self.index.keys))).hstack(self.scores)
+
+    def lookup(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """The SEQ_SCORES of each of `pairs`' (user_id, item_id), 0 where the user's last items reach no item."""
+        at = self.index.positions(pairs)
+        found = at >= 0
+        values = {}
+        for name in SEQ_SCORES:
+            values[name] = np.zeros(len(at))
+            values[name][found] = self.scores[name].to_numpy()[at[found]]
+        return pl.DataFrame(values, schema=SEQ_SCORES)
+
+    def top(self, consumed: pl.DataFrame | None, limit: int, min_score: float) -> pl.DataFrame:
+        """Each user's top `limit` items not in `consumed` whose direct and two-step scores add up to at least
+        `min_score`, by that sum then item id: (user_id, item_id, seq_rank), by user then rank."""
+        rank_score = (self.scores["seq_score"] + self.scores["seq_2step_share"]).to_numpy()
+        open_entries = rank_score >= min_score
+        if consumed is not None and consumed.height:
+            at = self.index.positions(consumed)
+            open_entries[at[at >= 0]] = False
+        entries = np.flatnonzero(open_entries)
+        rows = self.index.keys[entries] // max(len(self.index.items), 1)
+        chosen, ranks = top_in_rows(rows, rank_score[entries], len(self.index.users), limit)
+        return self._pairs(entries[chosen]).with_columns(pl.Series("seq_rank", ranks, pl.Int64))
 
 
 def select_last_items(history: pl.DataFrame, limit: int) -> pl.DataFrame:
@@ -426,7 +499,7 @@ class UserSignals:
     gets as features whichever source proposed it: `sequence` (`score_transitions` of the users' last
     items) and `neighbours` (`neighbour_scores` of their recent items)."""
 
-    sequence: pl.DataFrame
+    sequence: SequenceScores
     neighbours: "NeighbourScores"
 
 
@@ -475,11 +548,8 @@ def source_candidates(
     cf = select_collaborative(tables.collaborative_scores.join(user_frame, on="user_id"), consumed, config.cf)
 
     # Sequence: what follows the user's last items; ranked by the direct and two-step scores together.
-    sequence = score_transitions(select_last_items(history, LAST_ITEMS), tables.item_transitions)
-    rank_score = (pl.col("seq_score") + pl.col("seq_2step_share")).alias("seq_rank_score")
-    # The few strong paths first, then the consumed items out of them (not out of every reachable pair).
-    strong = sequence.with_columns(rank_score).filter(pl.col("seq_rank_score") >= max(config.seq_min_score, 1e-12))
-    seq = _ranked(_exclude(strong, consumed), "seq_rank_score", "seq", config.seq)
+    sequence = SequenceScores.of(select_last_items(history, LAST_ITEMS), tables.item_transitions)
+    seq = sequence.top(consumed, config.seq, max(config.seq_min_score, 1e-12))
     lists = {"cooc": cooc, "pop": pop, "category": category, "creator": creator, "new": new, "cf": cf, "seq": seq}
     return lists, UserSignals(sequence, linked)
 
@@ -488,13 +558,12 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     """Union of every source's candidates per user, tagged with each source's rank (null if absent), by user
     then item."""
     lists, signals = source_candidates(tables, users, config)
-    merged, pairs = merge_sources(lists)
+    merged, _ = merge_sources(lists)
     # Every candidate's co-occurrence scores (null: no neighbour path from the recent items) and sequence
     # scores (0: no path from the last items), whichever source proposed it and however many cooc gives.
-    sequence = pairs.gather(signals.sequence, list(SEQ_SCORES), 0.0)
     return signals.neighbours.lookup(merged).select(
         "user_id", "item_id", *[f"{s}_rank" for s in SOURCES], "cooc_score", "cooc_count", "n_sources"
-    ).hstack(sequence)  # fmt: skip
+    ).hstack(signals.sequence.lookup(merged))  # fmt: skip
 
 
 def merge_sources(lists: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, PairIndex]:

@@ -136,6 +136,14 @@ class Settings(BaseSettings):
         "model with its own. 0 (the default): the fixed counts of ranking.candidates.CandidateConfig, better on "
         "MovieLens where the sources overlap; 200 lifted the demo's recall by 0.09 (see the README).",
     )
+    candidate_bands: int = Field(
+        default=1,
+        ge=1,
+        le=10,
+        description="With a candidate budget (RECSYS_CANDIDATES_PER_USER > 0): how many history-length bands the "
+        "allocation splits users into, each with its own counts per source (edges at equal shares of the measured "
+        "(user, week) units, from the same weeks; stored with the model). 1: one allocation for every user.",
+    )
     negatives_per_user: int = Field(
         default=50,
         ge=1,

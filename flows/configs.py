@@ -70,6 +70,7 @@ def backtest_options(settings: Settings) -> dict:
             "resamples": settings.gate_resamples,
             "tuning": tuning_config(settings),
             "candidate_budget": settings.candidates_per_user,
+            "candidate_bands": settings.candidate_bands,
         }
         | feature_options(settings)
         | sampling_options(settings)

@@ -101,13 +101,15 @@ def tune(
 
 
 @task(**TRANSIENT_IO)
-def allocate(engine, plan: WeekPlan, config: CandidateConfig, sampling: dict, budget: int) -> Allocation | None:
+def allocate(
+    engine, plan: WeekPlan, config: CandidateConfig, sampling: dict, budget: int, bands: int
+) -> Allocation | None:
     """Candidate counts per source by their recall on the earliest gate plan's training and validation
     weeks: before every gate holdout, so each gate week is scored on weeks its counts never saw. Each week's
     users are its training frame's sample, read alone (`read_training_week`)."""
     return gate.allocate_on_plan(
         plan, week_of=lambda w: read_training_week(engine, w, sampling), config=config, budget=budget,
-        max_users=sampling["max_users"], seed=sampling["seed"],
+        max_users=sampling["max_users"], seed=sampling["seed"], bands=bands,
     )  # fmt: skip
 
 
@@ -157,7 +159,7 @@ def training_flow(as_of: date | None = None) -> dict:
         store.ensure_schema(engine)
         plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks, settings.validation_weeks)
         champion = load_champion(engine, settings.model_name)
-        allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user)
+        allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user, settings.candidate_bands)
         if allocated is not None:
             config = allocated.config(config)
             options["config"] = config

@@ -4,6 +4,7 @@
 rows the ranker scores; inference calls it exactly as training did.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -59,6 +60,25 @@ class CandidateConfig:
     recent_items: int = default_of("recent_items_per_user")
     new_release_days: float = 28.0
     exclude_consumed: bool = default_of("exclude_consumed")
+    # Counts by history length (`training.allocation`): a user with at least band_edges[i - 1] and fewer than
+    # band_edges[i] past events (`events_total`) keeps the first band_counts[i][j] candidates of SOURCES[j]; the
+    # counts above are then how deep each source is generated (the most of any band). Empty: one count per
+    # source for every user.
+    band_edges: tuple[int, ...] = ()
+    band_counts: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if list(self.band_edges) != sorted(set(self.band_edges)):
+            raise ValueError(f"CandidateConfig: band_edges must be strictly ascending, got {self.band_edges}")
+        if self.band_counts and len(self.band_counts) != len(self.band_edges) + 1:
+            raise ValueError(
+                f"CandidateConfig: {len(self.band_edges)} band edges need {len(self.band_edges) + 1} bands of "
+                f"counts, got {len(self.band_counts)}"
+            )
+        if self.band_edges and not self.band_counts:
+            raise ValueError(f"CandidateConfig: band_edges {self.band_edges} without band_counts")
+        if any(len(counts) != len(SOURCES) for counts in self.band_counts):
+            raise ValueError(f"CandidateConfig: each band needs one count per source {SOURCES}, got {self.band_counts}")
 
 
 def source_counts(config: CandidateConfig) -> dict[str, int]:
@@ -75,10 +95,53 @@ def candidate_rows(users: int, config: CandidateConfig) -> int:
 def with_stored_counts(config: CandidateConfig, params: dict) -> CandidateConfig:
     """`config` with the per-source counts a registered model was trained with (`params["candidates"]`, as
     the training flow stores them: measured on its validation weeks), so that a model is always served and
-    evaluated on the candidates it learned from. The other fields (recent items, excluding consumed items)
-    stay `config`'s, the Settings' of the run; a model stored without counts keeps `config` as it is."""
+    evaluated on the candidates it learned from, with its history bands' counts when it has them (a model
+    stored before the bands has one count per source for every user). The other fields (recent items,
+    excluding consumed items) stay `config`'s, the Settings' of the run; a model stored without counts keeps
+    `config` as it is."""
     stored = params.get("candidates") or {}
-    return replace(config, **{source: int(stored[source]) for source in SOURCES if source in stored})
+    if not stored:
+        return config
+    # Stored as JSON lists; a model stored before the bands existed has none: one count per source for all.
+    bands = {
+        "band_edges": tuple(int(e) for e in stored.get("band_edges") or ()),
+        "band_counts": tuple(tuple(int(n) for n in counts) for counts in stored.get("band_counts") or ()),
+    }
+    return replace(config, **{source: int(stored[source]) for source in SOURCES if source in stored}, **bands)
+
+
+def history_band(events: pl.Expr, edges: Sequence[int]) -> pl.Expr:
+    """The band (0 first) of a history length `events`: how many of the ascending `edges` it reaches."""
+    if not edges:
+        return pl.lit(0, pl.Int32)
+    return pl.sum_horizontal([(events >= edge).cast(pl.Int32) for edge in edges]).cast(pl.Int32)
+
+
+def keep_band_counts(
+    lists: dict[str, pl.DataFrame], user_features: pl.DataFrame, config: CandidateConfig
+) -> dict[str, pl.DataFrame]:
+    """Each source's list cut, user by user, to the count of the user's history band (`CandidateConfig.band_counts`,
+    by `events_total` in `user_features`; a user without a row there has no history: the first band); `lists`
+    as they are without bands."""
+    if not config.band_counts:
+        return lists
+    band_of = user_features.select("user_id", history_band(pl.col("events_total"), config.band_edges).alias("band"))
+    limits = pl.DataFrame(
+        {"band": range(len(config.band_counts))}
+        | {source: [counts[j] for counts in config.band_counts] for j, source in enumerate(SOURCES)},
+        schema={"band": pl.Int32} | dict.fromkeys(SOURCES, pl.Int64),
+    )
+    per_user = {}
+    for source, frame in lists.items():
+        limit = (
+            frame.select("user_id")
+            .join(band_of, on="user_id", how="left", maintain_order="left")
+            .with_columns(pl.col("band").fill_null(0))
+            .join(limits.select("band", source), on="band", how="left", maintain_order="left")
+            .get_column(source)
+        )
+        per_user[source] = frame.filter(frame.get_column(f"{source}_rank") <= limit)
+    return per_user
 
 
 def _ranked(frame: pl.DataFrame, score: str, source: str, limit: int, keep: tuple[str, ...] = ()) -> pl.DataFrame:
@@ -558,7 +621,7 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     """Union of every source's candidates per user, tagged with each source's rank (null if absent), by user
     then item."""
     lists, signals = source_candidates(tables, users, config)
-    merged, _ = merge_sources(lists)
+    merged, _ = merge_sources(keep_band_counts(lists, tables.user_features, config))
     # Every candidate's co-occurrence scores (null: no neighbour path from the recent items) and sequence
     # scores (0: no path from the last items), whichever source proposed it and however many cooc gives.
     return signals.neighbours.lookup(merged).select(

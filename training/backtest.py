@@ -134,6 +134,7 @@ def run_backtest(
     resamples: int,
     tuning: TuningConfig | None = None,
     candidate_budget: int = 0,
+    candidate_bands: int = 1,
 ) -> BacktestResult:
     """Train as of each week in `weeks` and score the week that follows, model against baselines.
 
@@ -142,7 +143,8 @@ def run_backtest(
     most `max_holdout_users` of its labelled users, the gate's hash sample. With `tuning`
     enabled, each week's hyper-parameters are tuned on its own plan's validation weeks first. With a
     `candidate_budget`, each week's candidate counts are allocated on its plan's training and validation
-    weeks (`training.allocation`), as the training flow does; 0 keeps `config`'s counts.
+    weeks (`training.allocation`; per history band with `candidate_bands` > 1), as the training flow does; 0
+    keeps `config`'s counts.
     """
     if not weeks:
         raise ValueError("run_backtest: no weeks given")
@@ -185,7 +187,9 @@ def run_backtest(
         features_before = snapshots.seconds
         plan = plan_backtest_week(snapshots, as_of, training_weeks, validation_weeks)
         # The training flow's allocation: counts measured on the plan's own past, never its holdout.
-        allocated = gate.allocate_on_plan(plan, config=config, budget=candidate_budget, **measure)
+        allocated = gate.allocate_on_plan(
+            plan, config=config, budget=candidate_budget, bands=candidate_bands, **measure
+        )
         week_config = allocated.config(config) if allocated is not None else config
         if week_config != cached_config:  # frames are built from the candidates: new counts, new frames
             cache, cached_config = frame_cache(week_config), week_config
@@ -263,7 +267,7 @@ def _allocation_row(
     single = allocation.single_source_recall(holdout, per_user)
     row = {
         "week": str(week),
-        "counts": ", ".join(f"{s} {n}" for s, n in allocated.counts.items() if n),
+        "counts": allocation.counts_text(allocated.record()),
         "allocated_on": f"{allocated.weeks[0]} … {allocated.weeks[-1]}",
         "candidates_per_user": per_user,
         "recall": recall["all"],

@@ -166,22 +166,23 @@ def allocate_on_plan(
     budget: int,
     max_users: int | None,
     seed: int,
+    bands: int = 1,
 ) -> Allocation | None:
     """Candidate counts per source measured on `plan`'s training and validation weeks (never its holdout;
-    `week_of(week)`: tables and labels), within `budget` candidates per user (`training.allocation`); None
-    when the budget is 0 (fixed counts)."""
+    `week_of(week)`: tables and labels), within `budget` candidates per user (`training.allocation`), per
+    history band when `bands` > 1 (edges from those weeks too); None when the budget is 0 (fixed counts)."""
     if budget == 0:
         return None
     measured = allocation.measure_weeks(
         [*plan.train, *plan.validation], week_of=week_of, config=config, depth=budget, max_users=max_users,
         seed=seed,
     )  # fmt: skip
-    chosen = allocation.allocate(measured, budget)
+    chosen = allocation.allocate(measured, budget, bands=bands)
     best, best_recall = chosen.best_single_source
     log.info(
         "candidates allocated on %s: %s; recall %.3f at %.0f per user (best single source %s: %.3f)",
-        ", ".join(str(w) for w in chosen.weeks), chosen.counts, chosen.recall, chosen.candidates_per_user, best,
-        best_recall,
+        ", ".join(str(w) for w in chosen.weeks), allocation.counts_text(chosen.record()), chosen.recall,
+        chosen.candidates_per_user, best, best_recall,
     )  # fmt: skip
     return chosen
 

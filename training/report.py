@@ -4,6 +4,7 @@ with the model's gain over it and its interval, per-week NDCG, candidate recall.
 import polars as pl
 
 from ranking import metrics
+from training.allocation import counts_text
 from training.bootstrap import GainEstimate
 from training.evaluation import RECALL_KEYS
 from training.gate import MODEL, PooledEvaluation
@@ -89,12 +90,14 @@ def metrics_markdown(
 
 
 def allocation_sentence(allocation: dict) -> str:
-    """The candidates' counts per source and what they held where they were measured (`Allocation.record()`)."""
-    counts = ", ".join(f"{source} {n}" for source, n in allocation["counts"].items() if n)
+    """The candidates' counts per source (per history band, when allocated by band) and what they held where
+    they were measured (`Allocation.record()`)."""
     best = allocation["best_single_source"]
+    by_band = " by history length (events before the week)" if allocation.get("band_edges") else ""
     return (
-        f"Candidates per user allocated by measured recall on {', '.join(allocation['weeks'])} "
-        f"({allocation['users']} (user, week) units, budget {allocation['budget']}): {counts}; there they held "
+        f"Candidates per user allocated by measured recall{by_band} on {', '.join(allocation['weeks'])} "
+        f"({allocation['users']} (user, week) units, budget {allocation['budget']}): {counts_text(allocation)}; "
+        f"there they held "
         f"{allocation['recall']:.3f} of the new items at {allocation['candidates_per_user']:.0f} per user, "
         f"{best} alone {allocation['single_source'][best]:.3f} at as many."
     )

@@ -245,6 +245,35 @@ def test_the_champion_is_served_on_the_candidate_counts_it_was_trained_on(seeded
     assert personal != served_on(CandidateConfig())
 
 
+def test_a_champion_allocated_per_history_band_is_served_on_each_users_band_counts(seeded: Settings, seed: Seed):
+    # Stored as the training flow stores a banded allocation (JSON lists): users with fewer than the median
+    # history get popularity only, the others EASE/ALS only.
+    frames = seed.snapshots[AS_OF]
+    edge = int(frames["user_features"]["events_total"].median())
+    short = [30 if s == "pop" else 0 for s in SOURCES]
+    long = [30 if s == "cf" else 0 for s in SOURCES]
+    counts = dict.fromkeys(SOURCES, 0) | {"pop": 30, "cf": 30}
+    stored = counts | {"band_edges": [edge], "band_counts": [short, long]}
+    model = replace(seed.model, params=seed.model.params | {"candidates": stored})
+    with open_stores(seeded) as stores:
+        register_champion(stores.engine, seeded.model_name, model, seed.categories, EARLIER)
+
+    inference_flow(as_of=AS_OF)
+
+    personal = {user: rec.items for user, rec in live_lists(seeded).items() if not rec.is_fallback}
+
+    def served_on(config: CandidateConfig) -> dict[int, list[int]]:
+        expected = scoring.recommend_users(
+            lgb.Booster(model_str=seed.model.model_text), seed.model.feature_names, seed.categories,
+            SnapshotTables.from_frames(frames), frames["user_features"]["user_id"], config, seeded.top_n,
+        )  # fmt: skip
+        return dict(zip(expected["user_id"].to_list(), expected["items"].to_list(), strict=True))
+
+    banded = CandidateConfig(**counts, band_edges=(edge,), band_counts=(tuple(short), tuple(long)))
+    assert personal == served_on(banded)
+    assert personal != served_on(CandidateConfig(**counts))  # not the deepest counts for everyone
+
+
 def test_tampered_champion_fails_before_anything_is_published(seeded: Settings):
     first = inference_flow(as_of=AS_OF)
     with open_stores(seeded) as stores, stores.engine.begin() as conn:

@@ -35,6 +35,7 @@ NEWEST = date(2026, 11, 23)  # the newest feature week in the store
 AS_OF = NEWEST - timedelta(weeks=1)  # training's as_of: the store holds a later snapshot and later labels
 ARTIFACT_KEY = "training-metrics"
 BUDGET = 200
+BANDS = 2
 VALIDATION_WEEKS = 2
 
 
@@ -99,6 +100,7 @@ def champion_version(settings: Settings) -> int:
 
 def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env: Settings, monkeypatch):
     monkeypatch.setenv("RECSYS_CANDIDATES_PER_USER", str(BUDGET))  # candidates allocated by recall (default off)
+    monkeypatch.setenv("RECSYS_CANDIDATE_BANDS", str(BANDS))  # ... per history-length band
     # Early stopping on two validation weeks pooled; the refit trains on them too.
     monkeypatch.setenv("RECSYS_VALIDATION_WEEKS", str(VALIDATION_WEEKS))
     first_week = AS_OF - timedelta(weeks=history_weeks(Settings()))
@@ -163,7 +165,17 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert {s: champion.params["candidates"][s] for s in SOURCES} == allocated["counts"]
     assert champion.params["allocation"] == allocated
     assert 0 < allocated["recall"] <= 1 and set(allocated["single_source"]) == set(SOURCES)
-    assert "Candidates per user allocated by measured recall on " + ", ".join(allocated["weeks"]) in first_artifact
+    # Per history band: the edge from the same weeks, each band's counts stored with the model
+    # as the candidates it is served on; the sources are generated as deep as the deepest band needs.
+    assert len(allocated["band_edges"]) == BANDS - 1 and len(allocated["band_counts"]) == BANDS
+    assert champion.params["candidates"]["band_edges"] == allocated["band_edges"]
+    assert champion.params["candidates"]["band_counts"] == [[c[s] for s in SOURCES] for c in allocated["band_counts"]]
+    assert allocated["counts"] == {s: max(c[s] for c in allocated["band_counts"]) for s in SOURCES}
+    assert (
+        "Candidates per user allocated by measured recall by history length (events before the week) on "
+        + ", ".join(allocated["weeks"])
+        in first_artifact
+    )
     assert champion.metrics["candidate_recall"] == first["candidate_recall"]
     assert champion.metrics["gains"] == first["gains"] and champion.metrics["gate_weeks"] == gate_weeks
 

@@ -81,10 +81,15 @@ def test_each_week_allocates_its_candidates_on_its_own_past_and_is_served_with_t
         assert last_measured < date.fromisoformat(row["week"])  # never its holdout
         week = recall.filter(week=row["week"]).row(0, named=True)
         assert row["recall"] == week["all"] and row["candidates_per_user"] == week["candidates_per_user"]
-        counts = {s: int(n) for s, n in (c.split(" ") for c in row["counts"].split(", "))}
-        # A source allocated nothing proposes nothing on the holdout: the counts are the ones used.
-        assert all(week[s] == 0.0 for s in evaluation.SOURCES if s not in counts)
-        assert sum(counts.values()) >= week["candidates_per_user"] > 0
+        # Per history band (the default): "< 12 events: pop 30, cf 10; ≥ 12 events: …".
+        bands = [
+            {s: int(n) for s, n in (c.split(" ") for c in text.split(": ")[-1].split(", ") if c != "none")}
+            for text in row["counts"].split("; ")
+        ]
+        assert 1 < len(bands) <= Settings().candidate_bands
+        # A source allocated nothing in any band proposes nothing on the holdout: the counts are the ones used.
+        assert all(week[s] == 0.0 for s in evaluation.SOURCES if not any(s in counts for counts in bands))
+        assert max(sum(counts.values()) for counts in bands) >= week["candidates_per_user"] > 0
         # Within the budget where it was measured; about within it on the holdout (the fixed counts give ~100).
         assert week["candidates_per_user"] <= 1.25 * BUDGET
         singles = {s: row[f"single_{s}"] for s in evaluation.SOURCES}

@@ -232,17 +232,18 @@ def test_the_champion_is_served_on_the_candidate_counts_it_was_trained_on(seeded
     inference_flow(as_of=AS_OF)
 
     personal = {user: rec.items for user, rec in live_lists(seeded).items() if not rec.is_fallback}
+    assert personal == served_on(seed, seeded.top_n, CandidateConfig(**counts))
+    assert personal != served_on(seed, seeded.top_n, CandidateConfig())
+
+
+def served_on(seed: Seed, top_n: int, config: CandidateConfig) -> dict[int, list[int]]:
+    """The lists the seed's model gives every user of the AS_OF snapshot on the candidates of `config`."""
     frames = seed.snapshots[AS_OF]
-
-    def served_on(config: CandidateConfig) -> dict[int, list[int]]:
-        expected = scoring.recommend_users(
-            lgb.Booster(model_str=seed.model.model_text), seed.model.feature_names, seed.categories,
-            SnapshotTables.from_frames(frames), frames["user_features"]["user_id"], config, seeded.top_n,
-        )  # fmt: skip
-        return dict(zip(expected["user_id"].to_list(), expected["items"].to_list(), strict=True))
-
-    assert personal == served_on(CandidateConfig(**counts))
-    assert personal != served_on(CandidateConfig())
+    expected = scoring.recommend_users(
+        lgb.Booster(model_str=seed.model.model_text), seed.model.feature_names, seed.categories,
+        SnapshotTables.from_frames(frames), frames["user_features"]["user_id"], config, top_n,
+    )  # fmt: skip
+    return dict(zip(expected["user_id"].to_list(), expected["items"].to_list(), strict=True))
 
 
 def test_a_champion_allocated_per_history_band_is_served_on_each_users_band_counts(seeded: Settings, seed: Seed):
@@ -261,17 +262,9 @@ def test_a_champion_allocated_per_history_band_is_served_on_each_users_band_coun
     inference_flow(as_of=AS_OF)
 
     personal = {user: rec.items for user, rec in live_lists(seeded).items() if not rec.is_fallback}
-
-    def served_on(config: CandidateConfig) -> dict[int, list[int]]:
-        expected = scoring.recommend_users(
-            lgb.Booster(model_str=seed.model.model_text), seed.model.feature_names, seed.categories,
-            SnapshotTables.from_frames(frames), frames["user_features"]["user_id"], config, seeded.top_n,
-        )  # fmt: skip
-        return dict(zip(expected["user_id"].to_list(), expected["items"].to_list(), strict=True))
-
     banded = CandidateConfig(**counts, band_edges=(edge,), band_counts=(tuple(short), tuple(long)))
-    assert personal == served_on(banded)
-    assert personal != served_on(CandidateConfig(**counts))  # not the deepest counts for everyone
+    assert personal == served_on(seed, seeded.top_n, banded)
+    assert personal != served_on(seed, seeded.top_n, CandidateConfig(**counts))  # not the deepest counts for everyone
 
 
 def test_tampered_champion_fails_before_anything_is_published(seeded: Settings):

@@ -621,7 +621,7 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     """Union of every source's candidates per user, tagged with each source's rank (null if absent), by user
     then item."""
     lists, signals = source_candidates(tables, users, config)
-    merged, _ = merge_sources(keep_band_counts(lists, tables.user_features, config))
+    merged = merge_sources(keep_band_counts(lists, tables.user_features, config))
     # Every candidate's co-occurrence scores (null: no neighbour path from the recent items) and sequence
     # scores (0: no path from the last items), whichever source proposed it and however many cooc gives.
     return signals.neighbours.lookup(merged).select(
@@ -629,10 +629,9 @@ def generate_candidates(tables: SnapshotTables, users: pl.Series, config: Candid
     ).hstack(signals.sequence.lookup(merged))  # fmt: skip
 
 
-def merge_sources(lists: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, PairIndex]:
+def merge_sources(lists: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """One row per (user_id, item_id) that any source proposed, by user then item, with each source's rank
-    (null where it did not propose it) and `n_sources`; and the pairs' `PairIndex`. A source proposes
-    a pair at most once."""
+    (null where it did not propose it) and `n_sources`. A source proposes a pair at most once."""
     tagged = pl.concat([lists[s].select("user_id", "item_id", pl.col(f"{s}_rank").alias("rank")) for s in SOURCES])
     users = tagged.get_column("user_id").unique().sort().to_numpy()
     items = tagged.get_column("item_id").unique().sort().to_numpy()
@@ -644,23 +643,23 @@ def merge_sources(lists: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, PairInd
     first[1:] = ordered[1:] != ordered[:-1]
     pair_of = np.empty(len(keys), np.int64)
     pair_of[order] = np.cumsum(first) - 1
-    index = PairIndex(users, items, ordered[first])
+    pairs = ordered[first]
     ranks, start = {}, 0
     for source in SOURCES:
         end = start + lists[source].height
-        rank = np.zeros(len(index.keys), np.int64)
-        proposed = np.zeros(len(index.keys), bool)
+        rank = np.zeros(len(pairs), np.int64)
+        proposed = np.zeros(len(pairs), bool)
         rank[pair_of[start:end]] = tagged["rank"].to_numpy()[start:end]
         proposed[pair_of[start:end]] = True
         ranks[f"{source}_rank"] = pl.Series(rank).scatter(np.flatnonzero(~proposed), None)
         start = end
     merged = pl.DataFrame(
-        {"user_id": users[index.keys // max(len(items), 1)], "item_id": items[index.keys % max(len(items), 1)]}
+        {"user_id": users[pairs // max(len(items), 1)], "item_id": items[pairs % max(len(items), 1)]}
         | ranks
-        | {"n_sources": np.bincount(pair_of, minlength=len(index.keys)).astype(np.uint32)},
+        | {"n_sources": np.bincount(pair_of, minlength=len(pairs)).astype(np.uint32)},
         schema_overrides={"user_id": pl.Int64, "item_id": pl.Int64},
     )
-    return merged, index
+    return merged
 
 
 _USER_COLUMNS = [c for c in contracts.USER_FEATURES.column_names if c not in ("as_of", "user_id")]

@@ -718,26 +718,34 @@ def bench_stores(data_dir: Path, name: str) -> Iterator[tuple[dict[str, str], st
     external = settings.database_url is not None or settings.redis_url is not None
     tag = re.sub(r"\W", "_", name)  # a scaled size's label ("large-x0.05") is no SQL identifier
     schema, prefix = f"bench_weekly_{tag}", f"bench-weekly-{tag}"
-    with open_stores(settings) as stores:
-        env = {"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}
-        if settings.database_url is not None:
-            separator = "&" if "?" in stores.database_url else "?"
-            env["RECSYS_DATABASE_URL"] += f"{separator}options={quote(f'-csearch_path={schema}')}"
-            with stores.engine.begin() as conn:
-                conn.execute(sa.text(f"drop schema if exists {schema} cascade; create schema {schema}"))
-        if settings.redis_url is not None:
-            env["RECSYS_REDIS_PREFIX"] = prefix
-        try:
-            yield env, "configured" if external else "embedded"
-        finally:
+    try:
+        with open_stores(settings) as stores:
+            env = {"RECSYS_DATABASE_URL": stores.database_url, "RECSYS_REDIS_URL": stores.redis_url}
             if settings.database_url is not None:
+                separator = "&" if "?" in stores.database_url else "?"
+                env["RECSYS_DATABASE_URL"] += f"{separator}options={quote(f'-csearch_path={schema}')}"
                 with stores.engine.begin() as conn:
-                    conn.execute(sa.text(f"drop schema if exists {schema} cascade"))
+                    conn.execute(sa.text(f"drop schema if exists {schema} cascade; create schema {schema}"))
             if settings.redis_url is not None:
-                for pattern in (f"{prefix}:*",):
-                    batch = list(stores.redis.scan_iter(match=pattern, count=5_000))
-                    for i in range(0, len(batch), 5_000):
-                        stores.redis.unlink(*batch[i : i + 5_000])
+                env["RECSYS_REDIS_PREFIX"] = prefix
+            try:
+                yield env, "configured" if external else "embedded"
+            finally:
+                if settings.database_url is not None:
+                    with stores.engine.begin() as conn:
+                        conn.execute(sa.text(f"drop schema if exists {schema} cascade"))
+                if settings.redis_url is not None:
+                    for pattern in (f"{prefix}:*",):
+                        batch = list(stores.redis.scan_iter(match=pattern, count=5_000))
+                        for i in range(0, len(batch), 5_000):
+                            stores.redis.unlink(*batch[i : i + 5_000])
+    finally:
+        if settings.database_url is None and (settings.data_dir / "postgres" / "postmaster.pid").exists():
+            # The size's embedded Postgres would otherwise stay up (pgserver stops it when the parent exits)
+            # beside the next sizes' servers and jobs: stopped now, its data kept (--keep).
+            import pgserver
+
+            pgserver.get_server(settings.data_dir / "postgres").cleanup()
 
 
 def run_child(kind: str, as_of: date, work: Path, env: dict[str, str]) -> dict:

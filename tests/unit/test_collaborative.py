@@ -3,6 +3,8 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from features.collaborative import CollaborativeConfig, fit_als, fit_ease
 
@@ -160,3 +162,65 @@ def test_als_over_several_seeds_scores_the_mean_of_each_seeds_fit():
 def test_als_needs_at_least_one_seed():
     with pytest.raises(ValueError, match="als_seeds must be > 0, got 0"):
         fit_als(HISTORY, replace(ALS, als_seeds=0))
+
+
+# The block scoring (`_score_top`) against the plain definition: every known user's m best unconsumed
+# items by score descending, ties by item_id; on grids of few distinct scores (many ties), with users who
+# consumed every item or all but a few, catalogues below and above the bounded partition's threshold,
+# several blocks per call and several threads.
+def reference_top(scores: np.ndarray, consumed: np.ndarray, user_ids, item_ids, m: int) -> pl.DataFrame:
+    rows = []
+    for r, user in enumerate(user_ids):
+        ranked = sorted(
+            ((-scores[r, c], item_ids[c], c) for c in range(scores.shape[1]) if not consumed[r, c]), key=lambda t: t[:2]
+        )
+        rows += [(user, item, float(scores[r, c]), rank) for rank, (_, item, c) in enumerate(ranked[:m], start=1)]
+    return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_id": pl.Int64, "score": pl.Float64, "rank": pl.Int64},
+                        orient="row")  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    users=st.integers(1, 12),
+    items=st.sampled_from([1, 3, 17, 64, 203]),
+    levels=st.integers(1, 6),
+    m=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+    cells=st.sampled_from([64, 1 << 22]),
+    threads=st.integers(1, 3),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_block_top_m_equals_the_plain_sort(users, items, levels, m, seed, cells, threads, dtype):
+    from scipy import sparse
+
+    from features import collaborative as cf
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (users, items)).astype(dtype) / 4
+    consumed = rng.random((users, items)) < rng.choice([0.0, 0.3, 0.97, 1.0], size=(users, 1))
+    user_ids = np.sort(rng.choice(10_000, users, replace=False))
+    item_ids = np.sort(rng.choice(10_000, items, replace=False))
+    matrix = cf._Interactions(sparse.csr_matrix(consumed.astype(float)), user_ids, item_ids, items)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cf, "_SCORE_CELLS", cells)
+        got = cf._score_top(matrix, pl.Series(user_ids), m, lambda rows: scores[rows].copy(), True, threads=threads)
+    assert got.equals(reference_top(scores, consumed, user_ids, item_ids, m))
+
+
+def test_block_top_m_bounds_its_partition_on_large_catalogues():
+    """Above _BOUND_MIN_DEPTHS × _BOUND_STRIDE × m items the first pass partitions a subset of the items; the
+    lists still equal the plain sort, here with the best items all outside that subset."""
+    from scipy import sparse
+
+    from features import collaborative as cf
+
+    items, m = cf._BOUND_MIN_DEPTHS * cf._BOUND_STRIDE * 5 + 3, 5
+    scores = np.zeros((2, items))
+    # The bounding subset (every stride-th item from the first) holds zeros; the best items lie between.
+    scores[:, 1 :: cf._BOUND_STRIDE] = np.arange(items)[1 :: cf._BOUND_STRIDE]
+    consumed = np.zeros_like(scores, dtype=bool)
+    ids = np.arange(items)
+    matrix = cf._Interactions(sparse.csr_matrix((2, items)), np.array([1, 2]), ids, items)
+    got = cf._score_top(matrix, pl.Series([1, 2]), m, lambda rows: scores[rows].copy(), True)
+    assert got.equals(reference_top(scores, consumed, [1, 2], ids, m))
+    assert got.filter(pl.col("user_id") == 1)["item_id"].to_list() == list(range(1, items, cf._BOUND_STRIDE))[::-1][:m]

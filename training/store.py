@@ -49,7 +49,8 @@ def plan_training(
         # No plan reaches further back than the oldest gate holdout's validation and widest training weeks.
         usable = [d for d in labelled if d + plan.WEEK <= as_of]
         reach = usable[-(gate_weeks + validation_weeks + max_training_weeks) :]
-        users = feature_store.count_labelled_users(engine, reach)
+        # Counted up to min_training_users: a week holding that many alone meets it, so the plan is the same.
+        users = feature_store.count_labelled_users(engine, reach, at_most=min_training_users)
         widening = plan.Widening(users=users, min_users=min_training_users, max_weeks=max_training_weeks)
     plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks, validation_weeks, widening)
     if (stale := plan.staleness(plans[-1])) is not None:

@@ -210,6 +210,8 @@ def run_backtest(
         plan = plan_backtest_week(
             snapshots, as_of, training_weeks, validation_weeks, min_training_users, max_training_weeks
         )
+        for week in plan.weeks:  # the plan's snapshots, built before its frames: features_s and frames_s apart
+            snapshots.tables(week)
         # The training flow's allocation: counts measured on the plan's own past, never its holdout.
         allocated = gate.allocate_on_plan(
             plan, config=config, budget=candidate_budget, bands=candidate_bands, **measure

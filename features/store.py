@@ -275,6 +275,23 @@ def passed_as_ofs(engine: sa.Engine, table: str) -> list[date]:
     return [r[0] for r in rows]
 
 
+def count_labelled_users(engine: sa.Engine, as_ofs: Sequence[date], at_most: int | None = None) -> dict[date, int]:
+    """Per as_of: the users with a new item in its labels and a user_features row (history before it), the
+    users a model learns from that week, counted up to `at_most` (a large week stops there, read through
+    the keys); as_ofs without any are left out. Read where both snapshots passed."""
+    labels, users = _quote(LABELS.name), _quote(USER_FEATURES.name)
+    limit, params = ("", {}) if at_most is None else (" limit :at_most", {"at_most": at_most})
+    rows = _query(
+        engine,
+        f"select w.as_of, (select count(*) from (select l.user_id from {labels} l join {users} u"
+        " on u.as_of = l.as_of and u.user_id = l.user_id where l.as_of = w.as_of and l.is_new"
+        f" group by l.user_id{limit}) t) from unnest(cast(:as_ofs as date[])) w(as_of)",
+        as_ofs=list(as_ofs),
+        **params,
+    )
+    return {r[0]: r[1] for r in rows if r[1]}
+
+
 def read_recent_profiles(engine: sa.Engine, as_ofs: dict[str, date], count: int) -> dict[str, list[dict[str, Any]]]:
     """Per table, the profiles of its last `count` passed snapshots before its as_of, newest first.
 

@@ -55,6 +55,18 @@ def gate_options(settings: Settings) -> dict:
     }
 
 
+def plan_options(settings: Settings) -> dict:
+    """The keyword arguments of `training.store.plan_training` beyond the week: which labelled weeks train,
+    validate and hold out each gate model."""
+    return {
+        "training_weeks": settings.training_weeks,
+        "gate_weeks": settings.gate_weeks,
+        "validation_weeks": settings.validation_weeks,
+        "min_training_users": settings.min_training_users,
+        "max_training_weeks": settings.max_training_weeks,
+    }
+
+
 def backtest_options(settings: Settings) -> dict:
     """The keyword arguments of `training.backtest.run_backtest` that the training flow takes from Settings."""
     return (
@@ -64,6 +76,8 @@ def backtest_options(settings: Settings) -> dict:
             "params": ranker_params(settings),
             "training_weeks": settings.training_weeks,
             "validation_weeks": settings.validation_weeks,
+            "min_training_users": settings.min_training_users,
+            "max_training_weeks": settings.max_training_weeks,
             "k": settings.eval_k,
             "max_holdout_users": settings.gate_users_per_week,
             "confidence": settings.gate_confidence,

@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 
 
 @task(**TRANSIENT_IO)
-def plan_training(engine, as_of: date, training_weeks: int, gate_weeks: int, validation_weeks: int) -> list[WeekPlan]:
+def plan_training(engine, as_of: date, options: dict) -> list[WeekPlan]:
     """The gate's weeks, each with its training and validation weeks among passed labelled snapshots;
-    the model trained as of `as_of` last."""
-    return store.plan_training(engine, as_of, training_weeks, gate_weeks, validation_weeks)
+    the model trained as of `as_of` last (`options`: `configs.plan_options`)."""
+    return store.plan_training(engine, as_of, **options)
 
 
 @task(**IO)
@@ -157,7 +157,7 @@ def training_flow(as_of: date | None = None) -> dict:
     with open_stores(settings) as stores:
         engine = stores.engine
         store.ensure_schema(engine)
-        plans = plan_training(engine, as_of, settings.training_weeks, settings.gate_weeks, settings.validation_weeks)
+        plans = plan_training(engine, as_of, configs.plan_options(settings))
         champion = load_champion(engine, settings.model_name)
         allocated = allocate(engine, plans[0], config, sampling, settings.candidates_per_user, settings.candidate_bands)
         if allocated is not None:

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
     tuning_trials: int = Field(default=30, ge=1, description="Most Optuna trials (fits) one tuning makes.")
     model_name: str = Field(default="weekly-ranker", pattern=r"^[A-Za-z0-9_.-]+$")
     training_weeks: int = Field(default=4, ge=1)
+    min_training_users: int = Field(
+        default=1_000,
+        ge=0,
+        description="Labelled users (summed over weeks) the training weeks should hold: where the latest "
+        "`training_weeks` hold fewer, older labelled weeks join them, newest first, up to `max_training_weeks` "
+        "(0: never). Logs with many users a week plan as with `training_weeks` alone.",
+    )
+    max_training_weeks: int = Field(
+        default=12,
+        ge=1,
+        description="Most labelled weeks a model trains on when `min_training_users` widens its training weeks.",
+    )
     validation_weeks: int = Field(
         default=3,
         ge=1,

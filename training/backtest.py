@@ -6,10 +6,12 @@ For each evaluated `as_of` T (a Monday):
   `features.transform`, the code the feature flow runs: snapshot d sees only events
   with ts < d, and the labels of d are the week [d, d+7d);
 - the weeks are planned by `training.plan.plan_weeks`, the training flow's rule, for a
-  run at T+7d over the weeks T-7d·(training_weeks+1) ... T that have labelled users: the
-  holdout is T, the model early-stops on the `validation_weeks` weeks before it (T-7d, ...,
-  pooled) and trains on the `training_weeks` before those (fewer when the data starts
-  later), then refits on both, so every label it learns from is complete before T;
+  run at T+7d over the weeks T-7d·(training_weeks+validation_weeks) ... T that have labelled
+  users: the holdout is T, the model early-stops on the `validation_weeks` weeks before it
+  (T-7d, ..., pooled) and trains on the `training_weeks` before those (fewer when the data
+  starts later; more, up to `max_training_weeks`, while they hold fewer than
+  `min_training_users` labelled users), then refits on both, so every label it learns from
+  is complete before T;
 - the model and every baseline (popularity, item-kNN, EASE, ALS) are scored on the week
   [T, T+7d) (snapshot T, labels of T) over the same evaluated users, by the protocol of
   design.md, with `training.gate.train_and_evaluate_week`: the training flow's own code.
@@ -35,7 +37,7 @@ from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, categor
 from recsys.clock import parse_as_of
 from training import allocation, evaluation, frames, gate
 from training.allocation import Allocation
-from training.plan import WEEK, WeekPlan, plan_weeks
+from training.plan import WEEK, WeekPlan, Widening, plan_weeks
 from training.ranker import RankerParams
 from training.tuning import TuningConfig
 
@@ -67,6 +69,8 @@ class BacktestResult:
     training_weeks: int
     validation_weeks: int
     confidence: float
+    min_training_users: int = 0
+    max_training_weeks: int = 0
 
 
 class _Snapshots:
@@ -77,6 +81,7 @@ class _Snapshots:
         self._options = options  # transform.build_feature_tables's, as the feature flow passes them
         self._tables: dict[date, SnapshotTables] = {}
         self._labels: dict[date, pl.DataFrame] = {}
+        self._users: dict[date, int] = {}
         self.seconds = 0.0
 
     def tables(self, week: date) -> SnapshotTables:
@@ -96,20 +101,35 @@ class _Snapshots:
         """The week's tables and labels."""
         return self.tables(week), self.labels(week)
 
-    def has_labelled_users(self, week: date) -> bool:
-        return not frames.labelled_users(self.labels(week), self.tables(week)).is_empty()
+    def labelled_users(self, week: date) -> int:
+        """The week's labelled users, from the events alone: the snapshot's user features hold exactly the
+        users with an event before it, so no week outside a plan has its tables built."""
+        if week not in self._users:
+            history = self._raw.events.filter(pl.col("ts") < transform.week_start(week)).get_column("user_id")
+            self._users[week] = frames.labelled_users(self.labels(week), history.unique()).len()
+        return self._users[week]
 
 
-def plan_backtest_week(snapshots: _Snapshots, as_of: date, training_weeks: int, validation_weeks: int) -> WeekPlan:
+def plan_backtest_week(
+    snapshots: _Snapshots,
+    as_of: date,
+    training_weeks: int,
+    validation_weeks: int,
+    min_training_users: int = 0,
+    max_training_weeks: int = 0,
+) -> WeekPlan:
     """The training flow's plan at as_of + 7d, whose holdout must be as_of itself."""
-    if not snapshots.has_labelled_users(as_of):
+    if not snapshots.labelled_users(as_of):
         raise ValueError(
             f"backtest week {as_of}: no user with history consumed a new item in [{as_of}, {as_of + WEEK}); "
             "the source has no events there: pick weeks inside the data"
         )
-    window = [as_of - n * WEEK for n in range(training_weeks + validation_weeks, 0, -1)]
-    labelled = [w for w in window if snapshots.has_labelled_users(w)] + [as_of]
-    return plan_weeks(labelled, as_of + WEEK, training_weeks, validation_weeks)
+    widest = max(training_weeks, max_training_weeks) if min_training_users > 0 else training_weeks
+    window = [as_of - n * WEEK for n in range(widest + validation_weeks, 0, -1)]
+    users = {w: snapshots.labelled_users(w) for w in window}
+    labelled = [w for w in window if users[w]] + [as_of]
+    widening = Widening(users, min_training_users, max_training_weeks) if widest > training_weeks else None
+    return plan_weeks(labelled, as_of + WEEK, training_weeks, validation_weeks, widening)
 
 
 def run_backtest(
@@ -121,6 +141,8 @@ def run_backtest(
     params: RankerParams,
     training_weeks: int,
     validation_weeks: int,
+    min_training_users: int = 0,
+    max_training_weeks: int = 0,
     recent_items: int,
     neighbours: int,
     collaborative_items: int,
@@ -185,7 +207,11 @@ def run_backtest(
     metric_rows, recall_rows, allocation_rows, timing_rows, evaluations = [], [], [], [], {}
     for as_of in weeks:
         features_before = snapshots.seconds
-        plan = plan_backtest_week(snapshots, as_of, training_weeks, validation_weeks)
+        plan = plan_backtest_week(
+            snapshots, as_of, training_weeks, validation_weeks, min_training_users, max_training_weeks
+        )
+        for week in plan.weeks:  # the plan's snapshots, built before its frames: features_s and frames_s apart
+            snapshots.tables(week)
         # The training flow's allocation: counts measured on the plan's own past, never its holdout.
         allocated = gate.allocate_on_plan(
             plan, config=config, budget=candidate_budget, bands=candidate_bands, **measure
@@ -214,6 +240,7 @@ def run_backtest(
         timing_rows.append(
             {
                 "week": str(as_of),
+                "train_weeks": len(plan.train),
                 "train_rows": run.train_rows,
                 "valid_rows": run.valid_rows,
                 "best_iteration": run.model.best_iteration,
@@ -242,6 +269,8 @@ def run_backtest(
         training_weeks=training_weeks,
         validation_weeks=validation_weeks,
         confidence=confidence,
+        min_training_users=min_training_users,
+        max_training_weeks=max_training_weeks,
     )
 
 
@@ -339,9 +368,15 @@ def format_table(result: BacktestResult) -> str:
     names = ["model", *[n for n in evaluation.BASELINES if n in wide.columns]]
     weeks = [w for w in table["week"] if w != OVERALL]
 
+    widening = (
+        f", more (up to {result.max_training_weeks}) while they hold under {result.min_training_users} labelled users"
+        if result.min_training_users > 0 and result.max_training_weeks > result.training_weeks
+        else ""
+    )
     lines = [
         f"Weekly backtest, {weeks[0]} … {weeks[-1]} ({len(weeks)} weeks): trained as of each week on up to "
-        f"{result.training_weeks} labelled weeks (early stopping on the {_weeks(result.validation_weeks)} before it), "
+        f"{result.training_weeks} labelled weeks{widening} (early stopping on the {_weeks(result.validation_weeks)} "
+        "before it), "
         "scored on the week that follows; overall = micro-average over (user, week), with the "
         f"{result.confidence:.0%} paired bootstrap interval of the ratio over those units.",
         "",
@@ -404,12 +439,12 @@ def format_table(result: BacktestResult) -> str:
     if not result.allocations.is_empty():
         lines += _allocation_lines(result.allocations)
 
-    timing_columns = ["train_rows", "best_iteration", "features_s", "frames_s", "train_s", "evaluate_s"]
+    timing_columns = ["train_weeks", "train_rows", "best_iteration", "features_s", "frames_s", "train_s", "evaluate_s"]
     lines += ["", "Timings (seconds; features are computed once per snapshot and reused):", ""]
     lines += [_markdown_row(["week", *timing_columns]), _markdown_row(["---"] * (len(timing_columns) + 1))]
     for row in result.timings.iter_rows(named=True):
-        cells = [row["week"], str(row["train_rows"]), str(row["best_iteration"])]
-        lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[2:]]))
+        cells = [row["week"], *[str(row[c]) for c in timing_columns[:3]]]
+        lines.append(_markdown_row(cells + [f"{row[c]:.1f}" for c in timing_columns[3:]]))
     tuned = result.timings.filter(pl.col("tuning_trials") > 0)
     if not tuned.is_empty():
         lines += ["", "Hyper-parameters tuned on each week's validation weeks (Optuna):", ""]

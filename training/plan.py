@@ -1,6 +1,7 @@
 """Which weeks train, validate and evaluate a model: the one planning rule of the training
 flow and the backtest."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -31,11 +32,28 @@ class NotEnoughHistory(ExpectedError, ValueError):
     """Fewer labelled snapshots before `as_of` than a model needs."""
 
 
-def plan_weeks(labelled: list[date], as_of: date, training_weeks: int, validation_weeks: int = 1) -> WeekPlan:
+@dataclass(frozen=True)
+class Widening:
+    """More training weeks where weeks are small: older labelled weeks join the training weeks, newest first,
+    while these hold fewer than `min_users` labelled users (summed over weeks, `users` per week), up to
+    `max_weeks` training weeks in all. A log whose `training_weeks` already hold `min_users` plans as without it."""
+
+    users: Mapping[date, int]
+    min_users: int
+    max_weeks: int
+
+
+def plan_weeks(
+    labelled: list[date],
+    as_of: date,
+    training_weeks: int,
+    validation_weeks: int = 1,
+    widening: Widening | None = None,
+) -> WeekPlan:
     """Latest labelled week before `as_of` is the holdout, up to `validation_weeks` before it validate,
-    up to `training_weeks` earlier ones train. Only weeks whose labels are complete count. With little
-    history both shrink, the validation weeks last (a fresh deployment trains from 3 labelled weeks):
-    at least one week trains and one validates."""
+    up to `training_weeks` earlier ones train (more with a `widening`, when they hold few users). Only weeks
+    whose labels are complete count. With little history both shrink, the validation weeks last (a fresh
+    deployment trains from 3 labelled weeks): at least one week trains and one validates."""
     if training_weeks < 1 or validation_weeks < 1:
         raise ValueError(
             f"plan_weeks: training_weeks and validation_weeks must be >= 1, got {training_weeks} and {validation_weeks}"
@@ -48,16 +66,30 @@ def plan_weeks(labelled: list[date], as_of: date, training_weeks: int, validatio
             "Compute feature snapshots of earlier weeks (recsys features --from ... --to ...) or pick a later week"
         )
     first_validation = len(usable) - 1 - min(validation_weeks, len(usable) - 2)
+    first_train = max(0, first_validation - training_weeks)
+    if widening is not None:
+        oldest = max(0, first_validation - widening.max_weeks)
+        while first_train > oldest and _users(widening, usable[first_train:first_validation]) < widening.min_users:
+            first_train -= 1
     return WeekPlan(
         as_of=as_of,
-        train=usable[max(0, first_validation - training_weeks) : first_validation],
+        train=usable[first_train:first_validation],
         validation=usable[first_validation:-1],
         holdout=usable[-1],
     )
 
 
+def _users(widening: Widening, weeks: list[date]) -> int:
+    return sum(widening.users.get(w, 0) for w in weeks)
+
+
 def plan_gate(
-    labelled: list[date], as_of: date, training_weeks: int, gate_weeks: int, validation_weeks: int = 1
+    labelled: list[date],
+    as_of: date,
+    training_weeks: int,
+    gate_weeks: int,
+    validation_weeks: int = 1,
+    widening: Widening | None = None,
 ) -> list[WeekPlan]:
     """The plans of the gate's weeks, oldest first: the latest `gate_weeks` labelled weeks as holdouts,
     each with the plan a run one week after it makes (trained on its past only). The last is the
@@ -65,12 +97,12 @@ def plan_gate(
     history before them are left out."""
     if gate_weeks < 1:
         raise ValueError(f"plan_gate: gate_weeks must be >= 1, got {gate_weeks}")
-    latest = plan_weeks(labelled, as_of, training_weeks, validation_weeks)
+    latest = plan_weeks(labelled, as_of, training_weeks, validation_weeks, widening)
     earlier = sorted(d for d in set(labelled) if d < latest.holdout)
     plans = []
     for holdout in earlier[max(0, len(earlier) - gate_weeks + 1) :]:
         try:
-            plans.append(plan_weeks(labelled, holdout + WEEK, training_weeks, validation_weeks))
+            plans.append(plan_weeks(labelled, holdout + WEEK, training_weeks, validation_weeks, widening))
         except NotEnoughHistory:
             continue
     return [*plans, latest]

@@ -30,14 +30,29 @@ log = logging.getLogger(__name__)
 
 
 def plan_training(
-    engine: sa.Engine, as_of: date, training_weeks: int, gate_weeks: int, validation_weeks: int
+    engine: sa.Engine,
+    as_of: date,
+    training_weeks: int,
+    gate_weeks: int,
+    validation_weeks: int,
+    min_training_users: int = 0,
+    max_training_weeks: int = 0,
 ) -> list[plan.WeekPlan]:
     """The gate's plans (`plan.plan_gate`) over the weeks whose user features and labels passed
     validation, the model trained at `as_of` last; warns when the newest of them is older than the
-    week that just closed."""
+    week that just closed. Training weeks holding fewer than `min_training_users` labelled users widen
+    to at most `max_training_weeks` (`plan.Widening`), counted in the store only when they can."""
     features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
     labelled = [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
-    plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks, validation_weeks)
+    widening = None
+    if min_training_users > 0 and max_training_weeks > training_weeks:
+        # No plan reaches further back than the oldest gate holdout's validation and widest training weeks.
+        usable = [d for d in labelled if d + plan.WEEK <= as_of]
+        reach = usable[-(gate_weeks + validation_weeks + max_training_weeks) :]
+        # Counted up to min_training_users: a week holding that many alone meets it, so the plan is the same.
+        users = feature_store.count_labelled_users(engine, reach, at_most=min_training_users)
+        widening = plan.Widening(users=users, min_users=min_training_users, max_weeks=max_training_weeks)
+    plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks, validation_weeks, widening)
     if (stale := plan.staleness(plans[-1])) is not None:
         log.warning(stale)
     return plans

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from features import contracts
 from features import store as feature_store
-from flows.configs import history_weeks
+from flows.configs import history_weeks, plan_options
 from flows.feature_flow import feature_flow
 from flows.training_flow import training_flow
 from ranking import registry
@@ -25,7 +25,7 @@ from ranking.candidates import FEATURE_NAMES, SOURCES, CandidateConfig, source_c
 from recsys.settings import Settings
 from recsys.stores import open_stores
 from tests.conftest import artifact_text
-from training import evaluation, gate
+from training import evaluation, frames, gate
 from training import store as training_store
 from training.evaluation import BASELINES
 
@@ -93,6 +93,30 @@ def record_frames_held_at_holdout_reads(monkeypatch) -> list[tuple[date, list[da
     return held
 
 
+def assert_small_weeks_widen_from_the_store_counts(settings: Settings, weeks: list[date]) -> None:
+    """The store counts each week's labelled users as the training frames do, and the plans widen on them:
+    training weeks holding fewer than RECSYS_MIN_TRAINING_USERS take older passed weeks, newest first."""
+    with open_stores(settings) as stores:
+        engine = stores.engine
+        counts = feature_store.count_labelled_users(engine, weeks)
+        for week in weeks:
+            labels, tables = training_store.read_labels(engine, week), training_store.read_tables(engine, week)
+            assert counts[week] == frames.labelled_users(labels, tables).len() > 0, week
+        assert feature_store.count_labelled_users(engine, weeks, at_most=5) == dict.fromkeys(weeks, 5)
+        options = plan_options(settings) | {"validation_weeks": VALIDATION_WEEKS, "max_training_weeks": 12}
+        plain = training_store.plan_training(engine, AS_OF, **options | {"min_training_users": 0})
+        enough = training_store.plan_training(engine, AS_OF, **options | {"min_training_users": 1})
+        widened = training_store.plan_training(engine, AS_OF, **options | {"min_training_users": 10**6})
+        features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
+        labelled = [w for w in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if w in features]
+    assert enough == plain, "training weeks that already hold the users plan as without widening"
+    assert [p.holdout for p in widened] == [p.holdout for p in plain]
+    for wide, narrow in zip(widened, plain, strict=True):
+        older = [w for w in labelled if w < narrow.train[0]]  # all of them: far fewer than a million users
+        assert (wide.train, wide.validation) == ([*older, *narrow.train], narrow.validation)
+    assert len(widened[-1].train) > len(plain[-1].train), "the store holds weeks older than the latest plan's"
+
+
 def champion_version(settings: Settings) -> int:
     with open_stores(settings) as stores:
         return registry.get_champion(stores.engine, settings.model_name).version
@@ -154,6 +178,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
         assert champion.feature_snapshots[f"labels@{week}"] == written[str(later)]["labels"], week
     used = {date.fromisoformat(key.split("@")[1]) for key in champion.feature_snapshots}
     assert max(used) < AS_OF, f"the model's lineage names weeks at or after as_of {AS_OF}: {sorted(used)}"
+    assert_small_weeks_widen_from_the_store_counts(flow_env, weeks)
     assert champion.feature_names == FEATURE_NAMES
     assert champion.encodings["category"] == sorted(champion.encodings["category"])
     assert champion.params["candidates"]["exclude_consumed"] is True

@@ -382,6 +382,8 @@ def render_markdown(results: dict[str, dict], machine: dict) -> str:
 TASK_STAGES = {
     "extract_events": "extract",
     "compute_snapshot": "features",
+    "compute_partition": "features",  # with RECSYS_FEATURE_PARTITIONS > 1: a week's partitions, then their merge
+    "merge_partitions": "features",
     "validate_snapshot": "validation",
     "write_snapshot": "write",
     "build_training_frame": "candidate build",
@@ -399,7 +401,14 @@ UNITS = {
 # The per-week feature stages stand for the as_of week: their last run only (the backfill is a total).
 LAST_CALL_ONLY = {"features", "validation", "write"}
 NOOP = "bench-noop"  # the flow run that starts the ephemeral API: timed as `prefect startup`
-BACKFILL = {"compute_snapshot", "read_history", "validate_snapshot", "write_snapshot"}
+BACKFILL = {
+    "compute_snapshot", "compute_partition", "merge_partitions", "check_merged_rows", "read_history",
+    "validate_snapshot", "write_snapshot",
+}  # fmt: skip
+# A week's snapshot: one compute_snapshot, or (partitioned) its partitions and one merge.
+WEEK_TASKS = {"compute_snapshot", "merge_partitions"}
+# Feature tasks that continue the week the task before them began, not start a new one.
+SAME_WEEK = {("compute_partition", "compute_partition"), ("compute_partition", "merge_partitions")}
 
 
 def task_name(run: dict) -> str:
@@ -410,12 +419,15 @@ def task_name(run: dict) -> str:
 def group_task_runs(task_runs: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """Per stage, the (start, end) of its finished task runs; bookkeeping tasks left out."""
     spans: dict[str, list[tuple[float, float]]] = {}
+    last: dict[str, str] = {}  # the stage's previous task name
     for run in sorted(task_runs, key=lambda r: r["start"] or 0.0):
-        stage = TASK_STAGES.get(task_name(run))
+        name = task_name(run)
+        stage = TASK_STAGES.get(name)
         if stage is None or run["end"] is None:
             continue
-        if stage in LAST_CALL_ONLY:
+        if stage in LAST_CALL_ONLY and (last.get(stage), name) not in SAME_WEEK:
             spans[stage] = []
+        last[stage] = name
         spans.setdefault(stage, []).append((run["start"], run["end"]))
     return spans
 
@@ -666,7 +678,7 @@ def summarise_job(raw: dict) -> dict:
         "flows": dict(sorted(flows.items(), key=lambda f: raw["walls"][f[0]][0])),
         "job_wall_s": raw["job_wall_s"],
         "job_peak_rss_mb": raw["job_peak_rss_mb"],
-        "snapshots": sum(task_name(r) == "compute_snapshot" for r in runs),
+        "snapshots": sum(task_name(r) in WEEK_TASKS for r in runs),
         "features_backfill_s": union_seconds(backfill),
         "metrics": trained.get("metrics", {}),
         "model": {k: trained[k] for k in ("version", "promote", "reason") if k in trained},

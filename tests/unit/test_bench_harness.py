@@ -326,6 +326,22 @@ def test_task_runs_group_into_stages_with_the_as_of_week_for_feature_stages():
     }
 
 
+def test_partitioned_feature_weeks_count_their_partitions_and_merge_as_the_weeks_feature_stage():
+    runs = [
+        _run("features", "compute_partition-a1b", 0.0, 1.0),  # an earlier week: replaced
+        _run("features", "compute_partition-c2d", 0.0, 1.5),
+        _run("features", "merge_partitions-e3f", 1.5, 2.0),
+        _run("features", "write_snapshot-g4h", 2.0, 2.5),
+        _run("features", "compute_partition-i5j", 3.0, 4.0),  # the as_of week: partitions two at a time
+        _run("features", "compute_partition-k6l", 3.0, 4.5),
+        _run("features", "compute_partition-m7n", 4.0, 5.0),
+        _run("features", "merge_partitions-o8p", 5.0, 6.0),
+        _run("features", "write_snapshot-q9r", 6.0, 7.0),
+    ]
+    assert group_task_runs(runs)["features"] == [(3.0, 4.0), (3.0, 4.5), (4.0, 5.0), (5.0, 6.0)]
+    assert union_seconds(group_task_runs(runs)["features"]) == 3.0
+
+
 def test_partition_wall_time_is_shared_by_the_steps_the_partitions_report():
     shares = split_partitions({"partitions_s": 10.0, "read_s": 4.0, "score_s": 12.0, "write_s": 4.0})
     assert shares == {"read": pytest.approx(2.0), "score": pytest.approx(6.0), "publish": pytest.approx(2.0)}

@@ -107,7 +107,7 @@ def test_a_fit_on_the_frames_columns_gives_the_model_text_of_a_fit_on_the_float6
 
     train = pl.concat([week(WEEK, 1), week(date(2024, 3, 11), 2)])
     valid = pl.concat([week(date(2024, 3, 18), 3), week(date(2024, 3, 25), 4)])
-    assert train.n_chunks() > 1 and valid.n_chunks() > 1
+    assert train[FEATURE_NAMES].n_chunks() > 1 and valid[FEATURE_NAMES].n_chunks() > 1  # as train_ranker hands them
 
     def fitted(features) -> str:
         model = lgb.LGBMRanker(**TINY.lightgbm_kwargs())
@@ -118,7 +118,7 @@ def test_a_fit_on_the_frames_columns_gives_the_model_text_of_a_fit_on_the_float6
         )  # fmt: skip
         return model.booster_.model_to_string()
 
-    assert fitted(lambda frame: frame.select(FEATURE_NAMES)) == fitted(lambda frame: feature_matrix(frame, FEATURE_NAMES))
+    assert fitted(lambda frame: frame[FEATURE_NAMES]) == fitted(lambda frame: feature_matrix(frame, FEATURE_NAMES))
 
 
 def test_in_key_order_keeps_a_sorted_frame_itself_and_sorts_any_other():

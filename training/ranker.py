@@ -91,7 +91,13 @@ def sample_negatives(labelled: pl.DataFrame, per_user: int, seed: int) -> pl.Dat
 
 
 def _group_sizes(frame: pl.DataFrame) -> np.ndarray:
-    return frame.group_by("as_of", "user_id", maintain_order=True).len().get_column("len").to_numpy()
+    """The lengths of the (as_of, user_id) runs of a frame in key order: its groups, in order. (A group_by took
+    0.45-0.7 GB on the 1.6M rows of a refit, for sizes these runs give in a few arrays of that length.)"""
+    if frame.is_empty():
+        return np.zeros(0, dtype=np.int64)
+    week, user = (frame.get_column(c).to_physical().to_numpy() for c in ("as_of", "user_id"))
+    starts = np.flatnonzero((np.diff(week) != 0) | (np.diff(user) != 0)) + 1
+    return np.diff(np.concatenate(([0], starts, [frame.height])))
 
 
 def train_ranker(train: pl.DataFrame, valid: pl.DataFrame, params: RankerParams) -> TrainedRanker:

@@ -8,7 +8,7 @@ import pytest
 
 from ranking.candidates import FEATURE_NAMES, PRIOR_FEATURE
 from ranking.scoring import feature_matrix, score, top_n
-from training.ranker import RankerParams, attach_labels, in_key_order, sample_negatives, train_ranker
+from training.ranker import RankerParams, _group_sizes, attach_labels, in_key_order, sample_negatives, train_ranker
 
 WEEK = date(2024, 3, 4)
 TINY = RankerParams(n_estimators=20, num_leaves=4, min_child_samples=2, early_stopping_rounds=5, num_threads=1)
@@ -119,6 +119,15 @@ def test_a_fit_on_the_frames_columns_gives_the_model_text_of_a_fit_on_the_float6
         return model.booster_.model_to_string()
 
     assert fitted(lambda frame: frame[FEATURE_NAMES]) == fitted(lambda frame: feature_matrix(frame, FEATURE_NAMES))
+
+
+def test_group_sizes_are_the_key_ordered_frames_week_user_groups_in_order():
+    # The same user as the last of one week and the first of the next: two groups (runs of both keys).
+    weeks = [labelled_week(date(2024, 3, 4 + 7 * w), 3, 4, w).filter(pl.col("item_id") < 2 + w) for w in range(2)]
+    frame = in_key_order(pl.concat(weeks))
+    expected = frame.group_by("as_of", "user_id", maintain_order=True).len().get_column("len").to_numpy()
+    np.testing.assert_array_equal(_group_sizes(frame), expected)
+    assert _group_sizes(frame).tolist() == [2, 2, 2, 3, 3, 3] and len(_group_sizes(frame.clear())) == 0
 
 
 def test_in_key_order_keeps_a_sorted_frame_itself_and_sorts_any_other():

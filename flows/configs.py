@@ -151,7 +151,7 @@ def sampling_options(settings: Settings) -> dict:
         "negatives_per_user": settings.negatives_per_user,
         "seed": settings.seed,
         "max_users": settings.training_users_per_week,
-        "batch_users": settings.score_batch_users,
+        "batch_users": settings.gate_batch_users,
     }
 
 

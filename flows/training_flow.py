@@ -151,7 +151,7 @@ def training_flow(as_of: date | None = None) -> dict:
     margin = gate_options.pop("margin")
     options = {
         "params": configs.ranker_params(settings), "config": config, "k": k,
-        "collaborative": configs.collaborative_config(settings), "batch_users": settings.score_batch_users,
+        "collaborative": configs.collaborative_config(settings), "batch_users": settings.gate_batch_users,
         "max_holdout_users": settings.gate_users_per_week,
     }  # fmt: skip
     with open_stores(settings) as stores:

@@ -72,7 +72,7 @@ def feature_matrix(frame: pl.DataFrame, feature_names: list[str], *, rows_contig
     which tree evaluation reads row by row (LightGBM ~20% faster; lleaves needs it).
 
     Column-major, it is filled one column at a time: a float64 copy of the whole frame beside the
-    matrix would double a training fit's largest allocation (the same values either way)."""
+    matrix would double the memory it takes (the same values either way)."""
     if rows_contiguous:
         return frame.select(pl.col(feature_names).cast(pl.Float64)).to_numpy(order="c")
     matrix = np.empty((frame.height, len(feature_names)), dtype=np.float64, order="F")

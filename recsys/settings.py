@@ -176,6 +176,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Labelled users (a fixed-seed sample) per training and validation week: bounds training memory.",
     )
+    gate_batch_users: int = Field(
+        default=2_500,
+        ge=1,
+        description="Users whose candidates one batch of a training frame or of a gate (and backtest) holdout's "
+        "evaluation builds at a time: the training flow's peak memory follows it (the batch's candidate frame and "
+        "its float64 feature matrix, ~0.25 GB per 1,000 users at ~200 candidates each); no frame, model or metric "
+        "depends on it.",
+    )
     num_threads: int = Field(default=2, ge=1)
     eval_k: int = Field(default=10, ge=1)
 

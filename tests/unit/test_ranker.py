@@ -8,7 +8,7 @@ import pytest
 
 from ranking.candidates import FEATURE_NAMES, PRIOR_FEATURE
 from ranking.scoring import feature_matrix, score, top_n
-from training.ranker import RankerParams, attach_labels, in_key_order, sample_negatives, train_ranker
+from training.ranker import RankerParams, _group_sizes, attach_labels, in_key_order, sample_negatives, train_ranker
 
 WEEK = date(2024, 3, 4)
 TINY = RankerParams(n_estimators=20, num_leaves=4, min_child_samples=2, early_stopping_rounds=5, num_threads=1)
@@ -90,6 +90,44 @@ def test_same_data_and_seed_give_an_identical_model_text():
     first = train_ranker(train, valid, TINY)
     again = train_ranker(train.sample(fraction=1.0, shuffle=True, seed=9), valid, TINY)
     assert first.model_text == again.model_text
+
+
+def test_a_fit_on_the_frames_columns_gives_the_model_text_of_a_fit_on_the_float64_matrix():
+    # train_ranker hands LightGBM the frame's columns (Arrow) instead of a float64 copy: each value must be
+    # binned as the float64 it widens to, nulls as NaN, over a frame of several chunks, as the flow's are.
+    def week(as_of: date, seed: int) -> pl.DataFrame:
+        frame = labelled_week(as_of, 30, 20, seed)
+        rng = np.random.default_rng(seed)
+        return frame.with_columns(
+            (pl.col("pop_rank") * 50).cast(pl.Int64),  # ranks and counts are integers in the flow's frames
+            (pl.col("n_sources") * 5).cast(pl.UInt32),
+            pl.when(pl.Series(rng.random(frame.height)) < 0.3).then(pl.col("cooc_rank") * 100).cast(pl.Int64),
+            pl.when(pl.Series(rng.random(frame.height)) < 0.5).then(pl.col("als_score")),  # null: not proposed
+        )
+
+    train = pl.concat([week(WEEK, 1), week(date(2024, 3, 11), 2)])
+    valid = pl.concat([week(date(2024, 3, 18), 3), week(date(2024, 3, 25), 4)])
+    assert train[FEATURE_NAMES].n_chunks() > 1 and valid[FEATURE_NAMES].n_chunks() > 1  # as train_ranker hands them
+
+    def fitted(features) -> str:
+        model = lgb.LGBMRanker(**TINY.lightgbm_kwargs())
+        model.fit(
+            features(train), train.get_column("label").to_numpy(), group=[20] * 60,
+            eval_X=(features(valid),), eval_y=(valid.get_column("label").to_numpy(),), eval_group=[[20] * 60],
+            eval_at=[10], feature_name=FEATURE_NAMES, categorical_feature=["category_code"],
+        )  # fmt: skip
+        return model.booster_.model_to_string()
+
+    assert fitted(lambda frame: frame[FEATURE_NAMES]) == fitted(lambda frame: feature_matrix(frame, FEATURE_NAMES))
+
+
+def test_group_sizes_are_the_key_ordered_frames_week_user_groups_in_order():
+    # The same user as the last of one week and the first of the next: two groups (runs of both keys).
+    weeks = [labelled_week(date(2024, 3, 4 + 7 * w), 3, 4, w).filter(pl.col("item_id") < 2 + w) for w in range(2)]
+    frame = in_key_order(pl.concat(weeks))
+    expected = frame.group_by("as_of", "user_id", maintain_order=True).len().get_column("len").to_numpy()
+    np.testing.assert_array_equal(_group_sizes(frame), expected)
+    assert _group_sizes(frame).tolist() == [2, 2, 2, 3, 3, 3] and len(_group_sizes(frame.clear())) == 0
 
 
 def test_in_key_order_keeps_a_sorted_frame_itself_and_sorts_any_other():

@@ -37,7 +37,7 @@ from ranking.candidates import SOURCES, CandidateConfig, SnapshotTables, categor
 from recsys.clock import parse_as_of
 from training import allocation, evaluation, frames, gate
 from training.allocation import Allocation
-from training.plan import WEEK, WeekPlan, Widening, plan_weeks
+from training.plan import WEEK, WeekPlan, Widening, plan_weeks, widens
 from training.ranker import RankerParams
 from training.tuning import TuningConfig
 
@@ -124,11 +124,12 @@ def plan_backtest_week(
             f"backtest week {as_of}: no user with history consumed a new item in [{as_of}, {as_of + WEEK}); "
             "the source has no events there: pick weeks inside the data"
         )
-    widest = max(training_weeks, max_training_weeks) if min_training_users > 0 else training_weeks
+    widened = widens(training_weeks, min_training_users, max_training_weeks)
+    widest = max_training_weeks if widened else training_weeks
     window = [as_of - n * WEEK for n in range(widest + validation_weeks, 0, -1)]
     users = {w: snapshots.labelled_users(w) for w in window}
     labelled = [w for w in window if users[w]] + [as_of]
-    widening = Widening(users, min_training_users, max_training_weeks) if widest > training_weeks else None
+    widening = Widening(users, min_training_users, max_training_weeks) if widened else None
     return plan_weeks(labelled, as_of + WEEK, training_weeks, validation_weeks, widening)
 
 
@@ -370,7 +371,7 @@ def format_table(result: BacktestResult) -> str:
 
     widening = (
         f", more (up to {result.max_training_weeks}) while they hold under {result.min_training_users} labelled users"
-        if result.min_training_users > 0 and result.max_training_weeks > result.training_weeks
+        if widens(result.training_weeks, result.min_training_users, result.max_training_weeks)
         else ""
     )
     lines = [

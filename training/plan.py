@@ -79,6 +79,12 @@ def plan_weeks(
     )
 
 
+def widens(training_weeks: int, min_users: int, max_weeks: int) -> bool:
+    """Whether a `Widening(min_users, max_weeks)` can add weeks to `training_weeks`: a minimum is set and the
+    maximum lies beyond them (the training flow, the backtest and its report ask this one rule)."""
+    return min_users > 0 and max_weeks > training_weeks
+
+
 def _users(widening: Widening, weeks: list[date]) -> int:
     return sum(widening.users.get(w, 0) for w in weeks)
 

@@ -45,7 +45,7 @@ def plan_training(
     features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
     labelled = [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
     widening = None
-    if min_training_users > 0 and max_training_weeks > training_weeks:
+    if plan.widens(training_weeks, min_training_users, max_training_weeks):
         # No plan reaches further back than the oldest gate holdout's validation and widest training weeks.
         usable = [d for d in labelled if d + plan.WEEK <= as_of]
         reach = usable[-(gate_weeks + validation_weeks + max_training_weeks) :]

@@ -61,7 +61,7 @@ def render(stores: list[TableStore], measured_users: int, snapshots: int, free_b
     projected = {name: project(stores, measured_users, users) for name, users in sizes.items()}
     gb = 1e9
     head = "| table | rows per user a snapshot | bytes per row | " + " | ".join(
-        f"{name} ({users:,} users): GB, {snapshots} snapshots" for name, users in sizes.items()
+        f"GB at {users:,} users ({name}'s), {snapshots} snapshots" for name, users in sizes.items()
     )
     lines = [head + " |", "|---|---|---|" + "---|" * len(sizes)]
     for s in stores:

@@ -126,7 +126,78 @@ def fit_als(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer
         *matrix.user_items.shape, config.als_factors, config.als_iterations, config.als_seeds,
         time.perf_counter() - started,
     )  # fmt: skip
-    return FittedScorer("als", matrix, lambda rows: user_factors[rows] @ item_factors, threads=config.threads)
+    return als_scorer(matrix, user_factors, item_factors, threads=config.threads)
+
+
+def als_scorer(
+    matrix: "_Interactions", user_factors: np.ndarray, item_factors: np.ndarray, *, threads: int
+) -> "FittedScorer":
+    """ALS's scorer from its factors: `user_factors` (users × f) rows follow `matrix.user_ids`, `item_factors`
+    (f × items, contiguous) columns follow `matrix.item_ids`; a score is their dot product."""
+    return FittedScorer(
+        "als", matrix, lambda rows: user_factors[rows] @ item_factors, threads=threads,
+        factors=(user_factors, item_factors),
+    )  # fmt: skip
+
+
+def als_from_factors(
+    user_ids: np.ndarray,
+    user_factors: np.ndarray,
+    item_ids: np.ndarray,
+    item_factors: np.ndarray,
+    consumed: pl.DataFrame,
+    *,
+    threads: int,
+) -> "FittedScorer":
+    """The ALS scorer of the users `user_ids` (ascending, their factors the rows of `user_factors`) over the
+    items `item_ids` (ascending, their factors the rows of `item_factors`), as `fit_als` made it: `consumed`
+    holds (at least) those users' (user_id, item_id) history pairs, which their lists exclude.
+
+    The scores are those of the fitted model up to the last bits of float32: a block's product depends on
+    which users share the block, so a user scored in another batch may differ by an ulp (and tied ranks swap)."""
+    require_columns(consumed.columns, (USER, ITEM), "consumed")
+    if user_factors.shape[0] != user_ids.size or item_factors.shape[0] != item_ids.size:
+        raise ValueError(
+            f"als factors: {user_factors.shape[0]} user rows for {user_ids.size} users and "
+            f"{item_factors.shape[0]} item rows for {item_ids.size} items"
+        )
+    if user_factors.shape[1] != item_factors.shape[1]:
+        raise ValueError(f"als factors: users have {user_factors.shape[1]} factors, items {item_factors.shape[1]}")
+    pairs = consumed.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64)).unique()
+    pairs = pairs.filter(pl.col(USER).is_in(user_ids) & pl.col(ITEM).is_in(item_ids))
+    rows, cols = np.searchsorted(user_ids, pairs[USER].to_numpy()), np.searchsorted(item_ids, pairs[ITEM].to_numpy())
+    shape = (user_ids.size, item_ids.size)
+    matrix = _Interactions(sparse.csr_matrix((np.ones(pairs.height), (rows, cols)), shape=shape), user_ids, item_ids,
+                           item_ids.size)  # fmt: skip
+    return als_scorer(matrix, user_factors, np.ascontiguousarray(item_factors.T), threads=threads)
+
+
+def encode_factors(factors: np.ndarray) -> pl.Series:
+    """Each row of a float32 matrix as the hex of its little-endian bytes (what the factor tables store)."""
+    rows = np.ascontiguousarray(factors, dtype="<f4")
+    width = rows.shape[1] * 4
+    if not width:
+        raise ValueError("encode_factors: no factors")
+    if not np.isfinite(rows).all():
+        raise ValueError(f"encode_factors: {int((~np.isfinite(rows)).any(axis=1).sum())} rows hold NaN or inf")
+    as_bytes = np.frombuffer(rows.tobytes(), dtype=f"V{width}").tolist() if rows.shape[0] else []
+    return pl.Series("factors", as_bytes, dtype=pl.Binary).bin.encode("hex")
+
+
+def decode_factors(encoded: pl.Series, what: str) -> np.ndarray:
+    """The float32 matrix of `encode_factors`' hex strings; names `what` when they are not factors of one width."""
+    if encoded.null_count():
+        raise ValueError(f"{what}: {encoded.null_count()} rows have no factors")
+    if not encoded.len():
+        return np.zeros((0, 0), dtype=np.float32)
+    lengths = encoded.str.len_bytes().unique()
+    if lengths.len() != 1 or lengths[0] % 8:
+        raise ValueError(f"{what}: factors of {sorted(lengths.to_list())} hex digits; expected one width of 8·f")
+    try:
+        raw = b"".join(encoded.str.decode("hex").to_list())
+    except pl.exceptions.ComputeError as error:
+        raise ValueError(f"{what}: factors are not hex: {error}") from error
+    return np.frombuffer(raw, dtype="<f4").reshape(encoded.len(), lengths[0] // 8).astype(np.float32)
 
 
 def count_items(history: pl.DataFrame) -> int:
@@ -154,6 +225,7 @@ class FittedScorer:
     matrix: _Interactions
     scores_of: Callable[[np.ndarray], np.ndarray]  # matrix rows -> a new dense array of scores over matrix.item_ids
     threads: int = 1
+    factors: tuple[np.ndarray, np.ndarray] | None = None  # ALS: (users × f, f × items), as scores_of uses them
 
     def score(self, users: pl.Series | Sequence[int], m: int, *, exclude_consumed: bool = True) -> pl.DataFrame:
         """Top-m (user_id, item_id, score, rank) of each known user in `users`; cold users get no rows."""

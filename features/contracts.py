@@ -59,6 +59,8 @@ class TableContract:
     served: bool = True
     # Two columns that may never hold the same value in a row (an item is not its own transition).
     distinct_columns: tuple[str, str] | None = None
+    # A snapshot may hold no rows of it (EASE's lists when the catalogue is above its bound).
+    may_be_empty: bool = False
 
     @property
     def column_names(self) -> list[str]:
@@ -202,9 +204,11 @@ USER_ITEM_HISTORY = TableContract(
 COLLABORATIVE_SCORES = TableContract(
     name="collaborative_scores",
     key=("as_of", "user_id", "item_id"),
-    description="Each user's top unconsumed items by EASE and by implicit ALS, fitted on the (user, item) "
-    "pairs before as_of; a score and rank are null where the item is not in that model's top list "
-    "(EASE's are null throughout above RECSYS_EASE_MAX_ITEMS items).",
+    description="Each user's top unconsumed items by EASE, fitted on the (user, item) pairs before as_of (none "
+    "above RECSYS_EASE_MAX_ITEMS items). The ALS columns are null in the store: ALS is kept as its factors "
+    "(als_user_factors, als_item_factors) and its top lists are computed from them for the users read "
+    "(`features.transform.derive_collaborative_scores`), so a snapshot stores a few hundred bytes per user "
+    "for ALS instead of its lists.",
     columns=(
         AS_OF,
         USER,
@@ -215,6 +219,24 @@ COLLABORATIVE_SCORES = TableContract(
         Column("als_rank", pl.Int64(), nullable=True, min=1),
     ),
     drift_columns=("ease_score", "als_score"),
+    may_be_empty=True,
+)
+
+ALS_USER_FACTORS = TableContract(
+    name="als_user_factors",
+    key=("as_of", "user_id"),
+    description="Each user's implicit-ALS factors fitted on the (user, item) pairs before as_of, float32 "
+    "little-endian in hex: the RECSYS_ALS_SEEDS fits side by side, divided by their count (a user's and an "
+    "item's dot product is their mean score).",
+    columns=(AS_OF, USER, Column("factors", pl.Utf8())),
+)
+
+ALS_ITEM_FACTORS = TableContract(
+    name="als_item_factors",
+    key=("as_of", "item_id"),
+    description="Each item's implicit-ALS factors (as als_user_factors) and the depth of the top lists computed "
+    "from them (RECSYS_COLLABORATIVE_ITEMS_PER_USER when the snapshot was computed).",
+    columns=(AS_OF, ITEM, Column("factors", pl.Utf8()), Column("items_per_user", pl.Int64(), min=1)),
 )
 
 LABELS = TableContract(
@@ -233,6 +255,8 @@ FEATURE_TABLES: tuple[TableContract, ...] = (
     USER_CREATOR_AFFINITY,
     USER_ITEM_HISTORY,
     COLLABORATIVE_SCORES,
+    ALS_USER_FACTORS,
+    ALS_ITEM_FACTORS,
     ITEM_TRANSITIONS,
 )
 """Tables of a feature snapshot as_of=T (events with ts < T)."""

@@ -12,11 +12,11 @@ equals `transform.build_week_tables` on the whole log, row for row and bit for b
 Each partition also checks its own rows of the user-keyed tables (`check_partition_tables`:
 every expectation made row by row, where the rows were computed), so the process that merges
 them never converts a whole user table for great-expectations; it checks what needs the
-whole table (row count, profile, drift against history) and the item-keyed tables. The one
-user-keyed table built in that process, collaborative_scores (EASE and ALS are fitted on the
-merged history, and every user is scored in the same blocks as on the whole log, so the scores
-are bit for bit the same), has its rows checked there one user partition at a time
-(`check_merged_rows`), for the same reason.
+whole table (row count, profile, drift against history) and the item-keyed tables. The
+user-keyed tables built in that process, collaborative_scores and als_user_factors (EASE and ALS
+are fitted on the merged history, and every user is scored in the same blocks as on the whole
+log, so the scores are bit for bit the same), have their rows checked there one user partition at
+a time (`check_merged_rows`), for the same reason.
 
 Peak memory is one partition's events and pairs (times the partitions computed at once)
 plus what does not shrink with the partition count: the snapshot's own tables (the writer
@@ -109,7 +109,7 @@ def merge_partition_tables(
     tables[contracts.ITEM_FEATURES.name] = transform.build_item_features(plays, items, week)
     tables[contracts.ITEM_NEIGHBOURS.name] = transform.build_item_neighbours(baskets, week, neighbours)
     # EASE and ALS learn from the whole user × item matrix: fitted once, on the merged history.
-    tables[contracts.COLLABORATIVE_SCORES.name] = transform.build_collaborative_scores(
+    tables |= transform.build_collaborative_tables(
         tables[contracts.USER_ITEM_HISTORY.name], week, collaborative, items_per_user=collaborative_items
     )
     transitions = transform.merge_transitions([p.transitions for p in parts])

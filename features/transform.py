@@ -97,28 +97,79 @@ def build_feature_tables(
     items_tables = {
         contracts.ITEM_FEATURES.name: build_item_features(count_item_plays(pairs), items, as_of),
         contracts.ITEM_NEIGHBOURS.name: build_item_neighbours(select_baskets(pairs, recent_items), as_of, neighbours),
-        contracts.COLLABORATIVE_SCORES.name: build_collaborative_scores(
-            history, as_of, collaborative, items_per_user=collaborative_items
-        ),
+        **build_collaborative_tables(history, as_of, collaborative, items_per_user=collaborative_items),
         contracts.ITEM_TRANSITIONS.name: build_item_transitions(count_transitions(events, as_of), as_of, neighbours),
     }
     return order_tables(users | items_tables)
 
 
-def build_collaborative_scores(
+def build_collaborative_tables(
     history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig, *, items_per_user: int
-) -> pl.DataFrame:
-    """Each user's top `items_per_user` unconsumed items by EASE and by implicit ALS, with score and rank.
+) -> dict[str, pl.DataFrame]:
+    """EASE's and ALS's share of the snapshot: `collaborative_scores` holding each user's top
+    `items_per_user` unconsumed items by EASE (score and rank; none above `config.ease_max_items`
+    items, where its dense n × n matrix is refused), and ALS's factors (`als_user_factors`,
+    `als_item_factors`), from which `derive_collaborative_scores` computes ALS's lists where they are read.
 
-    Both are fitted once on `history`, the snapshot's `user_item_history` (pairs before `as_of`):
-    the whole user × item matrix, so the partitioned path fits them on the merged history and
-    scores each partition's users apart (`fit_collaborative`, `score_collaborative`).
-    A pair in one model's top list only has the other model's score and rank null. EASE is left
-    out (its columns null) above `config.ease_max_items` items: it holds a dense n × n matrix.
+    Both are fitted once on `history`, the snapshot's `user_item_history` (pairs before `as_of`): the
+    whole user × item matrix, so the partitioned path fits them on the merged history. ALS is kept as
+    factors because its lists, at 100 items per user, are most of a snapshot's rows (about 12 GB a
+    snapshot at a million users: `benchmarks.storage`); its factors take a few hundred bytes per user.
     """
     fitted = fit_collaborative(history, as_of, config)
+    ease = {name: model for name, model in fitted.items() if name == "ease"}
     users = history.get_column("user_id").unique().sort() if history.height else pl.Series("user_id", [], pl.Int64)
-    return score_collaborative(fitted, users, as_of, items_per_user=items_per_user)
+    scores = score_collaborative(ease, users, as_of, items_per_user=items_per_user)
+    return {contracts.COLLABORATIVE_SCORES.name: scores} | als_factor_tables(fitted.get("als"), as_of, items_per_user)
+
+
+def als_factor_tables(model: cf.FittedScorer | None, as_of: date, items_per_user: int) -> dict[str, pl.DataFrame]:
+    """`als_user_factors` and `als_item_factors` of a fitted ALS (empty tables for none: an empty history)."""
+    if model is None:
+        users = pl.DataFrame(schema={"user_id": pl.Int64, "factors": pl.Utf8})
+        items = pl.DataFrame(schema={"item_id": pl.Int64, "factors": pl.Utf8, "items_per_user": pl.Int64})
+    else:
+        user_factors, item_factors = model.factors
+        users = pl.DataFrame({"user_id": model.matrix.user_ids, "factors": cf.encode_factors(user_factors)})
+        items = pl.DataFrame({"item_id": model.matrix.item_ids, "factors": cf.encode_factors(item_factors.T)})
+        items = items.with_columns(pl.lit(items_per_user, pl.Int64).alias("items_per_user"))
+    return {
+        contracts.ALS_USER_FACTORS.name: _finish(contracts.ALS_USER_FACTORS, users, as_of, sort=False),
+        contracts.ALS_ITEM_FACTORS.name: _finish(contracts.ALS_ITEM_FACTORS, items, as_of, sort=False),
+    }
+
+
+def derive_collaborative_scores(
+    stored: pl.DataFrame,
+    user_factors: pl.DataFrame,
+    item_factors: pl.DataFrame,
+    history: pl.DataFrame,
+    *,
+    threads: int = DEFAULT_COLLABORATIVE.threads,
+) -> pl.DataFrame:
+    """The `collaborative_scores` rows of the users in `user_factors`: the stored rows (EASE's lists) with
+    ALS's top lists computed from the snapshot's factors, excluding each user's `history` pairs, joined on
+    (user, item) as `build_collaborative_tables` stores EASE's. Users without factors keep the stored rows.
+
+    Stored rows that already hold ALS's lists (snapshots written before ALS was kept as factors, which have
+    no factor rows) are returned as they are."""
+    if not user_factors.height or not item_factors.height:
+        return stored
+    depth = item_factors.get_column("items_per_user").unique()
+    if depth.len() != 1:
+        raise ValueError(f"als_item_factors: items_per_user holds {sorted(depth.to_list())}; one value expected")
+    as_of = item_factors.get_column("as_of")[0]
+    users, items = user_factors.sort("user_id"), item_factors.sort("item_id")
+    model = cf.als_from_factors(
+        users.get_column("user_id").to_numpy(), cf.decode_factors(users.get_column("factors"), "als_user_factors"),
+        items.get_column("item_id").to_numpy(), cf.decode_factors(items.get_column("factors"), "als_item_factors"),
+        history, threads=threads,
+    )  # fmt: skip
+    als = score_collaborative({"als": model}, users.get_column("user_id"), as_of, items_per_user=int(depth[0]))
+    key = ["as_of", "user_id", "item_id"]
+    ease = stored.select(*key, "ease_score", "ease_rank")
+    merged = ease.join(als.select(*key, "als_score", "als_rank"), on=key, how="full", coalesce=True)
+    return _finish(contracts.COLLABORATIVE_SCORES, merged, as_of)
 
 
 def fit_collaborative(history: pl.DataFrame, as_of: date, config: cf.CollaborativeConfig) -> dict[str, cf.FittedScorer]:

@@ -97,7 +97,7 @@ def build_expectation_suite(contract: TableContract, *, row_count: bool = True) 
     key = list(contract.key)
     expectations: list[gxe.Expectation] = [
         gxe.ExpectTableColumnsToMatchSet(column_set=contract.column_names, exact_match=True),
-        *([gxe.ExpectTableRowCountToBeBetween(min_value=1)] if row_count else []),
+        *([gxe.ExpectTableRowCountToBeBetween(min_value=1)] if row_count and not contract.may_be_empty else []),
         gxe.ExpectColumnValuesToBeUnique(column=key[0])
         if len(key) == 1
         else gxe.ExpectCompoundColumnsToBeUnique(column_list=key),
@@ -355,7 +355,7 @@ def validate_tables(
         options = {"previous": previous.get(name), "min_rows_ratio": min_rows_ratio,
                    "drift_threshold": drift_threshold, "drift_blocks": drift_blocks}  # fmt: skip
         if name in checked:
-            failures = check_not_empty(frame) + checked[name]
+            failures = ([] if CONTRACTS[name].may_be_empty else check_not_empty(frame)) + checked[name]
             reports[name] = finish_report(CONTRACTS[name], frame, failures, as_of=as_ofs[name], **options)
         else:
             reports[name] = validate_table(CONTRACTS[name], frame, as_of=as_ofs[name], runner=runner, **options)

@@ -110,9 +110,9 @@ def merge_partitions(parts: list[partitioned.PartitionTables], week: date, optio
 
 @task(**PURE)
 def check_merged_rows(frames: dict[str, pl.DataFrame], week: date, count: int) -> dict[str, list[dict]]:
-    """Row checks of the tables built whole from the merged history (collaborative_scores), one user
-    partition at a time, so validation never converts them whole."""
-    names = [n for n in (contracts.COLLABORATIVE_SCORES.name,) if n in frames]
+    """Row checks of the user-keyed tables built whole from the merged history (collaborative_scores,
+    als_user_factors), one user partition at a time, so validation never converts them whole."""
+    names = [n for n in (contracts.COLLABORATIVE_SCORES.name, contracts.ALS_USER_FACTORS.name) if n in frames]
     return {name: partitioned.check_merged_rows(frames[name], name, week, count) for name in names}
 
 

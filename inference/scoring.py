@@ -175,6 +175,9 @@ def fit_served_baseline(
         return ServedBaseline(baseline, {})
     if config.exclude_consumed:
         depth = store.max_in_snapshot(engine, contracts.COLLABORATIVE_SCORES.name, snapshot, f"{baseline}_rank")
+        if baseline == "als":  # kept as factors: its lists are computed as deep as the snapshot asked
+            factors = store.max_in_snapshot(engine, contracts.ALS_ITEM_FACTORS.name, snapshot, "items_per_user")
+            depth = max(depth, factors)
         if depth >= n:
             log.info("champion baseline %s served from collaborative_scores of %s (%d items per user kept)",
                      baseline, snapshot, depth)  # fmt: skip

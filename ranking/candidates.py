@@ -14,6 +14,7 @@ from scipy import sparse
 
 from features import contracts
 from features.raw import UNKNOWN
+from features.transform import derive_collaborative_scores
 from recsys.settings import default_of
 
 SOURCES = ("cooc", "pop", "category", "creator", "new", "cf", "seq")
@@ -41,7 +42,19 @@ class SnapshotTables:
 
     @classmethod
     def from_frames(cls, frames: dict[str, pl.DataFrame]) -> "SnapshotTables":
-        return cls(**{t.name: frames[t.name] for t in contracts.FEATURE_TABLES})
+        """The tables of a snapshot's frames (`contracts.FEATURE_TABLES`, as the store reads or the feature
+        flow computes them): ALS's lists join `collaborative_scores`, computed from the ALS factors of the
+        users read (`transform.derive_collaborative_scores`); frames without factor tables keep theirs."""
+        fields = {t.name: frames[t.name] for t in contracts.FEATURE_TABLES if t.name not in _FACTOR_TABLES}
+        factors = [frames.get(name) for name in _FACTOR_TABLES]
+        if all(f is not None for f in factors):
+            fields[contracts.COLLABORATIVE_SCORES.name] = derive_collaborative_scores(
+                fields[contracts.COLLABORATIVE_SCORES.name], *factors, fields[contracts.USER_ITEM_HISTORY.name]
+            )
+        return cls(**fields)
+
+
+_FACTOR_TABLES = (contracts.ALS_USER_FACTORS.name, contracts.ALS_ITEM_FACTORS.name)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,8 @@ def write_week(engine, week: date) -> None:
         "user_creator_affinity": {"user_id": [1], "share_12w": [1.0]},
         "user_item_history": history | {"events": [1] * 4},
         "collaborative_scores": {"user_id": [], "item_id": []},  # no cf candidates in this tiny week
+        "als_user_factors": {"user_id": []},
+        "als_item_factors": {"item_id": []},
         "item_transitions": {"item_id": [], "next_item_id": []},  # no seq candidates either
         "labels": {"user_id": [1, 2, 3, 4], "item_id": [3, 4, 6, 1], "is_new": [True] * 4},
     }  # fmt: skip

@@ -26,6 +26,7 @@ from recsys.clock import mondays
 from recsys.settings import Settings
 from tests.conftest import artifact_text
 from training import backtest
+from training.store import read_tables
 
 pytestmark = pytest.mark.integration
 
@@ -399,7 +400,8 @@ def test_a_week_before_every_event_is_named_whole_or_in_partitions(
 def test_the_backtest_builds_the_collaborative_scores_the_flow_stores(flow_env, clean_stores, log, tmp_path):
     spec = write_source(tmp_path / "src", log.events, log.items)
     run_flow(as_of=AS_OF, source=spec).result()
-    stored = store.read_table(clean_stores.engine, contracts.COLLABORATIVE_SCORES.name, AS_OF)
+    # EASE's lists as stored, ALS's computed from the stored factors for every user (as readers do).
+    stored = read_tables(clean_stores.engine, AS_OF).collaborative_scores
     settings = Settings()
     options = {k: v for k, v in backtest_options(settings).items() if k in ("recent_items", "neighbours",
                "collaborative", "collaborative_items")}  # fmt: skip
@@ -419,13 +421,15 @@ def test_a_bad_collaborative_scores_table_fails_validation_and_nothing_is_writte
     monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", partitions)
     seed_snapshot(engine, log, LAST_WEEK)
     before = dump_store(engine)
-    build = transform.build_collaborative_scores
+    build = transform.build_collaborative_tables
 
     def with_a_duplicate_and_a_nan(*args, **kwargs):
-        scores = build(*args, **kwargs)
-        return pl.concat([scores, scores.head(1).with_columns(ease_score=float("nan"))])
+        tables = build(*args, **kwargs)
+        scores = tables[contracts.COLLABORATIVE_SCORES.name]
+        bad = pl.concat([scores, scores.head(1).with_columns(ease_score=float("nan"))])
+        return tables | {contracts.COLLABORATIVE_SCORES.name: bad}
 
-    monkeypatch.setattr(transform, "build_collaborative_scores", with_a_duplicate_and_a_nan)
+    monkeypatch.setattr(transform, "build_collaborative_tables", with_a_duplicate_and_a_nan)
 
     state = run_flow(as_of=AS_OF, source=write_source(tmp_path / "src", log.events, log.items))
 

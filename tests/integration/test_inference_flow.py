@@ -44,6 +44,7 @@ AS_OF = date(2026, 11, 23)
 EARLIER = AS_OF - timedelta(weeks=1)
 USER_TABLES = {
     "user_features", "user_category_affinity", "user_creator_affinity", "user_item_history", "collaborative_scores",
+    "als_user_factors",
 }  # fmt: skip
 # Consumed the whole catalogue just before AS_OF: no candidate is left for this user.
 COMPLETIST = 9_000_001
@@ -147,8 +148,10 @@ def test_every_user_gets_the_models_top_n_without_consumed_items_and_lineage_is_
     user_reads = [(ids, columns) for table, ids, columns in list(reads) if table in USER_TABLES]
     batches = [ids for ids, columns in user_reads if columns != ["user_id"]]
     assert len(batches) >= len(USER_TABLES) * 6 and all(ids is not None and len(ids) <= 50 for ids in batches)
-    # The EASE/ALS features come from the feature flow's table, read batch by batch like every user table.
+    # The EASE/ALS features come from the feature flow's tables (EASE's lists, ALS's factors), read batch by
+    # batch like every user table.
     assert sum(table == "collaborative_scores" for table, _, _ in reads) >= 6
+    assert sum(table == "als_user_factors" for table, _, _ in reads) >= 6
 
     lists = live_lists(seeded)
     personal = {user: rec.items for user, rec in lists.items() if not rec.is_fallback}

@@ -5,8 +5,16 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
-from features.collaborative import CollaborativeConfig, fit_als, fit_ease
+from features.collaborative import (
+    CollaborativeConfig,
+    als_from_factors,
+    decode_factors,
+    encode_factors,
+    fit_als,
+    fit_ease,
+)
 
 # Users 1-3 consume items 1 and 2 together; users 5-8 consume items 3 and 4 together (more
 # popular); user 4 has consumed only item 1, so item 2 is the one that goes with it.
@@ -224,3 +232,77 @@ def test_block_top_m_bounds_its_partition_on_large_catalogues():
     got = cf._score_top(matrix, pl.Series([1, 2]), m, lambda rows: scores[rows].copy(), True)
     assert got.equals(reference_top(scores, consumed, [1, 2], ids, m))
     assert got.filter(pl.col("user_id") == 1)["item_id"].to_list() == list(range(1, items, cf._BOUND_STRIDE))[::-1][:m]
+
+
+# --- ALS kept as factors (the feature store's als_user_factors / als_item_factors) ---
+
+
+def als_of_factors(model, users=None, consumed=HISTORY, threads=1):
+    """`model`'s ALS rebuilt from its factors as stored (encoded, decoded), for `users` (default: all)."""
+    user_factors, item_factors = model.factors
+    rows = np.arange(model.matrix.user_ids.size) if users is None else np.searchsorted(model.matrix.user_ids, users)
+    return als_from_factors(
+        model.matrix.user_ids[rows], decode_factors(encode_factors(user_factors[rows]), "users"),
+        model.matrix.item_ids, decode_factors(encode_factors(item_factors.T), "items"), consumed, threads=threads,
+    )  # fmt: skip
+
+
+def test_factors_survive_their_hex_encoding_bit_for_bit():
+    factors = np.random.default_rng(3).standard_normal((6, 5)).astype(np.float32)
+    factors[0, 0], factors[1] = -0.0, np.float32(1e-40)  # signed zero and a subnormal
+    encoded = encode_factors(factors)
+    assert encoded.dtype == pl.Utf8 and encoded.str.len_bytes().to_list() == [40] * 6
+    assert decode_factors(encoded, "x").tobytes() == factors.tobytes()
+    assert decode_factors(encode_factors(np.zeros((0, 3), np.float32)), "x").shape == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [
+        (["00000000", None], "1 rows have no factors"),
+        (["00000000", "0000000000000000"], r"factors of \[8, 16\] hex digits"),
+        (["0000000"], r"factors of \[7\] hex digits"),
+        (["zz000000"], "factors are not hex"),
+    ],
+)
+def test_stored_factors_that_are_not_one_width_of_float32_hex_are_refused_by_name(encoded, message):
+    with pytest.raises(ValueError, match=f"als_user_factors: {message}"):
+        decode_factors(pl.Series(encoded, dtype=pl.Utf8), "als_user_factors")
+
+
+def test_non_finite_factors_are_never_encoded():
+    with pytest.raises(ValueError, match="1 rows hold NaN or inf"):
+        encode_factors(np.array([[0.0, np.nan], [1.0, 2.0]], np.float32))
+
+
+def test_als_from_its_stored_factors_gives_the_fitted_models_lists_bit_for_bit():
+    model = fit_als(HISTORY, ALS)
+    users = HISTORY["user_id"].unique()
+    assert_frame_equal(als_of_factors(model).score(users, 3), model.score(users, 3))
+
+
+def test_als_from_the_factors_of_some_users_scores_them_as_the_fitted_model_up_to_float32_rounding():
+    history = pl.DataFrame({"user_id": np.repeat(np.arange(40), 5), "item_id": np.arange(200) % 37})
+    model = fit_als(history, replace(ALS, als_factors=8))
+    some = [3, 17, 18, 39]
+    alone = als_of_factors(model, some, consumed=history.filter(pl.col("user_id").is_in(some))).score(some, 10)
+    whole = model.score(some, 10)
+    assert (
+        alone.select("user_id", "item_id")
+        .sort("user_id", "item_id")
+        .equals(whole.select("user_id", "item_id").sort("user_id", "item_id"))
+    )
+    np.testing.assert_allclose(
+        alone.sort("user_id", "item_id")["score"], whole.sort("user_id", "item_id")["score"], rtol=1e-5
+    )
+    # Each user's consumed items stay out: the history given is theirs.
+    assert alone.join(history, on=["user_id", "item_id"], how="semi").is_empty()
+
+
+def test_als_from_factors_refuses_factors_that_do_not_match_their_ids():
+    with pytest.raises(ValueError, match="2 user rows for 3 users"):
+        als_from_factors(np.arange(3), np.zeros((2, 4), np.float32), np.arange(2), np.zeros((2, 4), np.float32),
+                         HISTORY, threads=1)  # fmt: skip
+    with pytest.raises(ValueError, match="users have 4 factors, items 3"):
+        als_from_factors(np.arange(2), np.zeros((2, 4), np.float32), np.arange(2), np.zeros((2, 3), np.float32),
+                         HISTORY, threads=1)  # fmt: skip

@@ -1,6 +1,7 @@
 """The gate's bounded holdout: a fixed hash sample of each week's labelled users, the same for every
 recommender, and EASE's and ALS's lists read from the snapshot's collaborative_scores table."""
 
+import dataclasses
 import random
 from dataclasses import replace
 from datetime import date
@@ -10,7 +11,6 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from features import contracts
 from features.collaborative import CollaborativeConfig
 from inference import scoring
 from ranking import baselines
@@ -43,12 +43,13 @@ def model(week) -> ScoringModel:
 def only_users(tables: SnapshotTables, users: pl.Series) -> SnapshotTables:
     """`tables` with only `users`' rows in the user-keyed tables, as `training.store.read_sampled_week` reads them."""
     keep = users.to_frame("user_id")
+    frames = {f.name: getattr(tables, f.name) for f in dataclasses.fields(SnapshotTables)}
     return SnapshotTables(
         **{
-            t.name: getattr(tables, t.name).join(keep, on="user_id", how="semi")
-            if "user_id" in t.column_names
-            else getattr(tables, t.name)
-            for t in contracts.FEATURE_TABLES
+            name: frame.join(keep, on="user_id", how="semi")
+            if frame is not None and "user_id" in frame.columns
+            else frame
+            for name, frame in frames.items()
         }
     )
 

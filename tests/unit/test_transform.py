@@ -383,6 +383,8 @@ def test_no_events_gives_empty_tables_but_lists_released_items():
         "user_creator_affinity": 0,
         "user_item_history": 0,
         "collaborative_scores": 0,
+        "als_user_factors": 0,
+        "als_item_factors": 0,
         "item_transitions": 0,
     }
     assert tables["item_features"]["plays_total"].to_list() == [0, 0, 0]
@@ -491,8 +493,10 @@ COLLABORATIVE = collaborative.CollaborativeConfig(als_factors=2, als_iterations=
 
 
 def build_scores(events: pl.DataFrame, config=COLLABORATIVE, items_per_user: int = 3) -> pl.DataFrame:
+    """The snapshot's collaborative_scores as readers see them: EASE's stored lists and ALS's derived ones."""
     tables = build_tables(events, ITEMS.clear(), collaborative=config, collaborative_items=items_per_user)
-    return tables[contracts.COLLABORATIVE_SCORES.name]
+    names = ("collaborative_scores", "als_user_factors", "als_item_factors", "user_item_history")
+    return transform.derive_collaborative_scores(*(tables[name] for name in names))
 
 
 def test_collaborative_scores_rank_each_users_unconsumed_items_by_ease_and_als():
@@ -543,10 +547,44 @@ def test_collaborative_scores_never_see_events_at_or_after_as_of():
     assert not build_scores(pl.concat([TASTES, earlier])).equals(build_scores(TASTES))
 
 
-def test_collaborative_scores_of_an_empty_history_are_an_empty_table():
-    scores = transform.build_collaborative_scores(
+def test_collaborative_tables_of_an_empty_history_are_empty_tables():
+    tables = transform.build_collaborative_tables(
         pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64}), AS_OF, COLLABORATIVE, items_per_user=3
     )
 
-    assert scores.is_empty()
-    assert scores.schema == pl.Schema(contracts.COLLABORATIVE_SCORES.schema)
+    assert list(tables) == ["collaborative_scores", "als_user_factors", "als_item_factors"]
+    for name, table in tables.items():
+        assert table.is_empty()
+        assert table.schema == pl.Schema(contracts.CONTRACTS[name].schema)
+
+
+def test_als_is_stored_as_factors_and_its_lists_derived_from_them_equal_the_fitted_models():
+    from features.synthetic import generate_log
+    from ranking.candidates import SnapshotTables
+
+    raw = generate_log(n_users=120, n_items=60, n_events=3_000, n_weeks=4, end=transform.week_start(AS_OF), seed=3)
+    week = AS_OF - timedelta(weeks=1)
+    tables = transform.build_feature_tables(raw.events, raw.items, week, recent_items=10, neighbours=10)
+    history = tables["user_item_history"]
+
+    stored = tables["collaborative_scores"]
+    assert stored.height and stored["als_score"].null_count() == stored["als_rank"].null_count() == stored.height
+    users, items = tables["als_user_factors"], tables["als_item_factors"]
+    assert users["user_id"].to_list() == history["user_id"].unique().sort().to_list()
+    assert items["item_id"].to_list() == history["item_id"].unique().sort().to_list()
+    assert items["items_per_user"].unique().to_list() == [transform.default_of("collaborative_items_per_user")]
+
+    # Read back whole, as the store gives them: EASE's and ALS's lists of the model fitted on the snapshot.
+    fitted = transform.fit_collaborative(history, week, transform.DEFAULT_COLLABORATIVE)
+    expected = transform.score_collaborative(fitted, history["user_id"].unique(), week, items_per_user=100)
+    assert_frame_equal(SnapshotTables.from_frames(tables).collaborative_scores, expected, check_exact=True)
+
+
+def test_a_snapshot_stored_before_als_was_kept_as_factors_keeps_its_stored_lists():
+    stored = contracts.COLLABORATIVE_SCORES.conform(
+        pl.DataFrame({"as_of": [AS_OF], "user_id": [1], "item_id": [2], "ease_score": [None], "ease_rank": [None],
+                      "als_score": [0.5], "als_rank": [1]})
+    )  # fmt: skip
+    no_factors = transform.als_factor_tables(None, AS_OF, 100)
+    derived = transform.derive_collaborative_scores(stored, *no_factors.values(), HISTORY.clear())
+    assert derived.equals(stored)

@@ -142,3 +142,19 @@ def test_a_small_step_is_not_released(monkeypatch, caplog):
         runtime.release_freed_memory("a large week", rows=runtime.RELEASE_MIN_ROWS)
         runtime.release_freed_memory("a step of unknown size")
     assert collections == [1, 1] and caplog.text.count("memory released") == 2
+
+
+def test_release_gives_back_what_arrows_pool_holds_when_pyarrow_is_loaded(monkeypatch):
+    """Polars' conversions to pandas allocate through pyarrow's pool (mimalloc), which keeps freed pages."""
+    import types
+
+    from recsys import runtime
+
+    released = []
+    pool = types.SimpleNamespace(release_unused=lambda: released.append(1))
+    monkeypatch.setitem(sys.modules, "pyarrow", types.SimpleNamespace(default_memory_pool=lambda: pool))
+    runtime.release_freed_memory("a step")
+    assert released == [1]
+    monkeypatch.delitem(sys.modules, "pyarrow")
+    runtime.release_freed_memory("a step without pyarrow")  # nothing to release there, and no import
+    assert released == [1] and "pyarrow" not in sys.modules

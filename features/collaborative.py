@@ -165,7 +165,7 @@ def als_from_factors(
         raise ValueError(f"als factors: users have {user_factors.shape[1]} factors, items {item_factors.shape[1]}")
     pairs = consumed.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64)).unique()
     pairs = pairs.filter(pl.col(USER).is_in(user_ids) & pl.col(ITEM).is_in(item_ids))
-    rows, cols = np.searchsorted(user_ids, pairs[USER].to_numpy()), np.searchsorted(item_ids, pairs[ITEM].to_numpy())
+    rows, cols = _positions(pairs[USER], user_ids), _positions(pairs[ITEM], item_ids)
     shape = (user_ids.size, item_ids.size)
     matrix = _Interactions(sparse.csr_matrix((np.ones(pairs.height), (rows, cols)), shape=shape), user_ids, item_ids,
                            item_ids.size)  # fmt: skip
@@ -261,9 +261,9 @@ def _build_interactions(history: pl.DataFrame, *, max_items: int | None) -> _Int
     return _Interactions(user_items, user_ids.to_numpy(), item_ids.to_numpy(), catalogue)
 
 
-def _positions(values: pl.Series, sorted_ids: pl.Series) -> np.ndarray:
+def _positions(values: pl.Series, sorted_ids: pl.Series | np.ndarray) -> np.ndarray:
     """Index of each value in `sorted_ids`, which holds every value."""
-    return np.searchsorted(sorted_ids.to_numpy(), values.to_numpy())
+    return np.searchsorted(np.asarray(sorted_ids), values.to_numpy())
 
 
 def _score_top(

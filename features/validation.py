@@ -262,9 +262,10 @@ def check_rows(
     return failures + (runner or SuiteRunner.of_this_thread()).run(suite, frame)
 
 
-def check_not_empty(frame: pl.DataFrame) -> list[dict[str, Any]]:
-    """The suite's row-count expectation on a table merged from partitions checked without it."""
-    if frame.height:
+def check_not_empty(contract: TableContract, frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """The suite's row-count expectation on a table merged from partitions checked without it (none for a
+    contract whose table may be empty, as in `build_expectation_suite`)."""
+    if frame.height or contract.may_be_empty:
         return []
     return [_failure("expect_table_row_count_to_be_between", [], {"min_value": 1}, 0)]
 
@@ -355,7 +356,7 @@ def validate_tables(
         options = {"previous": previous.get(name), "min_rows_ratio": min_rows_ratio,
                    "drift_threshold": drift_threshold, "drift_blocks": drift_blocks}  # fmt: skip
         if name in checked:
-            failures = ([] if CONTRACTS[name].may_be_empty else check_not_empty(frame)) + checked[name]
+            failures = check_not_empty(CONTRACTS[name], frame) + checked[name]
             reports[name] = finish_report(CONTRACTS[name], frame, failures, as_of=as_ofs[name], **options)
         else:
             reports[name] = validate_table(CONTRACTS[name], frame, as_of=as_ofs[name], runner=runner, **options)

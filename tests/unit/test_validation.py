@@ -22,6 +22,7 @@ from features.validation import (
     ValidationFailed,
     build_expectation_suite,
     build_reference_profile,
+    check_not_empty,
     check_row_count,
     detect_drift,
     profile_table,
@@ -273,6 +274,18 @@ def test_empty_frame_fails_even_without_previous_snapshot():
     report = validate(USER_FEATURES, build_good_frame(USER_FEATURES).clear())
 
     assert ("expect_table_row_count_to_be_between", ()) in failed_checks(report)
+
+
+def test_a_merged_table_is_checked_for_rows_unless_its_contract_allows_none():
+    # A table whose rows were checked in partitions gets its row count checked on the merged table.
+    empty_features = build_good_frame(USER_FEATURES).clear()
+    assert [f["expectation"] for f in check_not_empty(USER_FEATURES, empty_features)] == [
+        "expect_table_row_count_to_be_between"
+    ]
+    assert check_not_empty(USER_FEATURES, build_good_frame(USER_FEATURES)) == []
+    # EASE's lists are empty when the catalogue is above EASE's bound: no failure, as in the suite.
+    assert COLLABORATIVE_SCORES.may_be_empty
+    assert check_not_empty(COLLABORATIVE_SCORES, build_good_frame(COLLABORATIVE_SCORES).clear()) == []
 
 
 def test_suite_uses_single_column_uniqueness_for_a_one_column_key():

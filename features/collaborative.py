@@ -107,7 +107,7 @@ def fit_als(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer
     if config.als_regularization < 0:
         raise ValueError(f"als_regularization must be >= 0, got {config.als_regularization}")
     started = time.perf_counter()
-    matrix = _build_interactions(history, max_items=None)
+    matrix = _build_interactions(history, max_items=None, dtype=np.float32)
     users, items = [], []
     with threadpool_limits(1, "blas"):
         for seed in range(config.seed, config.seed + config.als_seeds):
@@ -115,7 +115,7 @@ def fit_als(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer
                 factors=config.als_factors, regularization=config.als_regularization, alpha=config.als_alpha,
                 iterations=config.als_iterations, random_state=seed, num_threads=config.threads,
             )  # fmt: skip
-            model.fit(matrix.user_items.astype(np.float32), show_progress=False)
+            model.fit(matrix.user_items, show_progress=False)
             users.append(model.user_factors)
             items.append(model.item_factors)
     # The seeds' mean score in one product: [U_1 … U_n]·[V_1 … V_n]ᵀ / n. The items' factors are kept
@@ -240,30 +240,38 @@ class FittedScorer:
         return self.score(users, k, exclude_consumed=exclude_consumed).select(USER, ITEM, RANK)
 
 
-def _build_interactions(history: pl.DataFrame, *, max_items: int | None) -> _Interactions:
+def _build_interactions(history: pl.DataFrame, *, max_items: int | None, dtype: type = np.float64) -> _Interactions:
+    """The binary user × item matrix of `history`'s (user_id, item_id) pairs, in `dtype` (EASE's products are
+    float64, implicit's ALS takes float32). Rows and columns are found by binary search in the sorted ids and
+    a pair that repeats counts once, so at a million users the matrix costs its own CSR arrays and two uint32
+    positions per pair, not a distinct copy of the pairs and a float64 COO beside it."""
     require_columns(history.columns, (USER, ITEM), "history")
     if "as_of" in history.columns and history["as_of"].n_unique() > 1:
         raise ValueError(f"history: holds {history['as_of'].n_unique()} as_of snapshots; pass one snapshot")
-    pairs = history.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64)).unique()
+    pairs = history.select(pl.col(USER).cast(pl.Int64), pl.col(ITEM).cast(pl.Int64))
     if pairs.is_empty():
         raise ValueError("history: no (user_id, item_id) pairs to learn from")
-    popularity = pairs.group_by(ITEM).agg(users=pl.len())
-    catalogue = popularity.height
+    item_ids = pairs[ITEM].unique().sort()
+    catalogue = item_ids.len()
     if max_items is not None and catalogue > max_items:
+        popularity = pairs.unique().group_by(ITEM).agg(users=pl.len())
         kept = popularity.sort("users", ITEM, descending=[True, False]).head(max_items)
         pairs = pairs.join(kept, on=ITEM, how="semi")
+        item_ids = kept[ITEM].sort()
     user_ids = pairs[USER].unique().sort()
-    item_ids = pairs[ITEM].unique().sort()
-    rows = _positions(pairs[USER], user_ids)
-    cols = _positions(pairs[ITEM], item_ids)
+    rows, cols = _positions(pairs[USER], user_ids), _positions(pairs[ITEM], item_ids)
     shape = (user_ids.len(), item_ids.len())
-    user_items = sparse.csr_matrix((np.ones(pairs.height), (rows, cols)), shape=shape)
+    user_items = sparse.csr_matrix((np.ones(pairs.height, dtype=dtype), (rows, cols)), shape=shape)
+    del rows, cols
+    user_items.sum_duplicates()
+    user_items.data[:] = 1  # binary: a repeated pair summed to more
     return _Interactions(user_items, user_ids.to_numpy(), item_ids.to_numpy(), catalogue)
 
 
 def _positions(values: pl.Series, sorted_ids: pl.Series | np.ndarray) -> np.ndarray:
-    """Index of each value in `sorted_ids`, which holds every value."""
-    return np.searchsorted(np.asarray(sorted_ids), values.to_numpy())
+    """Index of each value in `sorted_ids`, which holds every value (uint32: polars' index type)."""
+    ids = sorted_ids if isinstance(sorted_ids, pl.Series) else pl.Series(values=sorted_ids)
+    return ids.search_sorted(values, side="left").to_numpy()
 
 
 def _score_top(

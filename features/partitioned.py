@@ -112,8 +112,8 @@ def merge_partition_tables(
     tables |= transform.build_collaborative_tables(
         tables[contracts.USER_ITEM_HISTORY.name], week, collaborative, items_per_user=collaborative_items
     )
-    transitions = transform.merge_transitions([p.transitions for p in parts])
-    tables[contracts.ITEM_TRANSITIONS.name] = transform.build_item_transitions(transitions, week, neighbours)
+    transitions = [p.transitions for p in parts]
+    tables[contracts.ITEM_TRANSITIONS.name] = transform.build_item_transitions_of_parts(transitions, week, neighbours)
     return transform.order_tables(tables)
 
 

@@ -28,6 +28,8 @@ NEIGHBOUR_PAIRS_PER_CHUNK = 5_000_000
 # counted in integer units of 2^-20, so partial sums of disjoint users add up exactly in any order.
 TRANSITION_HALF_LIFE_DAYS = 28.0
 TRANSITION_UNITS = 1 << 20
+# Transition counts merged at once from the partitions' shares (`build_item_transitions_of_parts`).
+TRANSITION_MERGE_ROWS = 2_000_000
 # The streaming engine adds floats up in an order that varies from run to run, so a
 # re-run would change weight sums in their last bits, and with them the digests.
 ENGINE = "in-memory"
@@ -465,6 +467,32 @@ def merge_transitions(parts: list[pl.DataFrame]) -> pl.DataFrame:
     """`count_transitions` of the union of disjoint user sets, from each set's own counts."""
     merged = pl.concat(parts).lazy().group_by("item_id", "next_item_id")
     return _collect(merged.agg(pl.col("transitions", "weight_units").sum()).sort("item_id", "next_item_id"))
+
+
+def build_item_transitions_of_parts(
+    parts: list[pl.DataFrame], as_of: date, top_k: int, *, rows_per_range: int | None = None
+) -> pl.DataFrame:
+    """`build_item_transitions(merge_transitions(parts), ...)` made one range of item ids at a time: an item's
+    next items, scores and shares come from its own counts alone, and each part is sorted by item_id, so a
+    range is a slice of every part. About `rows_per_range` (TRANSITION_MERGE_ROWS) of the parts' rows are
+    merged at once (merging them all took 4–5× their size on top of them, in the group-by and the sort);
+    the result is identical."""
+    rows_per_range = rows_per_range or TRANSITION_MERGE_ROWS
+    ids = pl.concat([part.get_column("item_id").unique() for part in parts]).unique().sort()
+    ranges = min(ids.len(), -(-sum(part.height for part in parts) // rows_per_range))
+    if ranges <= 1:
+        return build_item_transitions(merge_transitions(parts), as_of, top_k)
+    # Range r holds the item ids in [bounds[r], bounds[r + 1]): as many distinct items in each.
+    bounds = [ids[ids.len() * r // ranges] for r in range(1, ranges)] + [None]
+    built, starts = [], [0] * len(parts)
+    for upper in bounds:
+        shares = []
+        for index, part in enumerate(parts):
+            stop = part.height if upper is None else part.get_column("item_id").search_sorted(upper, side="left")
+            shares.append(part.slice(starts[index], stop - starts[index]))
+            starts[index] = stop
+        built.append(build_item_transitions(merge_transitions(shares), as_of, top_k))
+    return pl.concat(built)
 
 
 def build_item_transitions(counts: pl.DataFrame, as_of: date, top_k: int) -> pl.DataFrame:

@@ -1,6 +1,7 @@
 """A snapshot computed in user partitions equals the whole-log snapshot, table for table and digest for digest."""
 
 from datetime import UTC, date, datetime, timedelta
+from unittest import mock
 
 import polars as pl
 from hypothesis import HealthCheck, given, settings
@@ -53,14 +54,17 @@ EVENT = st.tuples(USER, st.integers(1, 9), st.integers(-16 * 7 * 86_400, 7 * 86_
     rows=st.lists(EVENT, min_size=1, max_size=60),
     releases=st.lists(st.one_of(st.none(), st.integers(-200, 30)), min_size=6, max_size=6),
     count=st.integers(2, 6),
+    merge_rows=st.integers(1, 12),
 )
-def test_partitioned_snapshot_equals_the_whole_log_snapshot_with_the_same_digests(rows, releases, count):
+def test_partitioned_snapshot_equals_the_whole_log_snapshot_with_the_same_digests(rows, releases, count, merge_rows):
     events, metadata = build_events(rows), build_items(releases)
     whole = transform.build_week_tables(
         events, conform_items(metadata, events, source="t"), WEEK, recent_items=3, neighbours=2
     )
 
-    merged = split_and_merge(events, metadata, count)
+    # Transitions merged a few rows at a time: many item ranges, as at a million users.
+    with mock.patch.object(transform, "TRANSITION_MERGE_ROWS", merge_rows):
+        merged = split_and_merge(events, metadata, count)
 
     assert list(merged) == list(whole)
     for name, frame in whole.items():
@@ -236,3 +240,18 @@ def test_collaborative_scores_checked_one_partition_at_a_time_give_the_report_of
 def normalise(report: dict) -> dict:
     """A report with each failure's examples in ascending order (partitions find them in their own order)."""
     return report | {"failures": [f | {"examples": sorted(f["examples"])} for f in report["failures"]]}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(EVENT, min_size=0, max_size=80), count=st.integers(1, 5), merge_rows=st.integers(1, 30))
+def test_transitions_merged_one_item_range_at_a_time_equal_the_whole_merge(rows, count, merge_rows):
+    events = build_events(rows) if rows else pl.DataFrame(schema=RAW_EVENTS_SCHEMA)
+    parts = [
+        transform.count_transitions(events.filter(in_partition("user_id", partition)), WEEK)
+        for partition in all_partitions(count)
+    ]
+    whole = transform.build_item_transitions(transform.merge_transitions(parts), WEEK, 2)
+
+    ranged = transform.build_item_transitions_of_parts(parts, WEEK, 2, rows_per_range=merge_rows)
+
+    assert_frame_equal(ranged, whole, check_exact=True)

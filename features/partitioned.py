@@ -26,8 +26,9 @@ partition's share of a table as soon as that table is merged, so the shares and 
 snapshot are never held whole side by side.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
+from pathlib import Path
 
 import polars as pl
 
@@ -40,14 +41,15 @@ from recsys.settings import default_of
 
 @dataclass(frozen=True, eq=False)
 class PartitionTables:
-    """What one partition contributes to a snapshot."""
+    """What one partition contributes to a snapshot. The user-keyed tables and the transition counts, most of
+    its size, are frames, or Parquet files scanned lazily once spilled (`spill_partition_tables`)."""
 
-    tables: dict[str, pl.DataFrame]  # user-keyed tables (and labels) of the partition's users
+    tables: dict[str, pl.DataFrame | pl.LazyFrame]  # user-keyed tables (and labels) of the partition's users
     item_plays: pl.DataFrame  # transform.count_item_plays of the partition's pairs
     baskets: pl.DataFrame  # transform.select_baskets of the partition's pairs
     items: pl.DataFrame  # item metadata as conformed by the partition's read
     first_plays: pl.DataFrame  # (item_id, ts): each item's first event in the partition
-    transitions: pl.DataFrame  # transform.count_transitions of the partition's events
+    transitions: pl.DataFrame | pl.LazyFrame  # transform.count_transitions of the partition's events
 
 
 def build_partition_tables(
@@ -64,6 +66,22 @@ def build_partition_tables(
         first_plays=events.group_by("item_id").agg(pl.col("ts").min()),
         transitions=transform.count_transitions(events, week),
     )
+
+
+def spill_partition_tables(part: PartitionTables, folder: Path) -> PartitionTables:
+    """`part` with its user-keyed tables and transition counts written to Parquet files in `folder` (created)
+    and scanned from there: a week's partitions wait for their merge on disk, not in memory, and the merge
+    reads one table's shares at a time (and the transitions one item range at a time). Parquet keeps every
+    value and type, so the merged snapshot is the same (tests/unit/test_partitioned.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def spilled(name: str, frame: pl.DataFrame) -> pl.LazyFrame:
+        path = folder / f"{name}.parquet"
+        frame.write_parquet(path, statistics=True)  # row-group statistics: an item range skips the other groups
+        return pl.scan_parquet(path)
+
+    tables = {name: spilled(name, frame) for name, frame in part.tables.items()}
+    return replace(part, tables=tables, transitions=spilled("transitions", part.transitions))
 
 
 def check_partition_tables(tables: dict[str, pl.DataFrame], week: date) -> dict[str, list[dict]]:
@@ -139,7 +157,7 @@ def build_week_tables(
     return merge_partition_tables(parts, week, **merged)
 
 
-def _concat_sorted(name: str, frames: list[pl.DataFrame]) -> pl.DataFrame:
+def _concat_sorted(name: str, frames: list[pl.DataFrame | pl.LazyFrame]) -> pl.DataFrame:
     """The partitions' rows of a user-keyed table, sorted by its key (user_id first) as each part is."""
     entity = [k for k in contracts.CONTRACTS[name].key if k != "as_of"]
     if entity[0] != "user_id":
@@ -147,6 +165,7 @@ def _concat_sorted(name: str, frames: list[pl.DataFrame]) -> pl.DataFrame:
     # Each part is sorted by the whole key and holds all rows of its users: a stable order by
     # user_id alone is the key's order. Gathering the parts by it copies the rows once (a
     # frame's sort needed about twice the table's size on top at 10M events).
-    parts = pl.concat(frames)
+    parts = pl.concat([frame.lazy() for frame in frames]).collect()
+    frames.clear()  # spilled shares were read once, in the concat
     order = parts.select(pl.int_range(pl.len(), dtype=pl.get_index_type()).sort_by("user_id", maintain_order=True))
     return parts[order.to_series()]

@@ -7,6 +7,7 @@ Most tables derive from one aggregate of the past events per (user, item) pair, 
 once per snapshot: the 10M-event log is grouped once, later steps work on its pairs.
 """
 
+import itertools
 import logging
 from datetime import UTC, date, datetime, timedelta
 
@@ -470,28 +471,32 @@ def merge_transitions(parts: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def build_item_transitions_of_parts(
-    parts: list[pl.DataFrame], as_of: date, top_k: int, *, rows_per_range: int | None = None
+    parts: list[pl.DataFrame | pl.LazyFrame], as_of: date, top_k: int, *, rows_per_range: int | None = None
 ) -> pl.DataFrame:
     """`build_item_transitions(merge_transitions(parts), ...)` made one range of item ids at a time: an item's
-    next items, scores and shares come from its own counts alone, and each part is sorted by item_id, so a
-    range is a slice of every part. About `rows_per_range` (TRANSITION_MERGE_ROWS) of the parts' rows are
-    merged at once (merging them all took 4–5× their size on top of them, in the group-by and the sort);
-    the result is identical."""
+    next items, scores and shares come from its own counts alone. About `rows_per_range`
+    (TRANSITION_MERGE_ROWS) of the parts' rows are merged at once (merging them all took 4–5× their size on
+    top of them, in the group-by and the sort); the result is identical. Parts may be Parquet scans (spilled
+    partitions): each is sorted by item_id, so a range reads only its own row groups."""
     rows_per_range = rows_per_range or TRANSITION_MERGE_ROWS
-    ids = pl.concat([part.get_column("item_id").unique() for part in parts]).unique().sort()
-    ranges = min(ids.len(), -(-sum(part.height for part in parts) // rows_per_range))
+    lazy = [part.lazy() for part in parts]
+    ids = _collect(pl.concat([frame.select(pl.col("item_id").unique()) for frame in lazy]).unique().sort("item_id"))
+    total = sum(_collect(frame.select(pl.len())).item() for frame in lazy)
+    ranges = min(ids.height, -(-total // rows_per_range))
     if ranges <= 1:
-        return build_item_transitions(merge_transitions(parts), as_of, top_k)
+        return build_item_transitions(merge_transitions([_collect(frame) for frame in lazy]), as_of, top_k)
     # Range r holds the item ids in [bounds[r], bounds[r + 1]): as many distinct items in each.
-    bounds = [ids[ids.len() * r // ranges] for r in range(1, ranges)] + [None]
-    built, starts = [], [0] * len(parts)
-    for upper in bounds:
-        shares = []
-        for index, part in enumerate(parts):
-            stop = part.height if upper is None else part.get_column("item_id").search_sorted(upper, side="left")
-            shares.append(part.slice(starts[index], stop - starts[index]))
-            starts[index] = stop
-        built.append(build_item_transitions(merge_transitions(shares), as_of, top_k))
+    item_ids = ids.get_column("item_id")
+    bounds = [None] + [item_ids[item_ids.len() * r // ranges] for r in range(1, ranges)] + [None]
+    built = []
+    for lower, upper in itertools.pairwise(bounds):
+        within = pl.lit(True)
+        if lower is not None:
+            within &= pl.col("item_id") >= lower
+        if upper is not None:
+            within &= pl.col("item_id") < upper
+        counts = merge_transitions([_collect(frame.filter(within)) for frame in lazy])
+        built.append(build_item_transitions(counts, as_of, top_k))
     return pl.concat(built)
 
 

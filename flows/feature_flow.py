@@ -1,10 +1,12 @@
 """Feature flow: raw events → point-in-time features and labels → validated → Postgres."""
 
 import logging
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import NamedTuple
+from uuid import uuid4
 
 import polars as pl
 import sqlalchemy as sa
@@ -86,9 +88,12 @@ def compute_partition(
     synthetic_dir: Path,
     partition: partitions.Partition,
     recent_items: int,
+    spill_dir: Path | None = None,
 ) -> PartitionResult:
     """Read one user partition's events before `week` (over connections of its own, so it runs on any
-    worker), compute its share of the snapshot and check its rows of the user-keyed tables."""
+    worker), compute its share of the snapshot and check its rows of the user-keyed tables. With
+    `spill_dir` (a folder of this machine's), its shares of the user tables and transitions wait for the
+    merge in Parquet files there (`partitioned.spill_partition_tables`)."""
     engine = sa.create_engine(sqlalchemy_url(database_url.get_secret_value()), poolclass=sa.NullPool)
     try:
         before = transform.week_start(week)
@@ -97,6 +102,8 @@ def compute_partition(
         engine.dispose()
     tables = partitioned.build_partition_tables(raw.events, raw.items, week, recent_items=recent_items)
     failures = partitioned.check_partition_tables(tables.tables, week)
+    if spill_dir is not None:
+        tables = partitioned.spill_partition_tables(tables, spill_dir / str(partition.index))
     hashes = store.hash_raw_window(raw.events, before)
     return PartitionResult(tables, failures, hashes, raw.events.height, raw.duplicates)
 
@@ -195,27 +202,40 @@ def compute_in_partitions(
     stores: Stores, settings: Settings, spec: str, todo: list[date], weeks: list[date], as_of: date, now: datetime
 ) -> Iterator[Week]:
     """The snapshots of `todo`, each from `settings.feature_partitions` user partitions that read their
-    own events (tasks on threads or a Dask cluster), merged here: no process holds the whole log."""
+    own events (tasks on threads or a Dask cluster), merged here: no process holds the whole log.
+
+    On threads, the partitions' shares wait for the merge on disk, under `RECSYS_DATA_DIR/feature-shares`
+    (removed once merged): held in memory, they were the whole snapshot's user tables and more before its
+    merge began (6.4 GB at a million users). On Dask they come back as frames, as a worker's disk is not
+    this process's."""
     synthetic, options = synthetic_log_config(settings, spec), feature_options(settings)
     if synthetic_kind(spec):
         ensure_synthetic_log(synthetic, as_of)  # once, before partitions read it
     connection = {"database_url": SecretStr(stores.database_url), "spec": spec, "now": now,
                   "synthetic_dir": synthetic.folder, "recent_items": options["recent_items"]}  # fmt: skip
+    spill_root = None if settings.dask_address else settings.data_dir.resolve() / "feature-shares" / uuid4().hex
     with partition_runner(settings) as runner:
         for week in todo:
-            parts = run_partitions(runner, connection | {"week": week}, settings.feature_partitions)
-            events, duplicates = sum(p.events for p in parts), sum(p.duplicates for p in parts)
-            if not events:
-                if week in weeks:
-                    raise RawDataError(f"source {spec}: no events before {transform.week_start(week).isoformat()}")
-                log.info("week %s precedes the source's first event: nothing to compute", week)
-                continue
-            raw_digest = store.digest_event_hashes([p.event_hashes for p in parts])
-            shares = [p.tables for p in parts]
-            checked = {name: validation.merge_failures([p.failures[name] for p in parts]) for name in shares[0].tables}
-            del parts  # the event hashes go; the shares leave one table at a time as they are merged
-            frames = merge_partitions(shares, week, options)
-            del shares
+            spill_dir = spill_root and spill_root / week.isoformat()
+            try:
+                parameters = connection | {"week": week, "spill_dir": spill_dir}
+                parts = run_partitions(runner, parameters, settings.feature_partitions)
+                events, duplicates = sum(p.events for p in parts), sum(p.duplicates for p in parts)
+                if not events:
+                    if week in weeks:
+                        raise RawDataError(f"source {spec}: no events before {transform.week_start(week).isoformat()}")
+                    log.info("week %s precedes the source's first event: nothing to compute", week)
+                    continue
+                raw_digest = store.digest_event_hashes([p.event_hashes for p in parts])
+                shares = [p.tables for p in parts]
+                checked = {name: validation.merge_failures([p.failures[name] for p in parts])
+                           for name in shares[0].tables}  # fmt: skip
+                del parts  # the event hashes go; the shares leave one table at a time as they are merged
+                frames = merge_partitions(shares, week, options)
+                del shares
+            finally:
+                if spill_root is not None:
+                    shutil.rmtree(spill_root, ignore_errors=True)  # merged or failed: the shares go
             checked = {name: failures for name, failures in checked.items() if name in frames}  # empty labels go
             checked |= check_merged_rows(frames, week, settings.feature_partitions)
             rows = sum(frame.height for frame in frames.values())

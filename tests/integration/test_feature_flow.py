@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from polars.testing import assert_frame_equal
 
-from features import contracts, store, transform, validation
+from features import contracts, partitioned, store, transform, validation
 from features.raw import RawData, RawDataError
 from features.sources import read_source
 from features.synthetic import generate_log
@@ -198,6 +198,7 @@ def test_validation_failure_writes_nothing_records_the_report_and_names_table_an
     assert feature_rows(dump_store(engine)) == feature_rows(before)
     failed = {r.table: r.as_of for r in error.reports}
     assert failed["user_features"] == AS_OF
+    assert not any((Settings().data_dir / "feature-shares").glob("*"))  # partitions' shares removed on failure
     after = dump_store(engine)
     assert all(row in after["feature_snapshots"] for row in before["feature_snapshots"])
     new_rows = [row for row in after["feature_snapshots"] if row not in before["feature_snapshots"]]
@@ -355,10 +356,21 @@ def test_snapshots_computed_in_partitions_equal_the_whole_log_snapshots(
     assert released.findall(caplog.text) == [str(LAST_WEEK), str(AS_OF)]
     caplog.clear()
     monkeypatch.setenv("RECSYS_FEATURE_PARTITIONS", "3")
+    spilled, spill = [], partitioned.spill_partition_tables
+
+    def recorded(part, folder):
+        spilled.append(folder)
+        return spill(part, folder)
+
+    monkeypatch.setattr(partitioned, "spill_partition_tables", recorded)
 
     state = run_flow(as_of=AS_OF, backfill_from=LAST_WEEK, source=spec, force=True)
 
     assert state.result() == whole
+    # On threads every partition's shares waited on disk for the merge, and are gone once merged.
+    assert len(spilled) == 2 * 3 and {folder.parent.name for folder in spilled} == {str(LAST_WEEK), str(AS_OF)}
+    assert not any(folder.exists() for folder in spilled)
+    assert not any((Settings().data_dir / "feature-shares").glob("*"))
     assert raw_digests(clean_stores.engine) == lineage
     assert f"Read {log.events.height} events (0 duplicates dropped)" in artifact_text(state, ARTIFACT_KEY)
     assert released.findall(caplog.text) == [str(LAST_WEEK), str(AS_OF)]

@@ -1,6 +1,8 @@
 """A snapshot computed in user partitions equals the whole-log snapshot, table for table and digest for digest."""
 
+import tempfile
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from unittest import mock
 
 import polars as pl
@@ -34,13 +36,17 @@ def build_items(releases: list[int | None]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=RAW_ITEMS_SCHEMA, orient="row")
 
 
-def split_and_merge(events: pl.DataFrame, metadata: pl.DataFrame, count: int) -> dict[str, pl.DataFrame]:
-    """As the feature flow does: each partition reads (and conforms items against) its own events only."""
+def split_and_merge(
+    events: pl.DataFrame, metadata: pl.DataFrame, count: int, spill: Path | None = None
+) -> dict[str, pl.DataFrame]:
+    """As the feature flow does: each partition reads (and conforms items against) its own events only; with
+    `spill`, each partition's shares wait for the merge in Parquet files there, as on the thread runner."""
     parts = []
     for partition in all_partitions(count):
         own = events.filter(in_partition("user_id", partition))
         items = conform_items(metadata, own, source="t")
-        parts.append(partitioned.build_partition_tables(own, items, WEEK, recent_items=3))
+        part = partitioned.build_partition_tables(own, items, WEEK, recent_items=3)
+        parts.append(part if spill is None else partitioned.spill_partition_tables(part, spill / str(partition.index)))
     return partitioned.merge_partition_tables(parts, WEEK, neighbours=2)
 
 
@@ -55,16 +61,20 @@ EVENT = st.tuples(USER, st.integers(1, 9), st.integers(-16 * 7 * 86_400, 7 * 86_
     releases=st.lists(st.one_of(st.none(), st.integers(-200, 30)), min_size=6, max_size=6),
     count=st.integers(2, 6),
     merge_rows=st.integers(1, 12),
+    spill=st.booleans(),
 )
-def test_partitioned_snapshot_equals_the_whole_log_snapshot_with_the_same_digests(rows, releases, count, merge_rows):
+def test_partitioned_snapshot_equals_the_whole_log_snapshot_with_the_same_digests(
+    rows, releases, count, merge_rows, spill
+):
     events, metadata = build_events(rows), build_items(releases)
     whole = transform.build_week_tables(
         events, conform_items(metadata, events, source="t"), WEEK, recent_items=3, neighbours=2
     )
 
     # Transitions merged a few rows at a time: many item ranges, as at a million users.
-    with mock.patch.object(transform, "TRANSITION_MERGE_ROWS", merge_rows):
-        merged = split_and_merge(events, metadata, count)
+    # Shares spilled to Parquet or kept in memory.
+    with mock.patch.object(transform, "TRANSITION_MERGE_ROWS", merge_rows), tempfile.TemporaryDirectory() as folder:
+        merged = split_and_merge(events, metadata, count, Path(folder) if spill else None)
 
     assert list(merged) == list(whole)
     for name, frame in whole.items():

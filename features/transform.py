@@ -478,26 +478,35 @@ def build_item_transitions_of_parts(
     (TRANSITION_MERGE_ROWS) of the parts' rows are merged at once (merging them all took 4–5× their size on
     top of them, in the group-by and the sort); the result is identical. Parts may be Parquet scans (spilled
     partitions): each is sorted by item_id, so a range reads only its own row groups."""
-    rows_per_range = rows_per_range or TRANSITION_MERGE_ROWS
     lazy = [part.lazy() for part in parts]
-    ids = _collect(pl.concat([frame.select(pl.col("item_id").unique()) for frame in lazy]).unique().sort("item_id"))
-    total = sum(_collect(frame.select(pl.len())).item() for frame in lazy)
-    ranges = min(ids.height, -(-total // rows_per_range))
-    if ranges <= 1:
-        return build_item_transitions(merge_transitions([_collect(frame) for frame in lazy]), as_of, top_k)
-    # Range r holds the item ids in [bounds[r], bounds[r + 1]): as many distinct items in each.
-    item_ids = ids.get_column("item_id")
-    bounds = [None] + [item_ids[item_ids.len() * r // ranges] for r in range(1, ranges)] + [None]
     built = []
-    for lower, upper in itertools.pairwise(bounds):
-        within = pl.lit(True)
-        if lower is not None:
-            within &= pl.col("item_id") >= lower
-        if upper is not None:
-            within &= pl.col("item_id") < upper
+    for within in id_ranges(lazy, "item_id", rows_per_range or TRANSITION_MERGE_ROWS):
         counts = merge_transitions([_collect(frame.filter(within)) for frame in lazy])
         built.append(build_item_transitions(counts, as_of, top_k))
     return pl.concat(built)
+
+
+def id_ranges(frames: list[pl.LazyFrame], column: str, rows_per_range: int) -> list[pl.Expr]:
+    """Filters that split the rows of `frames` by `column` into consecutive ranges of its values, each
+    range holding as many distinct values, and about `rows_per_range` rows when values hold rows alike
+    (one filter, always true, when one range will do). A frame sorted by `column` (a Parquet file with its
+    row-group statistics) is read only where a range lies."""
+    values = _collect(pl.concat([frame.select(pl.col(column).unique()) for frame in frames]).unique().sort(column))
+    total = sum(_collect(frame.select(pl.len())).item() for frame in frames)
+    ranges = min(values.height, -(-total // rows_per_range))
+    if ranges <= 1:
+        return [pl.lit(True)]
+    ids = values.get_column(column)
+    bounds = [None] + [ids[ids.len() * r // ranges] for r in range(1, ranges)] + [None]
+    filters = []
+    for lower, upper in itertools.pairwise(bounds):
+        within = pl.lit(True)
+        if lower is not None:
+            within &= pl.col(column) >= lower
+        if upper is not None:
+            within &= pl.col(column) < upper
+        filters.append(within)
+    return filters
 
 
 def build_item_transitions(counts: pl.DataFrame, as_of: date, top_k: int) -> pl.DataFrame:

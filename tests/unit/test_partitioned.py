@@ -71,9 +71,13 @@ def test_partitioned_snapshot_equals_the_whole_log_snapshot_with_the_same_digest
         events, conform_items(metadata, events, source="t"), WEEK, recent_items=3, neighbours=2
     )
 
-    # Transitions merged a few rows at a time: many item ranges, as at a million users.
+    # User tables and transitions merged a few rows at a time: many id ranges, as at a million users.
     # Shares spilled to Parquet or kept in memory.
-    with mock.patch.object(transform, "TRANSITION_MERGE_ROWS", merge_rows), tempfile.TemporaryDirectory() as folder:
+    with (
+        mock.patch.object(transform, "TRANSITION_MERGE_ROWS", merge_rows),
+        mock.patch.object(partitioned, "MERGE_ROWS", merge_rows),
+        tempfile.TemporaryDirectory() as folder,
+    ):
         merged = split_and_merge(events, metadata, count, Path(folder) if spill else None)
 
     assert list(merged) == list(whole)

@@ -6,6 +6,13 @@ bootstrap interval of the model's relative gain over (user, week) units. A model
 only when the interval's lower bound clears the margin over the best baseline and, when a
 trained model holds the champion alias, over that champion too: a point estimate that
 looks better on a few dozen users is not enough.
+
+The champion is compared only on the gate weeks after the last week it trained on (its
+out-of-sample weeks; the training flow pools them apart), never on its own training weeks;
+with none, it is kept. A candidate that is the champion's own recipe refitted on newer weeks
+(a refresh) need not beat it: it replaces the champion when it clears the best baseline and
+is not worse than the champion beyond noise (the upper bound of its gain over the champion is
+at least 0), so the served model does not go stale while its recipe stays the best.
 """
 
 import math
@@ -35,6 +42,9 @@ def decide(
     margin: float,
     champion_baseline: str | None = None,
     weeks: Sequence[date] = (),
+    champion_through: date | None = None,
+    champion_weeks: Sequence[date] = (),
+    refresh: bool = False,
 ) -> Decision:
     """The gate on pooled results: `results` holds each recommender's pooled metrics ("model",
     the baselines, "champion" when a trained model holds the alias), `gains` the model's gain
@@ -43,11 +53,20 @@ def decide(
     A baseline champion (`champion_baseline`) is a stand-in: the model must clear the best
     baseline. A model that does not win while no model holds the champion alias leaves the
     best baseline (by pooled point estimate) to serve (`serve_baseline`).
+
+    `champion_through`: the last week the trained champion trained on; its results and gain are then
+    those of the `champion_weeks` after it only, and without them ("champion" missing) it is kept.
+    `refresh`: the candidate is the champion's recipe refitted on newer weeks (module docstring).
     """
     if not margin >= 0:
         raise ValueError(f"decide: margin must be >= 0, got {margin}")
     best_name, best = pick_best_baseline({n: results[n] for n in BASELINES if n in results}, metric=metric)
-    trained_champion = champion_baseline is None and "champion" in results
+    trained_champion = champion_baseline is None and ("champion" in results or champion_through is not None)
+    if trained_champion and (refresh or champion_through is not None):
+        return _against_trained_champion(
+            gains, best_name, metric=metric, margin=margin, span=_describe_weeks(weeks),
+            champion_through=champion_through, champion_weeks=champion_weeks, refresh=refresh,
+        )  # fmt: skip
     bars = (["champion"] if trained_champion else []) + [best_name]
     missing = [b for b in bars if b not in gains]
     score = _metric_of(results["model"], metric, "candidate")
@@ -74,6 +93,58 @@ def decide(
         False,
         f"{why}: serving the best baseline {best_name} ({metric} {best_score:.4f}; model {score:.4f}): {reason}",
         serve_baseline=best_name,
+    )
+
+
+def _against_trained_champion(
+    gains: dict[str, GainEstimate],
+    best_name: str,
+    *,
+    metric: str,
+    margin: float,
+    span: str,
+    champion_through: date | None,
+    champion_weeks: Sequence[date],
+    refresh: bool,
+) -> Decision:
+    """The gate against a trained champion, compared on its out-of-sample weeks only (`decide`)."""
+    if best_name not in gains:
+        return Decision(False, f"keeps the champion: no evaluated (user, week) units to compare the candidate with "
+                               f"{best_name}{span}")  # fmt: skip
+    over_best = f"vs {best_name} (the best baseline): {gains[best_name].describe()}{span}"
+    clears_best = gains[best_name].clears(margin)
+    best_text = (
+        f"the lower bound over {best_name} {'clears' if clears_best else 'does not clear'} the margin {margin:.2%}"
+    )
+    recipe = "the candidate is the champion's recipe refitted on newer weeks" if refresh else "a new recipe"
+    if "champion" not in gains:
+        through = f" through {champion_through}" if champion_through is not None else ""
+        return Decision(
+            False,
+            f"keeps the champion: it trained{through}, so no gate week falls after its training weeks and it is never "
+            f"scored on weeks it trained on: there is no out-of-sample evidence to replace it on ({recipe}; "
+            f"candidate {metric} {over_best}: {best_text})",
+        )
+    champion = gains["champion"]
+    out_of_sample = f" (out of sample: {_describe_weeks(champion_weeks).strip(' ()') or 'weeks after its training'})"
+    over_champion = f"vs the champion{out_of_sample}: {champion.describe()}"
+    if refresh:
+        holds = champion.relative_gain_high >= 0
+        champion_text = (
+            "not worse than the champion beyond noise (upper bound of the gain >= 0)"
+            if holds
+            else "worse than the champion beyond noise (upper bound of the gain < 0)"
+        )
+    else:
+        holds = champion.clears(margin)
+        champion_text = (
+            f"the lower bound over the champion {'clears' if holds else 'does not clear'} the margin {margin:.2%} "
+            "(a new recipe must beat the champion)"
+        )
+    promote = clears_best and holds
+    verb = "promotes the candidate" if promote else "keeps the champion"
+    return Decision(
+        promote, f"{verb}: {recipe}: candidate {metric} {over_champion}; {over_best}: {best_text}; {champion_text}"
     )
 
 

@@ -92,6 +92,12 @@ def load_refit_categories(engine, refit: WeekPlan) -> list[str]:
     return category_encoding(store.read_item_features(engine, store.encoding_week(engine, refit)))
 
 
+@task(**TRANSIENT_IO)
+def is_kept(engine, key: str) -> bool:
+    """Whether an earlier run kept a model under `key` (`training.store.keep_gate_model`)."""
+    return store.has_gate_model(engine, key)
+
+
 @task(**IO)
 def refit_through_newest_week(
     engine, plan: WeekPlan, categories: list[str], cache: gate.FrameCache, params: RankerParams, reuse_key: str | None
@@ -223,7 +229,7 @@ def training_flow(as_of: date | None = None) -> dict:
             gate_model_key(engine, refit, refit_categories, options, sampling) if settings.reuse_gate_models else None
         )
         # A refit an earlier run kept needs no frame: the last gate week then releases them all.
-        refit_frames = [] if refit_key is not None and store.has_gate_model(engine, refit_key) else refit.weeks[:-1]
+        refit_frames = [] if refit_key is not None and is_kept(engine, refit_key) else refit.weeks[:-1]
         runs = []
         for i, plan in enumerate(plans):
             # Items never leave the catalogue, so the holdout's categories cover the older weeks'.

@@ -67,6 +67,22 @@ def plan_options(settings: Settings) -> dict:
     }
 
 
+def recipe(settings: Settings) -> dict:
+    """What a trained model's recipe is, as settings: its weeks' plan, LightGBM's base parameters and their tuning,
+    the candidates and their allocation, the frames' sampling, the collaborative features' settings. A model
+    trained a week later by an equal recipe is a refresh of it (`training.store.recipe_key`)."""
+    return {
+        "plan": plan_options(settings) | {"gate_weeks": None},  # how many weeks the gate pools is not the model's
+        "params": ranker_params(settings),
+        "tuning": tuning_config(settings),
+        "candidates": candidate_config(settings),
+        "candidates_per_user": settings.candidates_per_user,
+        "candidate_bands": settings.candidate_bands,
+        "sampling": sampling_options(settings) | {"batch_users": None},  # no model depends on the batch size
+        "collaborative": collaborative_config(settings),
+    }
+
+
 def backtest_options(settings: Settings) -> dict:
     """The keyword arguments of `training.backtest.run_backtest` that the training flow takes from Settings."""
     return (

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 import lightgbm as lgb
@@ -35,6 +35,7 @@ from training.tuning import TuningConfig, TuningResult, tune_params
 log = logging.getLogger(__name__)
 
 MODEL = "model"
+CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,12 @@ def train_and_evaluate_week(
     """
     started = time.perf_counter()
     if reused is None:
-        train, valid = plan_frames(plan, categories, frame_of)
-        framed = time.perf_counter()
-        model = train_ranker(train, valid, params)
-        trained = time.perf_counter()
-        train_rows, valid_rows = train.height, valid.height
-        del train, valid
+        fitted, frames_s = fit_week(plan, categories, frame_of=frame_of, params=params)
+        framed, trained = started + frames_s, time.perf_counter()
     else:
-        model, train_rows, valid_rows = reused.model, reused.train_rows, reused.valid_rows
+        fitted = reused
         framed = trained = time.perf_counter()
+    model, train_rows, valid_rows = fitted.model, fitted.train_rows, fitted.valid_rows
     if after_training is not None:
         after_training()
     tables, labels = holdout_of(plan.holdout)
@@ -134,6 +132,22 @@ def train_and_evaluate_week(
     )  # fmt: skip
     return WeekRun(plan, model, categories, scored, train_rows, valid_rows, framed - started, trained - framed,
                    done - trained, reused=reused is not None)  # fmt: skip
+
+
+def fit_week(
+    plan: WeekPlan,
+    categories: list[str],
+    *,
+    frame_of: Callable[[date, list[str]], pl.DataFrame],
+    params: RankerParams,
+) -> tuple[FittedWeek, float]:
+    """A model trained on `plan`'s training weeks, early-stopped on its validation weeks (refitted on both, by
+    `params.refit`), and the seconds its frames took; the frames are released before it returns."""
+    started = time.perf_counter()
+    train, valid = plan_frames(plan, categories, frame_of)
+    framed = time.perf_counter()
+    model = train_ranker(train, valid, params)
+    return FittedWeek(model, train.height, valid.height), framed - started
 
 
 def tune_on_plan(
@@ -195,8 +209,9 @@ class PooledEvaluation:
     weeks: list[date]
     metrics: dict[str, dict[str, float]]
     candidate_recall: dict[str, float]
-    units: pl.DataFrame  # week, user_id, then each recommender's NDCG@k
+    units: pl.DataFrame  # week, user_id, then each recommender's NDCG@k (the champion's null on its training weeks)
     gains: dict[str, GainEstimate]
+    champion_weeks: list[date] = field(default_factory=list)  # the weeks the champion was compared on
 
     def gains_record(self) -> dict[str, dict[str, float]]:
         """The gains as the registry stores them (JSON): per recommender the gain, its interval and the
@@ -220,26 +235,44 @@ def _finite(value: float) -> float | None:
 
 
 def pool_weeks(
-    evaluations: dict[date, WeekEvaluation], *, confidence: float, resamples: int, seed: int
+    evaluations: dict[date, WeekEvaluation],
+    *,
+    confidence: float,
+    resamples: int,
+    seed: int,
+    champion_after: date | None = None,
 ) -> PooledEvaluation:
     """Pool weekly evaluations into (user, week) units; recommenders missing from a week (e.g. EASE
-    above its catalogue bound) are left out of the pool, so every comparison is paired."""
+    above its catalogue bound) are left out of the pool, so every comparison is paired. With
+    `champion_after` (the last week the champion trained on), the champion is pooled and compared only
+    on the weeks after it (`champion_weeks`; its units of earlier weeks are null), and left out when none is."""
     if not evaluations:
         raise ValueError("pool_weeks: no weekly evaluations to pool")
     weeks = sorted(evaluations)
     names = [n for n in evaluations[weeks[0]].metrics if all(n in evaluations[w].metrics for w in weeks)]
     if MODEL not in names:
         raise ValueError(f"pool_weeks: every week needs the model's results, got {names}")
+    champion_weeks = [w for w in weeks if champion_after is None or w > champion_after]
+    if CHAMPION in names and not champion_weeks:
+        names.remove(CHAMPION)
     units = pl.concat([evaluations[w].per_user.select(pl.lit(w).alias("week"), "user_id", *names) for w in weeks]).sort(
         "week", "user_id"
     )
-    pooled = {n: metrics.combine_weeks([evaluations[w].metrics[n] for w in weeks]) for n in names}
+    pooled = {
+        n: metrics.combine_weeks([evaluations[w].metrics[n] for w in (champion_weeks if n == CHAMPION else weeks)])
+        for n in names
+    }
     recall = evaluation.combine_recall([evaluations[w].candidate_recall for w in weeks])
     gains = {}
+    if CHAMPION in names:  # the champion's own training weeks are no evidence for or against it
+        units = units.with_columns(pl.when(pl.col("week").is_in(champion_weeks)).then(pl.col(CHAMPION)))
     if units.height:
         for name in names:
             if name == MODEL:
                 continue
             pair = units.select("week", "user_id", a=pl.col(MODEL), b=pl.col(name))
-            gains[name] = bootstrap_gain_of_units(pair, confidence=confidence, resamples=resamples, seed=seed)
-    return PooledEvaluation(weeks, pooled, recall, units, gains)
+            if name == CHAMPION:
+                pair = pair.filter(pl.col("week").is_in(champion_weeks))
+            if pair.height:
+                gains[name] = bootstrap_gain_of_units(pair, confidence=confidence, resamples=resamples, seed=seed)
+    return PooledEvaluation(weeks, pooled, recall, units, gains, champion_weeks if CHAMPION in names else [])

@@ -114,6 +114,21 @@ def plan_gate(
     return [*plans, latest]
 
 
+def plan_refit(
+    labelled: list[date],
+    latest: WeekPlan,
+    training_weeks: int,
+    validation_weeks: int = 1,
+    widening: Widening | None = None,
+) -> WeekPlan:
+    """The model served after the gate: `latest`'s recipe refitted through its holdout H, on the weeks the next
+    week's run plans for its gate model of holdout H + 1 week (that plan, its holdout not yet labelled), so that
+    run reuses it as that gate model instead of training it again. Weeks after H are left out, as at H + 1 week."""
+    following = latest.holdout + WEEK
+    known = [d for d in labelled if d <= latest.holdout]
+    return plan_weeks([*known, following], following + WEEK, training_weeks, validation_weeks, widening)
+
+
 def staleness(plan: WeekPlan) -> str | None:
     """A warning when the newest labelled week is older than the week that closed at `as_of`."""
     expected = plan.as_of - WEEK

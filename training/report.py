@@ -22,6 +22,7 @@ def format_gain(gain: GainEstimate | None) -> str:
 def metrics_markdown(
     version: int,
     plans: list[WeekPlan],
+    refit: WeekPlan,
     pooled: PooledEvaluation,
     decision: Decision,
     k: int,
@@ -29,8 +30,9 @@ def metrics_markdown(
     allocation: dict | None = None,
 ) -> str:
     """Markdown: the decision and the champion now live, every recommender's pooled metrics with the
-    model's gain over it, NDCG per week, and candidate recall, with the candidates' allocation (its
-    `Allocation.record()`) when they were allocated by recall."""
+    model's gain over it, NDCG per week (the champion's only on the weeks after its training), and candidate
+    recall, with the candidates' allocation (its `Allocation.record()`) when they were allocated by recall.
+    The registered model is the gate's recipe refitted on `refit`'s weeks."""
     names = metrics.METRIC_NAMES
     confidence = next(iter(pooled.gains.values())).confidence if pooled.gains else 0.95
     header = (
@@ -48,7 +50,9 @@ def metrics_markdown(
         pl.len().alias("users"), *[pl.col(n).mean() for n in recommenders]
     )
     week_rows = [
-        f"| {r['week']} | {r['users']} | " + " | ".join(f"{r[n]:.4f}" for n in recommenders) + " |"
+        f"| {r['week']} | {r['users']} | "
+        + " | ".join("–" if r[n] is None else f"{r[n]:.4f}" for n in recommenders)
+        + " |"
         for r in per_week.iter_rows(named=True)
     ]
     recall = pooled.candidate_recall
@@ -65,8 +69,15 @@ def metrics_markdown(
             *([f"⚠️ {stale}", ""] if (stale := staleness(latest)) else []),
             f"Gate weeks {', '.join(map(str, pooled.weeks))}: a model trained as of each on its past only, scored "
             "there with the champion and every baseline; metrics micro-averaged over (user, week), intervals by "
-            f"paired bootstrap over those units. The registered model: holdout {latest.holdout}, validation "
-            f"{', '.join(map(str, latest.validation))}, trained on {', '.join(map(str, latest.train))}.",
+            f"paired bootstrap over those units"
+            + (
+                f"; the champion only on {', '.join(map(str, pooled.champion_weeks))}, after its training weeks"
+                if "champion" in pooled.metrics
+                else ""
+            )
+            + f". The registered model: the same recipe refitted through {refit.validation[-1]} (validation "
+            f"{', '.join(map(str, refit.validation))}, trained on {', '.join(map(str, refit.train))}); next week's "
+            f"run scores it as its gate model of {refit.holdout}.",
             "",
             header,
             "|---" * (len(names) + 3) + "|",

@@ -23,7 +23,7 @@ from features import store as feature_store
 from ranking import registry
 from ranking.candidates import CandidateConfig, SnapshotTables
 from training import frames, plan, promotion
-from training.gate import FittedWeek, PooledEvaluation, WeekRun
+from training.gate import FittedWeek, PooledEvaluation
 from training.ranker import RankerParams, TrainedRanker
 
 log = logging.getLogger(__name__)
@@ -42,20 +42,59 @@ def plan_training(
     validation, the model trained at `as_of` last; warns when the newest of them is older than the
     week that just closed. Training weeks holding fewer than `min_training_users` labelled users widen
     to at most `max_training_weeks` (`plan.Widening`), counted in the store only when they can."""
-    features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
-    labelled = [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
-    widening = None
-    if plan.widens(training_weeks, min_training_users, max_training_weeks):
-        # No plan reaches further back than the oldest gate holdout's validation and widest training weeks.
-        usable = [d for d in labelled if d + plan.WEEK <= as_of]
-        reach = usable[-(gate_weeks + validation_weeks + max_training_weeks) :]
-        # Counted up to min_training_users: a week holding that many alone meets it, so the plan is the same.
-        users = feature_store.count_labelled_users(engine, reach, at_most=min_training_users)
-        widening = plan.Widening(users=users, min_users=min_training_users, max_weeks=max_training_weeks)
+    labelled = labelled_weeks(engine)
+    widening = _widening(
+        engine, labelled, as_of, training_weeks, gate_weeks, validation_weeks, min_training_users, max_training_weeks
+    )
     plans = plan.plan_gate(labelled, as_of, training_weeks, gate_weeks, validation_weeks, widening)
     if (stale := plan.staleness(plans[-1])) is not None:
         log.warning(stale)
     return plans
+
+
+def plan_refit(
+    engine: sa.Engine,
+    latest: plan.WeekPlan,
+    training_weeks: int,
+    gate_weeks: int,
+    validation_weeks: int,
+    min_training_users: int = 0,
+    max_training_weeks: int = 0,
+) -> plan.WeekPlan:
+    """The served model's plan (`plan.plan_refit`): `latest` (the gate's last plan) refitted through its holdout,
+    planned as the next week's run (`plan_training` one week later) plans its gate model of the week after."""
+    labelled = [d for d in labelled_weeks(engine) if d <= latest.holdout]
+    widening = _widening(
+        engine, labelled, latest.holdout + plan.WEEK, training_weeks, gate_weeks, validation_weeks,
+        min_training_users, max_training_weeks,
+    )  # fmt: skip
+    return plan.plan_refit(labelled, latest, training_weeks, validation_weeks, widening)
+
+
+def labelled_weeks(engine: sa.Engine) -> list[date]:
+    """The weeks whose user features and labels both passed validation, oldest first."""
+    features = set(feature_store.passed_as_ofs(engine, contracts.USER_FEATURES.name))
+    return [d for d in feature_store.passed_as_ofs(engine, contracts.LABELS.name) if d in features]
+
+
+def _widening(
+    engine: sa.Engine,
+    labelled: list[date],
+    as_of: date,
+    training_weeks: int,
+    gate_weeks: int,
+    validation_weeks: int,
+    min_training_users: int,
+    max_training_weeks: int,
+) -> plan.Widening | None:
+    if not plan.widens(training_weeks, min_training_users, max_training_weeks):
+        return None
+    # No plan reaches further back than the oldest gate holdout's validation and widest training weeks.
+    usable = [d for d in labelled if d + plan.WEEK <= as_of]
+    reach = usable[-(gate_weeks + validation_weeks + max_training_weeks) :]
+    # Counted up to min_training_users: a week holding that many alone meets it, so the plan is the same.
+    users = feature_store.count_labelled_users(engine, reach, at_most=min_training_users)
+    return plan.Widening(users=users, min_users=min_training_users, max_weeks=max_training_weeks)
 
 
 def read_tables(engine: sa.Engine, as_of: date, user_ids: Sequence[int] | None = None) -> SnapshotTables:
@@ -69,6 +108,14 @@ def read_tables(engine: sa.Engine, as_of: date, user_ids: Sequence[int] | None =
             for t in contracts.FEATURE_TABLES
         }
     )
+
+
+def encoding_week(engine: sa.Engine, refit: plan.WeekPlan) -> date:
+    """The snapshot whose categories encode the refit (`plan_refit`): its holdout's, which the next week's run
+    encodes its gate model of that week with, when the item features of that week passed (the feature flow
+    writes them a week before its labels); else its newest training week's."""
+    passed = set(feature_store.passed_as_ofs(engine, contracts.ITEM_FEATURES.name))
+    return refit.holdout if refit.holdout in passed else refit.validation[-1]
 
 
 def read_labels(engine: sa.Engine, as_of: date) -> pl.DataFrame:
@@ -115,19 +162,24 @@ def register_and_gate(
     plans: list[plan.WeekPlan],
     pooled: PooledEvaluation,
     *,
+    refit: plan.WeekPlan,
+    recipe: str,
     categories: list[str],
     config: CandidateConfig,
     k: int,
     margin: float,
     flow_run_id: str | None,
 ) -> tuple[int, promotion.Decision, registry.ModelRecord]:
-    """Register the model (trained on the last of `plans`) with the gate's pooled evaluation and its
-    lineage and, only if it passes the gate, as champion (one transaction). When the gate leaves a
-    baseline to serve, register that baseline as a version and make it champion (one transaction).
+    """Register the model (the gate's recipe refitted through the newest holdout, on `refit`'s training and
+    validation weeks) with the gate's pooled evaluation of `plans` and its lineage and, only if it passes the
+    gate, as champion (one transaction). When the gate leaves a baseline to serve, register that baseline as a
+    version and make it champion (one transaction). `recipe` (`recipe_key`) tells a refresh of the champion's
+    recipe from a new one (`promotion.decide`).
 
     Returns the model's version, the gate's decision and the champion live afterwards.
     """
     held = registry.get_champion(engine, name)
+    trained = held is not None and held.kind == "ranker"
     decision = promotion.decide(
         pooled.metrics,
         pooled.gains,
@@ -135,28 +187,33 @@ def register_and_gate(
         margin=margin,
         champion_baseline=held.params["baseline"] if held is not None and held.kind == "baseline" else None,
         weeks=pooled.weeks,
+        champion_through=trained_through(held) if trained else None,
+        champion_weeks=pooled.champion_weeks,
+        refresh=trained and held.params.get("recipe") == recipe,
     )
-    week_plan = plans[-1]
     lineage = {
-        "as_of": week_plan.as_of,
-        "validation_as_of": week_plan.validation[-1],
-        "holdout_as_of": week_plan.holdout,
-        "feature_snapshots": snapshot_digests(engine, sorted({w for p in plans for w in p.weeks})),
+        "as_of": plans[-1].as_of,
+        "validation_as_of": refit.validation[-1],
+        "holdout_as_of": None,  # trained through the gate's newest holdout: its evidence is the gate's weeks
+        "feature_snapshots": snapshot_digests(
+            engine, sorted({w for p in plans for w in p.weeks} | {*refit.train, *refit.validation})
+        ),
         "flow_run_id": flow_run_id,
         "code_version": package_version("weekly-recs"),
         "actor": "training-flow",
     }
     gate = {"candidate_recall": pooled.candidate_recall, "gains": pooled.gains_record(),
-            "gate_weeks": [str(w) for w in pooled.weeks]}  # fmt: skip
+            "gate_weeks": [str(w) for w in pooled.weeks],
+            "champion_weeks": [str(w) for w in pooled.champion_weeks]}  # fmt: skip
     version = registry.register_model(
         engine,
         name=name,
         model_text=model.model_text,
         feature_names=model.feature_names,
         encodings={"category": categories},
-        params=model.params | {"best_iteration": model.best_iteration, "candidates": asdict(config)},
+        params=model.params | {"best_iteration": model.best_iteration, "candidates": asdict(config), "recipe": recipe},
         metrics=pooled.metrics | gate,
-        training_as_ofs=week_plan.train,
+        training_as_ofs=refit.train,
         status="registered" if decision.promote else "rejected",
         decision=decision,
         promote_reason=decision.reason if decision.promote else None,
@@ -179,6 +236,21 @@ def register_and_gate(
             **lineage,
         )
     return version, decision, registry.get_champion(engine, name)
+
+
+def trained_through(record: registry.ModelRecord) -> date | None:
+    """The last week a trained model learnt from (its validation weeks early-stopped and refitted it): the gate
+    compares it only on later weeks. None for a record with no week (a baseline)."""
+    weeks = [*record.training_as_ofs, *([record.validation_as_of] if record.validation_as_of else [])]
+    return max(weeks) if weeks else None
+
+
+def recipe_key(recipe: dict) -> str:
+    """The recipe a model is trained by (`recipe`: the settings of its plan, parameters, tuning, candidates and
+    sampling; `flows.configs.recipe`) and the released code version, hashed: equal keys mark a refit of the same
+    recipe on newer weeks, which may replace the champion without beating it (`promotion.decide`)."""
+    content = {"recipe": recipe, "code_version": package_version("weekly-recs")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # Gate models kept for reuse, the most recently used first: a weekly run reuses at most RECSYS_GATE_WEEKS - 1 of
@@ -261,6 +333,14 @@ def source_fingerprint(packages: Sequence[Path], libraries: Sequence[str]) -> st
     return digest.hexdigest()
 
 
+def has_gate_model(engine: sa.Engine, key: str) -> bool:
+    """Whether a model is kept under `key` (`keep_gate_model`)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text("select exists (select 1 from gate_models where key = :key)"), {"key": key}
+        ).scalar()
+
+
 def reused_gate_model(engine: sa.Engine, key: str) -> FittedWeek | None:
     """The model an earlier run trained under `key` (`gate_model_key`), marked used; None when there is none,
     or when its text no longer matches the sha256 stored with it (then it is trained again; a warning says so)."""
@@ -284,15 +364,15 @@ def reused_gate_model(engine: sa.Engine, key: str) -> FittedWeek | None:
     return FittedWeek(model, row["train_rows"], row["valid_rows"])
 
 
-def keep_gate_model(engine: sa.Engine, key: str, run: WeekRun) -> None:
-    """Store a gate week's trained model under `key` for later runs; only the GATE_MODELS_KEPT most recently
-    used stay."""
-    model = run.model
+def keep_gate_model(engine: sa.Engine, key: str, holdout: date, fitted: FittedWeek) -> None:
+    """Store a gate week's trained model (or the served refit, kept for the next run's gate week `holdout`) under
+    `key` for later runs; only the GATE_MODELS_KEPT most recently used stay."""
+    model = fitted.model
     values = {
-        "key": key, "holdout": run.plan.holdout, "text": model.model_text, "names": json.dumps(model.feature_names),
+        "key": key, "holdout": holdout, "text": model.model_text, "names": json.dumps(model.feature_names),
         "sha": hashlib.sha256(model.model_text.encode()).hexdigest(),
-        "best": model.best_iteration, "params": json.dumps(model.params), "train": run.train_rows,
-        "importance": json.dumps(model.feature_importance), "valid": run.valid_rows,
+        "best": model.best_iteration, "params": json.dumps(model.params), "train": fitted.train_rows,
+        "importance": json.dumps(model.feature_importance), "valid": fitted.valid_rows,
         "ndcg": model.validation_ndcg,
     }  # fmt: skip
     with engine.begin() as conn:

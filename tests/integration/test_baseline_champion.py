@@ -99,7 +99,8 @@ def test_inference_without_any_registry_publishes_recent_popularity(stored: Sett
 def test_a_losing_model_leaves_the_best_baseline_as_champion_until_a_model_wins(stored: Settings, snapshots):
     model, categories = train_quick_model(snapshots[EARLIER], EARLIER, stored, trees=5)
     plan = WeekPlan(as_of=AS_OF, train=[EARLIER], validation=[EARLIER], holdout=EARLIER)
-    gate = {"categories": categories, "config": CandidateConfig(), "k": 10, "margin": 0.0, "flow_run_id": None}
+    gate = {"categories": categories, "config": CandidateConfig(), "k": 10, "margin": 0.0, "flow_run_id": None,
+            "refit": plan, "recipe": "test recipe"}  # fmt: skip
     with open_stores(stored) as stores:
         registry.ensure_schema(stores.engine)
         version, decision, live = training_store.register_and_gate(

@@ -6,28 +6,26 @@ from datetime import date, timedelta
 import sqlalchemy as sa
 
 from training import gate, store
-from training.plan import WeekPlan
 from training.ranker import TrainedRanker
 
 HOLDOUT = date(2026, 11, 2)
 
 
-def week_run(holdout: date, text: str = "tree\nTree=0\nleaf_value=0.5\n") -> gate.WeekRun:
-    plan = WeekPlan(as_of=holdout + timedelta(weeks=1), train=[holdout - timedelta(weeks=2)],
-                    validation=[holdout - timedelta(weeks=1)], holdout=holdout)  # fmt: skip
+def fitted(text: str = "tree\nTree=0\nleaf_value=0.5\n") -> gate.FittedWeek:
     model = TrainedRanker(
         model_text=text, feature_names=["a", "b"], best_iteration=7, params={"num_leaves": 15, "seed": 42},
         feature_importance={"a": 1.5, "b": 0.0}, validation_ndcg=float("nan"),
     )  # fmt: skip
-    return gate.WeekRun(plan, model, ["rock"], None, 120, 40, 1.0, 2.0, 3.0)
+    return gate.FittedWeek(model, 120, 40)
 
 
 def test_a_kept_model_comes_back_whole_and_a_damaged_one_is_trained_again(clean_stores):
     engine = clean_stores.engine
     store.ensure_schema(engine)
-    assert store.reused_gate_model(engine, "k1") is None
-    run = week_run(HOLDOUT)
-    store.keep_gate_model(engine, "k1", run)
+    assert store.reused_gate_model(engine, "k1") is None and not store.has_gate_model(engine, "k1")
+    run = fitted()
+    store.keep_gate_model(engine, "k1", HOLDOUT, run)
+    assert store.has_gate_model(engine, "k1")
 
     reused = store.reused_gate_model(engine, "k1")
 
@@ -40,7 +38,7 @@ def test_a_kept_model_comes_back_whole_and_a_damaged_one_is_trained_again(clean_
     with engine.begin() as conn:
         conn.execute(sa.text("update gate_models set model_text = model_text || 'x' where key = 'k1'"))
     assert store.reused_gate_model(engine, "k1") is None, "a text that no longer matches its sha256 is not reused"
-    store.keep_gate_model(engine, "k1", run)  # trained again: the kept text is replaced
+    store.keep_gate_model(engine, "k1", HOLDOUT, run)  # trained again: the kept text is replaced
     assert store.reused_gate_model(engine, "k1").model.model_text == run.model.model_text
 
 
@@ -49,10 +47,10 @@ def test_only_the_most_recently_used_models_stay(clean_stores, monkeypatch):
     store.ensure_schema(engine)
     monkeypatch.setattr(store, "GATE_MODELS_KEPT", 3)
     for n in range(3):
-        store.keep_gate_model(engine, f"k{n}", week_run(HOLDOUT + timedelta(weeks=n)))
+        store.keep_gate_model(engine, f"k{n}", HOLDOUT + timedelta(weeks=n), fitted())
     assert store.reused_gate_model(engine, "k0") is not None  # used again: now the most recent
 
-    store.keep_gate_model(engine, "k3", week_run(HOLDOUT + timedelta(weeks=3)))
+    store.keep_gate_model(engine, "k3", HOLDOUT + timedelta(weeks=3), fitted())
 
     with engine.connect() as conn:
         kept = set(conn.execute(sa.text("select key from gate_models")).scalars())

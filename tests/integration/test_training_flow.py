@@ -63,9 +63,15 @@ def promote_a_degenerate_copy(settings: Settings, champion: registry.ModelRecord
         # without the line LightGBM reads the trees one after another.
         negated = re.sub(r"^tree_sizes=.*\n", "", negated, flags=re.MULTILINE)
         assert negated != text and "leaf_value=" in negated
-        fields = {f: getattr(record, f) for f in ("feature_names", "encodings", "params", "metrics", "as_of",
-                                                 "training_as_ofs", "validation_as_of", "holdout_as_of",
+        fields = {f: getattr(record, f) for f in ("feature_names", "encodings", "metrics", "as_of",
                                                  "feature_snapshots")}  # fmt: skip
+        first_gate_week = date.fromisoformat(record.metrics["gate_weeks"][0])
+        fields |= {
+            "params": {k: v for k, v in record.params.items() if k != "recipe"},  # not the flow's recipe
+            "training_as_ofs": [first_gate_week - timedelta(weeks=2)],
+            "validation_as_of": first_gate_week - timedelta(weeks=1),
+            "holdout_as_of": first_gate_week,
+        }
         return registry.register_model(
             stores.engine, name=record.name, model_text=negated, **fields,
             promote_reason="test: a champion that ranks upside down", actor="test",
@@ -135,14 +141,17 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     first, first_artifact = train()
     metrics, gains = first["metrics"], first["gains"]
     # Memory: while a gate week's holdout is read and evaluated, the frame cache holds only the frames later
-    # gate weeks train or validate on, never the week's own first training week.
+    # gate weeks or the refit (through the newest gate week) train or validate on, never the week's own first
+    # training week.
     holdouts = [date.fromisoformat(w) for w in first["gate_weeks"]]
     assert [week for week, _ in held] == holdouts
     span = flow_env.training_weeks + VALIDATION_WEEKS  # a plan's training and validation weeks before its holdout
+    refit_weeks = [holdouts[-1] - timedelta(weeks=n) for n in range(span - 1, -1, -1)]
     for i, (week, cached) in enumerate(held):
-        later = {h - timedelta(weeks=n) for h in holdouts[i + 1 :] for n in range(1, span + 1)}
+        later = {h - timedelta(weeks=n) for h in holdouts[i + 1 :] for n in range(1, span + 1)} | set(refit_weeks)
         assert set(cached) <= later and week - timedelta(weeks=span) not in cached, (week, cached)
-    assert held[-1][1] == [], "the last gate week's holdout is evaluated with no training frame held"
+    # (the newest week's frame is built after its holdout evaluation, for the refit)
+    assert held[-1][1] == refit_weeks[:-1], "the last gate week's holdout is evaluated holding only the refit's frames"
     # Labels of the week [AS_OF, NEWEST) exist but close after as_of: the last gate week is the week before.
     gate_weeks = [str(AS_OF - timedelta(weeks=n)) for n in range(flow_env.gate_weeks, 0, -1)]
     assert first["gate_weeks"] == gate_weeks and first["holdout"] == gate_weeks[-1]
@@ -165,11 +174,15 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert champion.version == first["version"]
     # Lineage: the snapshots, weeks, features and encodings the model was built from; the digests are
     # the ones the feature flow computed when it wrote each table, and nothing at or after as_of.
+    # The registered model is the gate's recipe refitted through the newest labelled week (the last gate week),
+    # on the weeks the next run plans for its gate model of the week after: one week later than the gate's.
     weeks = [AS_OF - timedelta(weeks=n) for n in range(flow_env.training_weeks + VALIDATION_WEEKS + 1, 0, -1)]
-    assert champion.training_as_ofs == weeks[: flow_env.training_weeks]
-    assert (champion.validation_as_of, champion.holdout_as_of) == (weeks[-2], weeks[-1])
-    validation = [str(w) for w in weeks[flow_env.training_weeks : -1]]
+    assert champion.training_as_ofs == weeks[1 : flow_env.training_weeks + 1]
+    assert (champion.validation_as_of, champion.holdout_as_of) == (weeks[-1], None)
+    assert champion.validation_as_of == date.fromisoformat(gate_weeks[-1])
+    validation = [str(w) for w in weeks[flow_env.training_weeks + 1 :]]
     assert champion.params["validation_weeks"] == first["validation_weeks"] == validation and len(validation) == 2
+    assert first["training_weeks"] == [str(w) for w in champion.training_as_ofs] and first["refit_reused"] is False
     for week in weeks:
         for table, digest in written[str(week)].items():
             if table != "labels":  # a week's run writes the labels of the week before it
@@ -206,7 +219,8 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
 
     # The gate's wiring, against a champion that ranks upside down: RECSYS_PROMOTION_MARGIN reaches the
     # gate (a margin out of reach rejects the candidate and leaves the alias alone), and without it the
-    # better candidate replaces the champion.
+    # better candidate replaces the champion. The copy is another recipe trained through the first gate week's
+    # validation week: both gate weeks are out of sample for it, and a candidate must beat it.
     degenerate = promote_a_degenerate_copy(flow_env, champion)
     monkeypatch.setenv("RECSYS_PROMOTION_MARGIN", "1000")  # a thousand times the champion's NDCG
     monkeypatch.setenv("RECSYS_REUSE_GATE_MODELS", "false")  # trained again: the determinism check below is real
@@ -214,6 +228,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert demanding["reused_gate_models"] == []
     assert demanding["promote"] is False and "margin" in demanding["reason"], demanding["reason"]
     assert demanding["metrics"]["model"]["ndcg@10"] > demanding["metrics"]["champion"]["ndcg@10"]
+    assert demanding["champion_weeks"] == gate_weeks and "a new recipe must beat the champion" in demanding["reason"]
     assert "does not clear the margin 100000.00%" in demanding["reason"], demanding["reason"]
     assert "rejected" in demanding_artifact
     assert champion_version(flow_env) == degenerate
@@ -222,6 +237,7 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     monkeypatch.delenv("RECSYS_REUSE_GATE_MODELS")
     better, better_artifact = train()
     assert better["reused_gate_models"] == gate_weeks, "the same plans, snapshots and settings reuse every gate model"
+    assert better["refit_reused"] is True, "... and the refit the first run kept"
     assert better["promote"] is True, better["reason"]
     assert champion_version(flow_env) == better["version"] != degenerate
     assert "promoted to champion" in better_artifact
@@ -243,9 +259,9 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
 
     with open_stores(flow_env) as stores, stores.engine.connect() as conn:
         kept = conn.execute(sa.text("select holdout_as_of, model_text from gate_models")).all()
-    assert sorted(str(week) for week, _ in kept) == gate_weeks, "one kept model per gate week"
-    newest_kept = [text for week, text in kept if str(week) == gate_weeks[-1]]
-    assert [hashlib.sha256(t.encode()).hexdigest() for t in newest_kept] == [texts[first["version"]]]
+    assert sorted(str(week) for week, _ in kept) == [*gate_weeks, str(AS_OF)], "one per gate week, and the refit"
+    refit_kept = [text for week, text in kept if week == AS_OF]  # next week's gate model of as_of's week
+    assert [hashlib.sha256(t.encode()).hexdigest() for t in refit_kept] == [texts[first["version"]]]
 
     # Optuna tuning (RECSYS_TUNING_SECONDS): on the earliest gate plan's validation week, stored with the model;
     # in the same run a budget of 0 keeps the fixed candidate counts.
@@ -280,8 +296,11 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     monkeypatch.setenv("RECSYS_GATE_USERS_PER_WEEK", "25")
     bounded, _ = train()
     assert bounded["metrics"]["model"]["users"] == 25 * flow_env.gate_weeks < first["metrics"]["model"]["users"]
+    # The champion (trained through the newest gate week) is never scored on weeks it trained on: left out.
+    assert bounded["champion_weeks"] == [] and "champion" not in bounded["metrics"]
+    assert "no out-of-sample evidence" in bounded["reason"] and bounded["promote"] is False
     assert {name: m["users"] for name, m in bounded["metrics"].items()} == dict.fromkeys(
-        ["model", "champion", *BASELINES], 25 * flow_env.gate_weeks
+        ["model", *BASELINES], 25 * flow_env.gate_weeks
     )
     assert {g["units"] for g in bounded["gains"].values()} == {25 * flow_env.gate_weeks}
     keyed = {t.name for t in (*contracts.FEATURE_TABLES, contracts.LABELS) if "user_id" in t.column_names}
@@ -289,3 +308,65 @@ def test_first_model_becomes_champion_and_the_gate_keeps_or_replaces_it(flow_env
     assert whole and set(whole) <= {("user_features", ("user_id",)), ("labels", None)}, whole
     sampled = [len(users) for table, users, _ in reads if table == "collaborative_scores"]
     assert 25 in sampled and all(n <= max(25, flow_env.training_users_per_week) for n in sampled)
+
+
+def test_the_served_model_trains_through_the_newest_week_and_next_weeks_run_reuses_it_as_a_gate_model(
+    flow_env: Settings,
+):
+    """Issue #14: the champion is the gate's recipe refitted through the newest labelled week H; the run one week
+    later scores that very model as its gate model of H + 1 week (no extra fit), compares the champion only on
+    that week (the only one after its training) and lets the refresh of its recipe replace it."""
+    first_week = AS_OF - timedelta(weeks=history_weeks(Settings()))
+    feature_flow(as_of=NEWEST, source="synthetic", backfill_from=first_week)
+    newest_labelled = AS_OF - timedelta(weeks=1)
+
+    first = training_flow(as_of=AS_OF)
+    assert first["promote"] is True and first["holdout"] == str(newest_labelled)
+    with open_stores(flow_env) as stores:
+        served = registry.get_champion(stores.engine, flow_env.model_name)
+        with stores.engine.connect() as conn:
+            served_text = conn.execute(
+                sa.text("select model_text from model_versions where version = :v"), {"v": served.version}
+            ).scalar_one()
+    assert served.version == first["version"]
+    assert served.validation_as_of == newest_labelled, "the served model learnt from the newest labelled week"
+    assert served.training_as_ofs == [
+        newest_labelled - timedelta(weeks=n) for n in range(flow_env.training_weeks, 0, -1)
+    ]
+    assert served.holdout_as_of is None and served.params["recipe"]
+    assert served.decision["reason"] == first["reason"] and served.metrics["gate_weeks"] == first["gate_weeks"]
+    assert f"labels@{newest_labelled}" in served.feature_snapshots and f"labels@{AS_OF}" not in served.feature_snapshots
+
+    # One week later: H + 1 week (AS_OF) is labelled; its gate model is the served refit, reused, not trained.
+    following = training_flow(as_of=NEWEST)
+    assert following["holdout"] == str(AS_OF)
+    assert following["reused_gate_models"] == following["gate_weeks"], "every gate model reused: one fit, the refit"
+    assert following["refit_reused"] is False
+    assert following["metrics"]["model"] != first["metrics"]["model"]
+    with open_stores(flow_env) as stores, stores.engine.connect() as conn:
+        kept = conn.execute(
+            sa.text("select model_text from gate_models where holdout_as_of = :w"), {"w": AS_OF}
+        ).scalars().all()  # fmt: skip
+    assert kept == [served_text], "the gate model of AS_OF is the model served since the first run"
+    # The champion (trained through H) is compared only on AS_OF; the refit of its recipe is judged as a refresh.
+    assert following["champion_weeks"] == [str(AS_OF)]
+    assert following["metrics"]["champion"]["users"] < following["metrics"]["model"]["users"]
+    assert following["gains"]["champion"]["units"] == following["metrics"]["champion"]["users"]
+    assert "the candidate is the champion's recipe refitted on newer weeks" in following["reason"]
+    assert f"vs the champion (out of sample: holdout {AS_OF})" in following["reason"]
+    champion_gain = following["gains"]["champion"]
+    best = max(BASELINES, key=lambda name: following["metrics"][name]["ndcg@10"])
+    # The champion's out-of-sample week is scored by the champion itself (reused): a tie, never worse.
+    assert champion_gain["gain"] == 0 and champion_gain["model"] == champion_gain["other"]
+    assert following["gains"][best]["high"] >= 0, "the tiny demo's model is not worse than its best baseline"
+    assert following["promote"] is True and following["reason"].endswith(
+        "beyond noise (an upper bound below 0): it is not"
+    )
+    assert champion_version(flow_env) == following["version"], "the refresh serves: the model does not go stale"
+    with open_stores(flow_env) as stores:
+        newer = registry.get_model(stores.engine, flow_env.model_name, following["version"])
+        assert newer.validation_as_of == AS_OF and newer.params["recipe"] == served.params["recipe"]
+        # Nothing registered is lost: the alias goes back to the model served the week before.
+        assert registry.rollback(stores.engine, flow_env.model_name, reason="test: rollback", actor="test") == (
+            served.version
+        )

@@ -90,13 +90,15 @@ def test_champion_and_publication_carry_lineage(weekly_job):
     with open_stores(settings) as stores:
         champion = registry.get_champion(stores.engine, settings.model_name)
         published = publications.list_publications(stores.engine)
-    assert champion is not None and champion.holdout_as_of == AS_OF - timedelta(weeks=1)
+    # The served model is refitted through the newest labelled week (the gate's newest holdout).
+    assert champion is not None and champion.validation_as_of == AS_OF - timedelta(weeks=1)
+    assert champion.holdout_as_of is None
     assert {"model", "recent_popular", "all_time_popular", "item_knn"} <= set(champion.metrics)
     assert any(key.startswith("labels@") for key in champion.feature_snapshots)
     assert published.height == 1 and published["model_version"][0] == champion.version
     assert published["feature_as_of"][0] == AS_OF
     # The raw source shows in both: the default synthetic log.
-    assert champion.feature_snapshots[f"source@{champion.holdout_as_of}"] == "synthetic"
+    assert champion.feature_snapshots[f"source@{champion.validation_as_of}"] == "synthetic"
     assert published["feature_source"][0] == "synthetic"
 
 

@@ -109,15 +109,19 @@ def fit_als(history: pl.DataFrame, config: CollaborativeConfig) -> "FittedScorer
     started = time.perf_counter()
     matrix = _build_interactions(history, max_items=None, dtype=np.float32)
     users, items = [], []
+    # Every pair's confidence, alpha, set in place for the fits (implicit scales a copy of the matrix when its
+    # own alpha is not 1: a third copy beside the matrix and its transpose; the float32 values are the same).
+    matrix.user_items.data[:] = np.float32(config.als_alpha)
     with threadpool_limits(1, "blas"):
         for seed in range(config.seed, config.seed + config.als_seeds):
             model = AlternatingLeastSquares(
-                factors=config.als_factors, regularization=config.als_regularization, alpha=config.als_alpha,
+                factors=config.als_factors, regularization=config.als_regularization, alpha=1.0,
                 iterations=config.als_iterations, random_state=seed, num_threads=config.threads,
             )  # fmt: skip
             model.fit(matrix.user_items, show_progress=False)
             users.append(model.user_factors)
             items.append(model.item_factors)
+    matrix.user_items.data[:] = 1  # binary again
     # The seeds' mean score in one product: [U_1 … U_n]·[V_1 … V_n]ᵀ / n. The items' factors are kept
     # transposed and contiguous: a block's product is then 3× cheaper for single-threaded BLAS.
     user_factors, item_factors = np.hstack(users) / config.als_seeds, np.ascontiguousarray(np.hstack(items).T)

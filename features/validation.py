@@ -119,17 +119,17 @@ def profile_table(contract: TableContract, frame: pl.DataFrame) -> dict[str, Any
         for c in contract.columns
         if c.dtype.is_numeric() and _frame_dtype(frame, c.name).is_numeric() and c.name not in contract.key
     ]
-    stats = {}
-    for name in names:  # one column at a time: its float copy and sorted copy, not every column's at once
+    exprs = []
+    for name in names:
         col = pl.col(name).cast(pl.Float64)
-        exprs = [
+        exprs += [
             col.mean().alias(f"{name}|mean"),
             col.quantile(0.5, interpolation="linear").alias(f"{name}|p50"),
             col.quantile(0.9, interpolation="linear").alias(f"{name}|p90"),
             col.min().alias(f"{name}|min"),
             col.max().alias(f"{name}|max"),
         ]
-        stats |= frame.select(exprs).row(0, named=True)
+    stats = frame.select(exprs).row(0, named=True) if exprs else {}
     return {
         "row_count": frame.height,
         "columns": {name: {s: _finite_or_none(stats[f"{name}|{s}"]) for s in PROFILE_STATS} for name in names},

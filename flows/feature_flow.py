@@ -216,7 +216,7 @@ def compute_in_partitions(
     spill_root = None if settings.dask_address else settings.data_dir.resolve() / "feature-shares" / uuid4().hex
     with partition_runner(settings) as runner:
         for week in todo:
-            spill_dir = spill_root and spill_root / week.isoformat()
+            spill_dir = spill_root / week.isoformat() if spill_root is not None else None
             try:
                 parameters = connection | {"week": week, "spill_dir": spill_dir}
                 parts = run_partitions(runner, parameters, settings.feature_partitions)

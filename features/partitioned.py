@@ -21,9 +21,11 @@ a time (`check_merged_rows`), for the same reason.
 Peak memory is one partition's events and pairs (times the partitions computed at once)
 plus what does not shrink with the partition count: the snapshot's own tables (the writer
 needs them whole, sorted, for the snapshot's digest and its one-transaction swap) and the
-neighbour step (bounded by users x basket size, not by events). The merge releases each
-partition's share of a table as soon as that table is merged, so the shares and the merged
-snapshot are never held whole side by side.
+neighbour step (bounded by users x basket size, not by events). Shares spilled to Parquet
+(`spill_partition_tables`, the flow's thread runner) wait for the merge on disk; in memory or not,
+the merge reads one table's shares at a time and gathers it one range of user ids at a time, and
+merges the transition counts one range of item ids at a time (`transform.id_ranges`), so the shares
+and the merged snapshot are never held whole side by side.
 """
 
 from dataclasses import dataclass, replace

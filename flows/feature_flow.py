@@ -234,8 +234,8 @@ def compute_in_partitions(
                 frames = merge_partitions(shares, week, options)
                 del shares
             finally:
-                if spill_root is not None:
-                    shutil.rmtree(spill_root, ignore_errors=True)  # merged or failed: the shares go
+                if spill_dir is not None:
+                    shutil.rmtree(spill_root, ignore_errors=True)  # merged or failed: the run's shares go
             checked = {name: failures for name, failures in checked.items() if name in frames}  # empty labels go
             checked |= check_merged_rows(frames, week, settings.feature_partitions)
             rows = sum(frame.height for frame in frames.values())

@@ -7,7 +7,7 @@ from recsys.settings import Settings
 def add_commands(commands) -> None:
     models = commands.add_parser("models", help="the model registry")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="every version with its holdout metrics")
+    listing = actions.add_parser("list", help="every version with the metrics it was judged on")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     show = actions.add_parser("show", help="one version's record")
     show.add_argument("version", type=int)
@@ -40,8 +40,8 @@ def cmd_models(args, settings: Settings) -> int:
             k = settings.eval_k
             columns = [
                 ("version", "version"), ("kind", "kind"), ("status", "status"), ("is_champion", "champion"),
-                ("as_of", "as_of"), ("holdout_as_of", "holdout"), ("created_at", "created (UTC)"),
-                (f"ndcg@{k}", f"ndcg@{k}"), (f"recall@{k}", f"recall@{k}"), ("users", "holdout users"),
+                ("as_of", "as_of"), ("evaluated_on", "evaluated on"), ("created_at", "created (UTC)"),
+                (f"ndcg@{k}", f"ndcg@{k}"), (f"recall@{k}", f"recall@{k}"), ("users", "(user, week) units"),
             ]  # fmt: skip
             print_rows(rows, columns, as_json=args.json, title=f"model {name}")
         elif args.models_command == "show":

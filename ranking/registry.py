@@ -34,6 +34,7 @@ the sha256 and the text's shape before LightGBM parses anything.
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
@@ -324,7 +325,9 @@ def get_champion(engine: sa.Engine, name: str) -> ModelRecord | None:
 
 def list_models(engine: sa.Engine, name: str) -> pl.DataFrame:
     """One row per version: version, created_at, kind, status, as_of, holdout_as_of, is_champion,
-    then the model's own holdout metrics (metrics["model"]) as float columns."""
+    `evaluated_on` (the holdout week, else the gate weeks its metrics were pooled over: a refit holds
+    no week out and carries the evidence of the gate it passed), then the model's own metrics
+    (metrics["model"]) as float columns."""
     with engine.connect() as conn:
         rows = (
             conn.execute(
@@ -354,12 +357,25 @@ def list_models(engine: sa.Engine, name: str) -> pl.DataFrame:
         "as_of": pl.Date,
         "holdout_as_of": pl.Date,
         "is_champion": pl.Boolean,
+        "evaluated_on": pl.Utf8,
     } | dict.fromkeys(metric_names, pl.Float64)
     data = [
-        {key: row[key] for key in schema if key in row} | {m: metrics.get(m) for m in metric_names}
+        {key: row[key] for key in schema if key in row}
+        | {"evaluated_on": evaluated_on(row["holdout_as_of"], row["metrics"].get("gate_weeks"))}
+        | {m: metrics.get(m) for m in metric_names}
         for row, metrics in zip(rows, model_metrics, strict=True)
     ]
     return pl.DataFrame(data, schema=schema, orient="row")
+
+
+def evaluated_on(holdout: date | None, gate_weeks: Sequence[str] | None) -> str | None:
+    """'2026-11-02 … 2026-11-23 (4 weeks)' for metrics pooled over gate weeks, the holdout's date for one
+    week, None for a version that was never evaluated (a baseline registered by hand, say)."""
+    if gate_weeks:
+        if len(gate_weeks) == 1:
+            return gate_weeks[0]
+        return f"{gate_weeks[0]} … {gate_weeks[-1]} ({len(gate_weeks)} weeks)"
+    return None if holdout is None else str(holdout)
 
 
 def history(engine: sa.Engine, name: str) -> pl.DataFrame:

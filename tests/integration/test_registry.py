@@ -346,3 +346,27 @@ def test_models_rollback_with_no_earlier_champion_is_one_error_line(engine, cli_
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: AliasChangeError: ") and "no earlier version to roll back to" in line
     assert dump_postgres(engine) == before
+
+
+def test_models_list_names_what_each_version_was_judged_on(engine, cli_env, trained, capsys):
+    """A model held out one week; a refit held none out and carries the pooled gate weeks' metrics."""
+    name = cli_env.model_name
+    held_out = register(engine, trained[0], name=name)
+    gate = {"model": {"ndcg@10": 0.25, "recall@10": 0.3, "users": 400}, "gate_weeks": ["2024-02-12", "2024-03-04"]}
+    refit = register(engine, trained[0], name=name, holdout_as_of=None, metrics=gate)
+
+    listed = registry.list_models(engine, name)
+    assert listed.select("version", "evaluated_on").rows() == [
+        (held_out, "2024-03-04"),
+        (refit, "2024-02-12 … 2024-03-04 (2 weeks)"),
+    ]
+    assert cli.main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluated on" in out and "2024-02-12 … 2024-03-04 (2 weeks)" in out and "(user, week) units" in out
+
+
+def test_evaluated_on_is_the_one_gate_week_or_nothing():
+    assert registry.evaluated_on(None, ["2024-03-04"]) == "2024-03-04"
+    assert registry.evaluated_on(date(2024, 3, 4), None) == "2024-03-04"
+    assert registry.evaluated_on(None, None) is None
+    assert registry.evaluated_on(None, []) is None
